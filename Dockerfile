@@ -22,9 +22,9 @@ ARG RUST_VERSION=1.95
 # ---------------------------------------------------------------------------
 # chef: toolchain + cargo-chef (pinned), shared by planner and builder
 FROM rust:${RUST_VERSION}-alpine AS chef
-# musl-dev/linux-headers: C deps (aws-lc-sys, ring); cmake/make: aws-lc-sys
+# gcc/musl-dev/linux-headers: C deps (aws-lc-sys, ring); cmake/make: aws-lc-sys
 # falls back to its CMake builder when the cc builder cannot be used.
-RUN apk add --no-cache musl-dev linux-headers cmake make \
+RUN apk add --no-cache gcc musl-dev linux-headers cmake make \
  && cargo install cargo-chef --locked --version 0.1.78 \
  && rm -rf "${CARGO_HOME:-/usr/local/cargo}/registry"
 WORKDIR /src
