@@ -1,0 +1,433 @@
+//! The poll service's public routes (`/api/polls…`) and its internal one (`/internal/polls/{id}`).
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
+use rand::RngCore;
+use shared::domain::{
+    PollCursor, PollQuery, PollRecord, PollStatus, ResultsVisibility, Tally, new_poll_id, normalise_poll_id, sha256_hex,
+};
+use shared::http::{AppJson, AppQuery, ClientAddr, bearer_token};
+use shared::internal::PollDefinition;
+use shared::problem::{FieldError, Problem, ProblemBody};
+use shared::store::DynPollStore;
+use subtle::ConstantTimeEq;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::model::*;
+use crate::stream::{self, Hub};
+use crate::votes::{Viewer, VoteClient};
+
+pub struct AppState {
+    pub store: DynPollStore,
+    pub votes: VoteClient,
+    pub hub: Arc<Hub>,
+    pub shutdown: tokio_util::sync::CancellationToken,
+}
+
+pub type St = State<Arc<AppState>>;
+
+pub fn router(state: Arc<AppState>) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(create_poll, list_polls))
+        .routes(routes!(get_poll, update_poll, delete_poll))
+        .routes(routes!(close_poll))
+        .routes(routes!(stream::results_stream))
+        .route("/internal/polls/{id}", axum::routing::get(poll_definition))
+        .with_state(state)
+}
+
+pub fn parse_id(id: &str) -> Result<String, Problem> {
+    normalise_poll_id(id).ok_or_else(|| Problem::invalid("id", "must be a poll id: 24 hexadecimal characters"))
+}
+
+pub async fn load(store: &DynPollStore, id: &str) -> Result<PollRecord, Problem> {
+    let id = parse_id(id)?;
+    store
+        .get(&id)
+        .await?
+        .ok_or_else(|| Problem::not_found(format!("there is no poll {id}")))
+}
+
+fn hash_token(token: &str) -> String {
+    sha256_hex(&[b"admin-token", token.as_bytes()])
+}
+
+/// Whether the request carries this poll's admin token (constant-time comparison of hashes).
+pub fn is_admin(p: &PollRecord, headers: &HeaderMap) -> bool {
+    match (bearer_token(headers), &p.admin_token_hash) {
+        (Some(token), Some(hash)) => bool::from(hash_token(token).as_bytes().ct_eq(hash.as_bytes())),
+        _ => false,
+    }
+}
+
+fn authorize(p: &PollRecord, headers: &HeaderMap) -> Result<(), Problem> {
+    if bearer_token(headers).is_none() {
+        return Err(Problem::unauthorized(
+            "this operation needs `Authorization: Bearer <admin_token>`",
+        ));
+    }
+    if p.admin_token_hash.is_none() {
+        return Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this poll predates admin tokens and cannot be changed",
+        ));
+    }
+    if is_admin(p, headers) {
+        Ok(())
+    } else {
+        Err(Problem::unauthorized("the admin token is not valid for this poll"))
+    }
+}
+
+/// Whether the counts are shown to this caller.
+pub fn results_visible(p: &PollRecord, now: DateTime<Utc>, voted: bool, admin: bool) -> bool {
+    admin
+        || match p.results {
+            ResultsVisibility::Always => true,
+            ResultsVisibility::AfterVote => voted,
+            ResultsVisibility::AfterClose => p.status_at(now) == PollStatus::Closed,
+        }
+}
+
+async fn views(s: &AppState, polls: &[PollRecord], viewer: &Viewer, admin: bool) -> Result<Vec<PollView>, Problem> {
+    let refs: Vec<&PollRecord> = polls.iter().collect();
+    let tallies = s.votes.tallies(&refs, Some(viewer)).await?;
+    let now = Utc::now();
+    Ok(polls
+        .iter()
+        .zip(tallies)
+        .map(|(p, (tally, voted))| {
+            let shown = results_visible(p, now, voted, admin);
+            PollView::new(p, shown.then_some(&tally), now)
+        })
+        .collect())
+}
+
+fn new_admin_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Create a poll.
+#[utoipa::path(post, path = "/api/polls", tag = "polls", request_body = CreatePoll, responses(
+    (status = 201, description = "Created; the admin token is in the body, only this once", body = CreatedPoll,
+        headers(("Location" = String, description = "The new poll's URL"))),
+    (status = 400, description = "Malformed JSON or invalid fields, each named", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 413, description = "Body too large", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 415, description = "Body is not JSON", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 429, description = "Too many writes from this client", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 503, description = "Database unavailable", body = ProblemBody, content_type = "application/problem+json"),
+))]
+async fn create_poll(State(s): St, AppJson(body): AppJson<CreatePoll>) -> Result<Response, Problem> {
+    let now = Utc::now();
+    let mut errors = Vec::new();
+    let name = check_name(&body.name, &mut errors);
+    let desc = check_desc(body.desc.as_deref().unwrap_or(""), &mut errors);
+    let options = check_options(&body.options, &mut errors);
+    let max_choices = body.max_choices.unwrap_or(1);
+    check_max_choices(max_choices, options.len(), &mut errors);
+    if let Some(t) = body.closes_at {
+        check_closes_at(t, now, &mut errors);
+    }
+    if !errors.is_empty() {
+        return Err(Problem::validation(errors));
+    }
+    let token = new_admin_token();
+    let poll = PollRecord {
+        id: new_poll_id(now),
+        name,
+        desc,
+        options,
+        max_choices,
+        closes_at: body.closes_at,
+        closed_at: None,
+        results: body.results.unwrap_or_default(),
+        dedupe: body.dedupe.unwrap_or_default(),
+        created_at: now,
+        updated_at: now,
+        admin_token_hash: Some(hash_token(&token)),
+        legacy_votes: 0,
+        revision: 1,
+    };
+    s.store.create(&poll).await?;
+    tracing::info!(poll_id = %poll.id, "poll created");
+    let tally = Tally::default().padded(poll.options.len());
+    let created = CreatedPoll {
+        poll: PollView::new(&poll, Some(&tally), now),
+        admin_token: token,
+    };
+    let location = HeaderValue::from_str(&format!("/api/polls/{}", poll.id)).map_err(|_| Problem::internal())?;
+    Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(created)).into_response())
+}
+
+fn encode_cursor(p: &PollRecord) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{}:{}", p.created_at.timestamp_micros(), p.id))
+}
+
+fn decode_cursor(c: &str) -> Option<PollCursor> {
+    let raw = String::from_utf8(URL_SAFE_NO_PAD.decode(c).ok()?).ok()?;
+    let (t, id) = raw.split_once(':')?;
+    let created_at = DateTime::from_timestamp_micros(t.parse().ok()?)?;
+    Some(PollCursor {
+        created_at,
+        id: normalise_poll_id(id)?,
+    })
+}
+
+/// List polls, newest first.
+#[utoipa::path(get, path = "/api/polls", tag = "polls", params(ListParams, ViewerParams), responses(
+    (status = 200, description = "A page of polls; the next page is in `Link: <…>; rel=\"next\"`", body = Vec<PollView>,
+        headers(("Link" = String, description = "URL of the next page, when there is one"))),
+    (status = 400, description = "Invalid query parameter, named", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 503, description = "Database or vote service unavailable", body = ProblemBody, content_type = "application/problem+json"),
+))]
+async fn list_polls(
+    State(s): St,
+    ClientAddr(addr): ClientAddr,
+    headers: HeaderMap,
+    AppQuery(q): AppQuery<ListParams>,
+    AppQuery(v): AppQuery<ViewerParams>,
+) -> Result<Response, Problem> {
+    let mut errors = Vec::new();
+    let limit = q.limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        errors.push(FieldError::new("query.limit", "must be between 1 and 100"));
+    }
+    let after = match q.cursor.as_deref() {
+        None => None,
+        Some(c) => {
+            let cursor = decode_cursor(c);
+            if cursor.is_none() {
+                errors.push(FieldError::new("query.cursor", "is not a cursor this service issued"));
+            }
+            cursor
+        }
+    };
+    if !errors.is_empty() {
+        return Err(Problem::validation(errors));
+    }
+    let limit = limit as usize;
+    let mut polls = s
+        .store
+        .list(&PollQuery {
+            limit: limit + 1,
+            after,
+            status: q.status,
+            now: Utc::now(),
+        })
+        .await?;
+    let next = (polls.len() > limit).then(|| {
+        polls.truncate(limit);
+        polls.last().map(encode_cursor)
+    });
+    let viewer = Viewer::new(addr, &headers, v.voter_id.as_deref());
+    let body = views(&s, &polls, &viewer, false).await?;
+    let mut res = Json(body).into_response();
+    if let Some(Some(cursor)) = next {
+        let mut link = format!("/api/polls?limit={limit}&cursor={cursor}");
+        if let Some(status) = q.status {
+            link.push_str(match status {
+                shared::domain::StatusFilter::Open => "&status=open",
+                shared::domain::StatusFilter::Closed => "&status=closed",
+            });
+        }
+        if let Ok(v) = HeaderValue::from_str(&format!("<{link}>; rel=\"next\"")) {
+            res.headers_mut().insert(header::LINK, v);
+        }
+    }
+    Ok(res)
+}
+
+/// Get one poll with its counts (or `votes: null` while hidden from this caller).
+#[utoipa::path(get, path = "/api/polls/{id}", tag = "polls", params(("id" = String, Path, description = "Poll id"), ViewerParams), responses(
+    (status = 200, body = PollView),
+    (status = 400, description = "Malformed id", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 404, description = "No such poll", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 503, description = "Database or vote service unavailable", body = ProblemBody, content_type = "application/problem+json"),
+))]
+async fn get_poll(
+    State(s): St,
+    Path(id): Path<String>,
+    ClientAddr(addr): ClientAddr,
+    headers: HeaderMap,
+    AppQuery(v): AppQuery<ViewerParams>,
+) -> Result<Json<PollView>, Problem> {
+    let poll = load(&s.store, &id).await?;
+    let viewer = Viewer::new(addr, &headers, v.voter_id.as_deref());
+    let admin = is_admin(&poll, &headers);
+    let mut views = views(&s, std::slice::from_ref(&poll), &viewer, admin).await?;
+    views.pop().map(Json).ok_or_else(Problem::internal)
+}
+
+/// Change a poll (admin only). Options and dedupe cannot change once a vote exists.
+#[utoipa::path(patch, path = "/api/polls/{id}", tag = "polls", request_body(content = UpdatePoll, content_type = "application/json"),
+    params(("id" = String, Path, description = "Poll id")), security(("admin_token" = [])), responses(
+    (status = 200, body = PollView),
+    (status = 400, description = "Malformed JSON, id or fields", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 401, description = "Missing or wrong admin token", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 403, description = "The poll has no admin token", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 404, description = "No such poll", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 409, description = "Poll closed, votes exist, or changed concurrently", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 413, description = "Body too large", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 415, description = "Body is not JSON", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 429, description = "Too many writes from this client", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 503, description = "Database or vote service unavailable", body = ProblemBody, content_type = "application/problem+json"),
+))]
+async fn update_poll(
+    State(s): St,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    AppJson(body): AppJson<UpdatePoll>,
+) -> Result<Json<PollView>, Problem> {
+    let poll = load(&s.store, &id).await?;
+    authorize(&poll, &headers)?;
+    let now = Utc::now();
+    if poll.status_at(now) == PollStatus::Closed {
+        return Err(Problem::conflict(
+            "poll-closed",
+            "the poll is closed and can no longer change",
+        ));
+    }
+    let mut errors = Vec::new();
+    let mut next = poll.clone();
+    if let Some(name) = &body.name {
+        next.name = check_name(name, &mut errors);
+    }
+    if let Some(desc) = &body.desc {
+        next.desc = check_desc(desc, &mut errors);
+    }
+    if let Some(options) = &body.options {
+        next.options = check_options(options, &mut errors);
+    }
+    if let Some(m) = body.max_choices {
+        next.max_choices = m;
+    }
+    if body.max_choices.is_some() || body.options.is_some() {
+        check_max_choices(next.max_choices, next.options.len(), &mut errors);
+    }
+    if let Some(closes_at) = body.closes_at {
+        if let Some(t) = closes_at {
+            check_closes_at(t, now, &mut errors);
+        }
+        next.closes_at = closes_at;
+    }
+    if let Some(r) = body.results {
+        next.results = r;
+    }
+    if let Some(d) = body.dedupe {
+        next.dedupe = d;
+    }
+    if !errors.is_empty() {
+        return Err(Problem::validation(errors));
+    }
+    let ballots_matter = next.options != poll.options || next.dedupe != poll.dedupe;
+    let tally = s
+        .votes
+        .tallies(&[&poll], None)
+        .await?
+        .pop()
+        .map(|(t, _)| t)
+        .unwrap_or_default();
+    if ballots_matter && (tally.total > 0 || poll.legacy_votes > 0) {
+        return Err(Problem::conflict(
+            "votes-exist",
+            "options and dedupe cannot change once a vote exists",
+        ));
+    }
+    next.updated_at = now;
+    next.revision = poll.revision + 1;
+    if !s.store.replace(&next, poll.revision).await? {
+        return Err(Problem::conflict(
+            "concurrent-change",
+            "the poll changed meanwhile; read it again and retry",
+        ));
+    }
+    Ok(Json(PollView::new(&next, Some(&tally.padded(next.options.len())), now)))
+}
+
+/// Close a poll now (admin only). Closing a closed poll changes nothing and succeeds.
+#[utoipa::path(post, path = "/api/polls/{id}/close", tag = "polls", params(("id" = String, Path, description = "Poll id")),
+    security(("admin_token" = [])), responses(
+    (status = 200, body = PollView),
+    (status = 400, description = "Malformed id", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 401, description = "Missing or wrong admin token", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 403, description = "The poll has no admin token", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 404, description = "No such poll", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 429, description = "Too many writes from this client", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 503, description = "Database or vote service unavailable", body = ProblemBody, content_type = "application/problem+json"),
+))]
+async fn close_poll(State(s): St, Path(id): Path<String>, headers: HeaderMap) -> Result<Json<PollView>, Problem> {
+    let mut poll = load(&s.store, &id).await?;
+    authorize(&poll, &headers)?;
+    for _ in 0..5 {
+        let now = Utc::now();
+        if poll.closed_at.is_some() {
+            break;
+        }
+        let mut next = poll.clone();
+        next.closed_at = Some(match poll.closes_at {
+            Some(t) if t <= now => t,
+            _ => now,
+        });
+        next.updated_at = now;
+        next.revision = poll.revision + 1;
+        if s.store.replace(&next, poll.revision).await? {
+            tracing::info!(poll_id = %next.id, "poll closed");
+            poll = next;
+            break;
+        }
+        poll = load(&s.store, &id).await?;
+    }
+    if poll.closed_at.is_none() {
+        return Err(Problem::unavailable(
+            "the poll is changing too often; retry",
+            std::time::Duration::from_secs(1),
+        ));
+    }
+    let tally = s
+        .votes
+        .tallies(&[&poll], None)
+        .await?
+        .pop()
+        .map(|(t, _)| t)
+        .unwrap_or_default();
+    Ok(Json(PollView::new(&poll, Some(&tally), Utc::now())))
+}
+
+/// Delete a poll and its ballots (admin only).
+#[utoipa::path(delete, path = "/api/polls/{id}", tag = "polls", params(("id" = String, Path, description = "Poll id")),
+    security(("admin_token" = [])), responses(
+    (status = 204, description = "Deleted"),
+    (status = 400, description = "Malformed id", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 401, description = "Missing or wrong admin token", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 403, description = "The poll has no admin token", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 404, description = "No such poll", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 429, description = "Too many writes from this client", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 503, description = "Database unavailable", body = ProblemBody, content_type = "application/problem+json"),
+))]
+async fn delete_poll(State(s): St, Path(id): Path<String>, headers: HeaderMap) -> Result<StatusCode, Problem> {
+    let poll = load(&s.store, &id).await?;
+    authorize(&poll, &headers)?;
+    if !s.store.delete(&poll.id).await? {
+        return Err(Problem::not_found(format!("there is no poll {}", poll.id)));
+    }
+    tracing::info!(poll_id = %poll.id, "poll deleted");
+    s.votes.purge(&poll.id).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Internal: the definition the vote service validates ballots against.
+async fn poll_definition(State(s): St, Path(id): Path<String>) -> Result<Json<PollDefinition>, Problem> {
+    let poll = load(&s.store, &id).await?;
+    Ok(Json(PollDefinition::from(&poll)))
+}

@@ -1,0 +1,210 @@
+//! Live results over Server-Sent Events.
+//!
+//! One [`Hub`] per process keeps, per watched poll, a single poller that reads the poll and its
+//! tally (from the vote service) every `interval` and publishes a snapshot on a `watch` channel
+//! when something changed. Every subscriber of that poll reads the same snapshot: the work is done
+//! once per poll, not once per subscriber. The poller stops when the last subscriber leaves.
+//! Because it reads the shared tally, ballots accepted by any vote-service replica show up.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use shared::Problem;
+use shared::domain::{PollRecord, PollStatus, Tally};
+use shared::http::{AppQuery, ClientAddr};
+use shared::problem::ProblemBody;
+use shared::store::DynPollStore;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{St, load, results_visible};
+use crate::model::{PollView, ViewerParams};
+use crate::votes::{Viewer, VoteClient};
+
+#[derive(Clone, Debug)]
+pub enum Snapshot {
+    /// The poller has not read the poll yet.
+    Pending,
+    Live {
+        poll: Arc<PollRecord>,
+        tally: Arc<Tally>,
+        status: PollStatus,
+    },
+    /// The poll was deleted.
+    Gone,
+}
+
+pub struct Hub {
+    polls: Mutex<HashMap<String, Arc<watch::Sender<Snapshot>>>>,
+    store: DynPollStore,
+    votes: VoteClient,
+    interval: Duration,
+    shutdown: CancellationToken,
+}
+
+impl Hub {
+    pub fn new(store: DynPollStore, votes: VoteClient, interval: Duration, shutdown: CancellationToken) -> Arc<Self> {
+        Arc::new(Self {
+            polls: Mutex::new(HashMap::new()),
+            store,
+            votes,
+            interval,
+            shutdown,
+        })
+    }
+
+    /// How many polls have a poller running.
+    pub fn watched(&self) -> usize {
+        self.polls.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    pub fn subscribe(self: &Arc<Self>, id: &str) -> watch::Receiver<Snapshot> {
+        let Ok(mut polls) = self.polls.lock() else {
+            let (_, rx) = watch::channel(Snapshot::Pending);
+            return rx;
+        };
+        if let Some(tx) = polls.get(id) {
+            return tx.subscribe();
+        }
+        let (tx, rx) = watch::channel(Snapshot::Pending);
+        let tx = Arc::new(tx);
+        polls.insert(id.to_owned(), tx.clone());
+        let hub = Arc::clone(self);
+        let id = id.to_owned();
+        tokio::spawn(async move { hub.poll_loop(id, tx).await });
+        rx
+    }
+
+    async fn poll_loop(self: Arc<Self>, id: String, tx: Arc<watch::Sender<Snapshot>>) {
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.shutdown.cancelled() => break,
+            }
+            if tx.receiver_count() == 0 {
+                // Re-check under the lock so that a subscriber arriving now is not orphaned.
+                if let Ok(mut polls) = self.polls.lock()
+                    && tx.receiver_count() == 0
+                {
+                    polls.remove(&id);
+                    return;
+                }
+            }
+            let poll = match self.store.get(&id).await {
+                Ok(Some(p)) => p,
+                Ok(None) => {
+                    tx.send_replace(Snapshot::Gone);
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(poll_id = %id, error = %e, "results stream: poll read failed");
+                    continue;
+                }
+            };
+            let tally = match self.votes.tallies(&[&poll], None).await {
+                Ok(mut t) => t.pop().map(|(t, _)| t).unwrap_or_default(),
+                Err(_) => continue,
+            };
+            let status = poll.status_at(Utc::now());
+            tx.send_if_modified(|current| {
+                let changed = match current {
+                    Snapshot::Live {
+                        poll: p,
+                        tally: t,
+                        status: s,
+                    } => p.revision != poll.revision || **t != tally || *s != status,
+                    _ => true,
+                };
+                if changed {
+                    *current = Snapshot::Live {
+                        poll: Arc::new(poll),
+                        tally: Arc::new(tally),
+                        status,
+                    };
+                }
+                changed
+            });
+        }
+        if let Ok(mut polls) = self.polls.lock() {
+            polls.remove(&id);
+        }
+    }
+}
+
+/// Live results: an event `results` with the poll (as `GET /api/polls/{id}` returns it) now and
+/// whenever the counts or the poll change; `deleted` if the poll is deleted.
+#[utoipa::path(get, path = "/api/polls/{id}/results/stream", tag = "polls",
+    params(("id" = String, Path, description = "Poll id"), ViewerParams), responses(
+    (status = 200, description = "An event stream (`event: results`, `data: <poll JSON>`)", body = String, content_type = "text/event-stream"),
+    (status = 400, description = "Malformed id", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 404, description = "No such poll", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 503, description = "Database or vote service unavailable", body = ProblemBody, content_type = "application/problem+json"),
+))]
+pub async fn results_stream(
+    State(s): St,
+    Path(id): Path<String>,
+    ClientAddr(addr): ClientAddr,
+    headers: HeaderMap,
+    AppQuery(v): AppQuery<ViewerParams>,
+) -> Result<Response, Problem> {
+    let poll = load(&s.store, &id).await?;
+    let viewer = Viewer::new(addr, &headers, v.voter_id.as_deref());
+    // Visibility that does not depend on time is decided once, here.
+    let voted = s
+        .votes
+        .tallies(&[&poll], Some(&viewer))
+        .await?
+        .pop()
+        .is_some_and(|(_, voted)| voted);
+    let admin = crate::api::is_admin(&poll, &headers);
+    let mut rx = s.hub.subscribe(&poll.id);
+    rx.mark_changed();
+    let shutdown = s.shutdown.clone();
+    let stream = futures_util::stream::unfold(Some(rx), move |state| {
+        let shutdown = shutdown.clone();
+        async move {
+            let mut rx = state?;
+            loop {
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() { return None },
+                    () = shutdown.cancelled() => return None,
+                }
+                let snapshot = rx.borrow_and_update().clone();
+                match snapshot {
+                    Snapshot::Pending => continue,
+                    Snapshot::Gone => {
+                        return Some((Ok::<_, Infallible>(Event::default().event("deleted").data("{}")), None));
+                    }
+                    Snapshot::Live { poll, tally, .. } => {
+                        let now = Utc::now();
+                        let shown = results_visible(&poll, now, voted, admin);
+                        let view = PollView::new(&poll, shown.then_some(&*tally), now);
+                        let event = Event::default()
+                            .event("results")
+                            .json_data(&view)
+                            .unwrap_or_else(|_| Event::default());
+                        return Some((Ok(event), Some(rx)));
+                    }
+                }
+            }
+        }
+    });
+    let mut res = Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response();
+    // Ask proxies (nginx ingress) not to buffer the stream.
+    res.headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    res.headers_mut()
+        .insert(axum::http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    Ok(res)
+}

@@ -1,0 +1,86 @@
+//! The poll service's view of the vote service: tallies (and whether the caller voted) through
+//! `GET /internal/tallies`, and ballot purges after a poll is deleted.
+
+use std::net::IpAddr;
+
+use axum::http::HeaderMap;
+use shared::Problem;
+use shared::domain::{PollRecord, ResultsVisibility, Tally, VoterKind, voter_key};
+use shared::internal::{PeerClient, TalliesResponse};
+
+/// Everything that may identify the caller as a voter.
+#[derive(Debug, Clone, Default)]
+pub struct Viewer {
+    pub keys: Vec<String>,
+    /// Whether the caller proved to be the poll's admin (sees results always).
+    pub admin_of: Option<String>,
+}
+
+impl Viewer {
+    pub fn new(addr: IpAddr, headers: &HeaderMap, voter_id: Option<&str>) -> Self {
+        let mut keys = vec![voter_key(VoterKind::Address, &addr.to_string())];
+        let header_id = headers.get("x-voter-id").and_then(|v| v.to_str().ok());
+        for id in [voter_id, header_id].into_iter().flatten() {
+            if shared::domain::validate_voter_id(id).is_ok() {
+                keys.push(voter_key(VoterKind::VoterId, id));
+            }
+        }
+        Self { keys, admin_of: None }
+    }
+}
+
+#[derive(Clone)]
+pub struct VoteClient {
+    pub peer: PeerClient,
+}
+
+impl VoteClient {
+    /// Tallies of `polls` in order, plus whether `viewer` voted on each.
+    pub async fn tallies(&self, polls: &[&PollRecord], viewer: Option<&Viewer>) -> Result<Vec<(Tally, bool)>, Problem> {
+        if polls.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<&str> = polls.iter().map(|p| p.id.as_str()).collect();
+        let needs_voter = polls.iter().any(|p| p.results == ResultsVisibility::AfterVote);
+        let mut req = self
+            .peer
+            .http()
+            .get(self.peer.url("/internal/tallies"))
+            .query(&[("ids", ids.join(","))]);
+        if let Some(v) = viewer.filter(|_| needs_voter) {
+            req = req.query(&[("voters", v.keys.join(","))]);
+        }
+        let res = req.send().await.map_err(|e| self.peer.unavailable(e))?;
+        if !res.status().is_success() {
+            return Err(self.peer.unavailable(format!("tallies answered {}", res.status())));
+        }
+        let body: TalliesResponse = res.json().await.map_err(|e| self.peer.unavailable(e))?;
+        if body.tallies.len() != polls.len() || body.tallies.iter().zip(&ids).any(|(t, id)| t.poll_id != *id) {
+            return Err(self.peer.unavailable("tallies answer does not match the request"));
+        }
+        Ok(body
+            .tallies
+            .into_iter()
+            .map(|t| {
+                (
+                    Tally {
+                        total: t.total,
+                        by_option: t.by_option,
+                    },
+                    t.voted,
+                )
+            })
+            .collect())
+    }
+
+    /// Deletes the ballots of a deleted poll. Best effort: a failure is logged (the vote service
+    /// refuses new ballots for the poll either way, since the poll is gone).
+    pub async fn purge(&self, poll_id: &str) {
+        let url = self.peer.url(&format!("/internal/polls/{poll_id}/ballots"));
+        match self.peer.http().delete(url).send().await {
+            Ok(r) if r.status().is_success() => {}
+            Ok(r) => tracing::warn!(poll_id, status = %r.status(), "ballot purge refused"),
+            Err(e) => tracing::warn!(poll_id, error = %e, "ballot purge failed"),
+        }
+    }
+}

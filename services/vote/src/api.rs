@@ -1,0 +1,388 @@
+//! The vote service's routes: `POST /api/votes`, and the internal tally and purge endpoints.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use serde::{Deserialize, Serialize};
+use shared::domain::{
+    BallotRecord, CastOutcome, DedupePolicy, PollStatus, VoterKind, normalise_poll_id, sha256_hex, validate_voter_id,
+    voter_key,
+};
+use shared::http::{AppJson, AppQuery, ClientAddr};
+use shared::internal::{PollDefinition, TalliesResponse, TallyView};
+use shared::problem::{FieldError, Problem, ProblemBody};
+use shared::store::DynBallotStore;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::catalog::Catalog;
+
+pub struct AppState {
+    pub store: DynBallotStore,
+    pub catalog: Catalog,
+    pub outcomes: Family<OutcomeLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+type St = State<Arc<AppState>>;
+
+pub fn router(state: Arc<AppState>) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(cast_vote))
+        .route("/internal/tallies", axum::routing::get(tallies))
+        .route("/internal/polls/{id}/ballots", axum::routing::delete(purge))
+        .with_state(state)
+}
+
+/// A ballot. Give either `option` (one choice, as the predecessor's clients do) or `options`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CastBallot {
+    /// The poll (`pool_id` is accepted as an alias for the predecessor's clients).
+    #[serde(default)]
+    #[schema(required = true, example = "6740a0c3f1e2d3c4b5a69788", pattern = "^[0-9a-fA-F]{24}$")]
+    pub poll_id: Option<String>,
+    /// The predecessor's misspelling of `poll_id`.
+    #[serde(default)]
+    #[schema(ignore)]
+    pub pool_id: Option<String>,
+    /// One option's text.
+    #[serde(default)]
+    #[schema(min_length = 1, max_length = 200)]
+    pub option: Option<String>,
+    /// Several options' texts, up to the poll's `max_choices`.
+    #[serde(default)]
+    #[schema(min_items = 1, max_items = 20)]
+    pub options: Option<Vec<String>>,
+    /// The voter's opaque id (1–128 visible ASCII characters), for polls with `dedupe: voter`.
+    /// The `X-Voter-Id` header works too.
+    #[serde(default)]
+    #[schema(min_length = 1, max_length = 128, pattern = "^[!-~]+$")]
+    pub voter_id: Option<String>,
+}
+
+/// An accepted ballot.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Ballot {
+    pub id: String,
+    pub poll_id: String,
+    pub options: Vec<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+fn ballot_view(b: &BallotRecord, def: &PollDefinition) -> Ballot {
+    Ballot {
+        id: b.id.clone(),
+        poll_id: b.poll_id.clone(),
+        options: b
+            .choices
+            .iter()
+            .filter_map(|&i| def.options.get(i as usize).cloned())
+            .collect(),
+        created_at: b.created_at,
+    }
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let bad = || Problem::invalid("header.Idempotency-Key", "must be 1 to 255 visible ASCII characters");
+    let s = v.to_str().map_err(|_| bad())?.trim();
+    // Drafts of the Idempotency-Key header quote the value as a structured-field string.
+    let s = s.strip_prefix('"').and_then(|x| x.strip_suffix('"')).unwrap_or(s);
+    if s.is_empty() || s.len() > 255 || !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(bad());
+    }
+    Ok(Some(s.to_owned()))
+}
+
+/// Maps the chosen texts to option indices (exact match first, then trimmed and case-insensitive).
+fn choices(def: &PollDefinition, chosen: &[String]) -> Result<Vec<u32>, Problem> {
+    let mut out = Vec::with_capacity(chosen.len());
+    for (i, text) in chosen.iter().enumerate() {
+        let field = if chosen.len() == 1 {
+            "option".to_owned()
+        } else {
+            format!("options[{i}]")
+        };
+        let idx = def.options.iter().position(|o| o == text).or_else(|| {
+            let folded = text.trim().to_lowercase();
+            def.options.iter().position(|o| o.to_lowercase() == folded)
+        });
+        let Some(idx) = idx else {
+            return Err(Problem::unprocessable(
+                "unknown-option",
+                &field,
+                format!("`{text}` is not an option of this poll"),
+            ));
+        };
+        let idx = u32::try_from(idx).map_err(|_| Problem::internal())?;
+        if out.contains(&idx) {
+            return Err(Problem::unprocessable(
+                "duplicate-option",
+                &field,
+                format!("`{text}` is chosen twice"),
+            ));
+        }
+        out.push(idx);
+    }
+    if out.len() > def.max_choices as usize {
+        return Err(Problem::unprocessable(
+            "too-many-choices",
+            "options",
+            format!(
+                "this poll allows at most {} choice(s); got {}",
+                def.max_choices,
+                out.len()
+            ),
+        ));
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// Cast a ballot.
+#[utoipa::path(post, path = "/api/votes", tag = "votes", request_body = CastBallot,
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: the same key returns the first answer"),
+        ("X-Voter-Id" = Option<String>, Header, description = "The voter's id, for polls with `dedupe: voter`"),
+    ),
+    responses(
+    (status = 201, description = "Stored durably and counted (or, with a repeated Idempotency-Key, the first answer again)", body = Ballot),
+    (status = 400, description = "Malformed JSON or invalid fields, each named", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 404, description = "No such poll", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 409, description = "Already voted (per the poll's dedupe) or poll closed", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 413, description = "Body too large", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 415, description = "Body is not JSON", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 422, description = "Unknown option, too many choices, or an Idempotency-Key reused for another ballot", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 429, description = "Too many writes from this client", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 503, description = "Database or poll service unavailable", body = ProblemBody, content_type = "application/problem+json"),
+))]
+async fn cast_vote(
+    State(s): St,
+    ClientAddr(addr): ClientAddr,
+    headers: HeaderMap,
+    AppJson(body): AppJson<CastBallot>,
+) -> Result<Response, Problem> {
+    let result = cast(&s, addr, &headers, body).await;
+    let outcome = match &result {
+        Ok((_, true)) => "replayed",
+        Ok((_, false)) => "accepted",
+        Err(p) => match p.slug {
+            "already-voted" => "duplicate",
+            "poll-closed" => "closed",
+            "unavailable" => "unavailable",
+            _ => "rejected",
+        },
+    };
+    s.outcomes.get_or_create(&OutcomeLabels { outcome }).inc();
+    let (ballot, replayed) = result?;
+    let mut res = (StatusCode::CREATED, Json(ballot)).into_response();
+    if replayed {
+        res.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(res)
+}
+
+async fn cast(
+    s: &AppState,
+    addr: std::net::IpAddr,
+    headers: &HeaderMap,
+    body: CastBallot,
+) -> Result<(Ballot, bool), Problem> {
+    let mut errors = Vec::new();
+    let poll_id = match (body.poll_id, body.pool_id) {
+        (Some(id), None) | (None, Some(id)) => {
+            let id = normalise_poll_id(&id);
+            if id.is_none() {
+                errors.push(FieldError::new(
+                    "poll_id",
+                    "must be a poll id: 24 hexadecimal characters",
+                ));
+            }
+            id
+        }
+        (None, None) => {
+            errors.push(FieldError::new("poll_id", "is required"));
+            None
+        }
+        (Some(_), Some(_)) => {
+            errors.push(FieldError::new(
+                "pool_id",
+                "give `poll_id` or its old spelling `pool_id`, not both",
+            ));
+            None
+        }
+    };
+    let chosen = match (body.option, body.options) {
+        (Some(o), None) => vec![o],
+        (None, Some(os)) if !os.is_empty() => os,
+        (None, Some(_)) => {
+            errors.push(FieldError::new("options", "must name at least one option"));
+            Vec::new()
+        }
+        (None, None) => {
+            errors.push(FieldError::new("option", "give `option` or `options`"));
+            Vec::new()
+        }
+        (Some(_), Some(_)) => {
+            errors.push(FieldError::new("options", "give `option` or `options`, not both"));
+            Vec::new()
+        }
+    };
+    let header_voter = headers.get("x-voter-id").map(|v| v.to_str().map(str::trim));
+    let voter_id = match (body.voter_id.as_deref(), header_voter) {
+        (_, Some(Err(_))) => {
+            errors.push(FieldError::new("header.X-Voter-Id", "must be visible ASCII"));
+            None
+        }
+        (Some(b), Some(Ok(h))) if b != h => {
+            errors.push(FieldError::new("voter_id", "differs from the X-Voter-Id header"));
+            None
+        }
+        (Some(v), _) | (None, Some(Ok(v))) => {
+            if let Err(msg) = validate_voter_id(v) {
+                errors.push(FieldError::new("voter_id", msg));
+            }
+            Some(v.to_owned())
+        }
+        (None, None) => None,
+    };
+    let idem = match idempotency_key(headers) {
+        Ok(k) => k,
+        Err(p) => {
+            errors.extend(p.errors);
+            None
+        }
+    };
+    let (Some(poll_id), true) = (poll_id, errors.is_empty()) else {
+        return Err(Problem::validation(errors));
+    };
+
+    let def = s
+        .catalog
+        .get(&poll_id)
+        .await?
+        .ok_or_else(|| Problem::not_found(format!("there is no poll {poll_id}")))?;
+    if def.status_at(Utc::now()) == PollStatus::Closed {
+        return Err(Problem::conflict("poll-closed", "the poll is closed"));
+    }
+    let choices = choices(&def, &chosen)?;
+
+    let address_key = voter_key(VoterKind::Address, &addr.to_string());
+    let id_key = voter_id.as_deref().map(|v| voter_key(VoterKind::VoterId, v));
+    let (key, voter) = match def.dedupe {
+        DedupePolicy::Ip => (address_key.clone(), address_key),
+        DedupePolicy::Voter => {
+            let Some(k) = id_key else {
+                return Err(Problem::invalid(
+                    "voter_id",
+                    "this poll needs a voter id (body `voter_id` or header X-Voter-Id)",
+                ));
+            };
+            (k.clone(), k)
+        }
+        DedupePolicy::None => {
+            let key = match &idem {
+                Some(k) => format!("i:{}", sha256_hex(&[k.as_bytes()])),
+                None => format!("r:{}", uuid::Uuid::new_v4().simple()),
+            };
+            (key, id_key.unwrap_or(address_key))
+        }
+    };
+    let choice_text: Vec<String> = choices.iter().map(u32::to_string).collect();
+    let fingerprint = sha256_hex(&[poll_id.as_bytes(), choice_text.join(",").as_bytes(), voter.as_bytes()]);
+    let ballot = BallotRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        poll_id,
+        key,
+        voter: Some(voter),
+        choices,
+        idempotency_key: idem.clone(),
+        fingerprint,
+        created_at: Utc::now(),
+    };
+    match s.store.cast(ballot.clone()).await? {
+        CastOutcome::Accepted(b) => Ok((ballot_view(&b, &def), false)),
+        CastOutcome::Duplicate(existing) => match &idem {
+            Some(k) if existing.idempotency_key.as_deref() == Some(k.as_str()) => {
+                if existing.fingerprint == ballot.fingerprint {
+                    Ok((ballot_view(&existing, &def), true))
+                } else {
+                    Err(Problem::unprocessable(
+                        "idempotency-key-reused",
+                        "header.Idempotency-Key",
+                        "this Idempotency-Key was already used for a different ballot",
+                    ))
+                }
+            }
+            _ => Err(Problem::conflict(
+                "already-voted",
+                "a ballot from this voter is already counted for this poll",
+            )),
+        },
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct TalliesQuery {
+    ids: String,
+    #[serde(default)]
+    voters: Option<String>,
+}
+
+/// Internal: tallies of several polls, and whether any of the given voter keys voted on each.
+async fn tallies(State(s): St, AppQuery(q): AppQuery<TalliesQuery>) -> Result<Json<TalliesResponse>, Problem> {
+    let ids: Vec<String> = q
+        .ids
+        .split(',')
+        .map(|id| normalise_poll_id(id).ok_or_else(|| Problem::invalid("query.ids", "must be poll ids")))
+        .collect::<Result<_, _>>()?;
+    if ids.len() > 200 {
+        return Err(Problem::invalid("query.ids", "at most 200 ids"));
+    }
+    let voters: Vec<&str> = q
+        .voters
+        .as_deref()
+        .map(|v| v.split(',').filter(|s| !s.is_empty()).take(4).collect())
+        .unwrap_or_default();
+    let counts = s.store.tallies(&ids).await?;
+    let mut out = Vec::with_capacity(ids.len());
+    for (id, t) in ids.into_iter().zip(counts) {
+        let mut voted = false;
+        for v in &voters {
+            if s.store.has_voted(&id, v).await? {
+                voted = true;
+                break;
+            }
+        }
+        out.push(TallyView {
+            poll_id: id,
+            total: t.total,
+            by_option: t.by_option,
+            voted,
+        });
+    }
+    Ok(Json(TalliesResponse { tallies: out }))
+}
+
+/// Internal: deletes a deleted poll's ballots.
+async fn purge(State(s): St, Path(id): Path<String>) -> Result<StatusCode, Problem> {
+    let id = normalise_poll_id(&id).ok_or_else(|| Problem::invalid("id", "must be a poll id"))?;
+    let n = s.store.purge(&id).await?;
+    tracing::info!(poll_id = %id, ballots = n, "ballots purged");
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,82 @@
+//! The vote service: ballots (who voted what) and the tallies derived from them.
+
+pub mod api;
+pub mod catalog;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use shared::Config;
+use shared::http::{Ops, Readiness, Server, assemble};
+use shared::internal::PeerClient;
+use shared::metrics::Metrics;
+use shared::store::{StoreHealth, open_ballot_store};
+use tokio_util::sync::CancellationToken;
+use utoipa::openapi::OpenApi;
+
+pub const SERVICE: &str = "vote";
+pub const DEFAULT_PORT: u16 = 5000;
+
+/// Builds the vote service, bound and ready to run.
+pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Server, String> {
+    let readiness = Arc::new(Readiness::default());
+    let metrics = Arc::new(Metrics::new(SERVICE));
+    let store = open_ballot_store(&config).await?;
+    let peer = PeerClient::new(
+        "poll service",
+        &config.services.poll_url,
+        Duration::from_millis(config.services.timeout_ms),
+    )?;
+    let outcomes = Family::<api::OutcomeLabels, Counter>::default();
+    metrics.register(
+        "ballots",
+        "Ballots by outcome (accepted, replayed, duplicate, closed, rejected, unavailable)",
+        outcomes.clone(),
+    );
+    let catalog = catalog::Catalog::new(peer.clone(), Duration::from_millis(config.services.poll_cache_ttl_ms));
+    let state = Arc::new(api::AppState {
+        store: store.clone(),
+        catalog,
+        outcomes,
+    });
+    let db = store.clone();
+    let ops = Arc::new(Ops {
+        service: SERVICE,
+        readiness: readiness.clone(),
+        metrics,
+        dependencies: vec![
+            Arc::new(StoreHealth(move || {
+                let db = db.clone();
+                async move { db.ping().await }
+            })),
+            Arc::new(peer),
+        ],
+    });
+    let router = assemble(api::router(state), ops, &config, describe);
+    let port = config.port_or(DEFAULT_PORT);
+    let server = Server::bind(
+        &config.server.host,
+        port,
+        router,
+        readiness.clone(),
+        shutdown,
+        Duration::from_millis(config.server.drain_timeout_ms),
+    )
+    .await
+    .map_err(|e| format!("cannot listen on {}:{port}: {e}", config.server.host))?;
+    readiness.set_initialised();
+    Ok(server)
+}
+
+/// The OpenAPI document's description.
+pub fn describe(doc: &mut OpenApi) {
+    doc.info.title = "Vote service".into();
+    doc.info.version = env!("CARGO_PKG_VERSION").into();
+    doc.info.description = Some(
+        "Ballots. One ballot per voter per poll (by client address, voter id, or none, as the poll says), \
+         enforced by a unique key in the database. Errors are application/problem+json (RFC 9457)."
+            .into(),
+    );
+}

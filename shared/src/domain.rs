@@ -1,0 +1,293 @@
+//! Domain types shared by both services: identifiers, poll settings, stored records, tallies and
+//! the voter-key derivation that both services must agree on.
+
+use chrono::{DateTime, Utc};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
+
+/// Length of a poll id: 24 lowercase hex characters, the shape of a MongoDB ObjectId, so polls
+/// written by the predecessor (whose `_id` is an ObjectId) keep their ids.
+pub const POLL_ID_LEN: usize = 24;
+
+/// Creates a new poll id: 4 bytes of seconds since the epoch (so ids sort roughly by creation
+/// time, like ObjectIds) followed by 8 random bytes.
+pub fn new_poll_id(now: DateTime<Utc>) -> String {
+    let mut bytes = [0u8; 12];
+    let secs = u32::try_from(now.timestamp().max(0)).unwrap_or(u32::MAX);
+    bytes[..4].copy_from_slice(&secs.to_be_bytes());
+    rand::rng().fill_bytes(&mut bytes[4..]);
+    hex::encode(bytes)
+}
+
+/// Whether `id` has the shape of a poll id (24 hex characters, either case).
+pub fn is_valid_poll_id(id: &str) -> bool {
+    id.len() == POLL_ID_LEN && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Normalises a syntactically valid poll id (hex digits are case-insensitive).
+pub fn normalise_poll_id(id: &str) -> Option<String> {
+    is_valid_poll_id(id).then(|| id.to_ascii_lowercase())
+}
+
+/// Who may see a poll's counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ResultsVisibility {
+    /// Everyone, at any time.
+    #[default]
+    Always,
+    /// Only callers who have voted on the poll (and the poll's admin).
+    AfterVote,
+    /// Only once the poll is closed (and the poll's admin at any time).
+    AfterClose,
+}
+
+/// How the vote service recognises a second ballot from the same voter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DedupePolicy {
+    /// One ballot per client address.
+    #[default]
+    Ip,
+    /// One ballot per opaque `voter_id` (body) or `X-Voter-Id` (header).
+    Voter,
+    /// No deduplication (idempotency keys still make retries safe).
+    None,
+}
+
+/// A poll's lifecycle state, derived from `closed_at` and `closes_at` at a given instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PollStatus {
+    Open,
+    Closed,
+}
+
+/// A poll as stored by the poll service. Storage adapters map it to their own layout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PollRecord {
+    pub id: String,
+    pub name: String,
+    #[serde(default)]
+    pub desc: String,
+    pub options: Vec<String>,
+    pub max_choices: u32,
+    pub closes_at: Option<DateTime<Utc>>,
+    pub closed_at: Option<DateTime<Utc>>,
+    pub results: ResultsVisibility,
+    pub dedupe: DedupePolicy,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// SHA-256 (hex) of the admin token. `None` for polls written by the predecessor, which had no
+    /// admin token: those cannot be changed through the API.
+    pub admin_token_hash: Option<String>,
+    /// Votes the predecessor counted in the poll document itself (`votes.count`), before ballots
+    /// were stored one by one. Zero for polls created by this service.
+    #[serde(default)]
+    pub legacy_votes: u64,
+    /// Incremented on every change; used for optimistic concurrency on updates.
+    pub revision: u64,
+}
+
+impl PollRecord {
+    /// The poll's status at `now`.
+    pub fn status_at(&self, now: DateTime<Utc>) -> PollStatus {
+        if self.closed_at.is_some() || self.closes_at.is_some_and(|t| t <= now) {
+            PollStatus::Closed
+        } else {
+            PollStatus::Open
+        }
+    }
+}
+
+/// Which polls a listing returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StatusFilter {
+    Open,
+    Closed,
+}
+
+/// Position in the newest-first order of polls: a page continues strictly after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PollCursor {
+    pub created_at: DateTime<Utc>,
+    pub id: String,
+}
+
+/// A listing request as the storage sees it.
+#[derive(Debug, Clone)]
+pub struct PollQuery {
+    pub limit: usize,
+    pub after: Option<PollCursor>,
+    pub status: Option<StatusFilter>,
+    pub now: DateTime<Utc>,
+}
+
+/// A ballot about to be stored.
+///
+/// `key` is the ballot's identity within its poll and is unique in the storage: the voter key for
+/// `ip`/`voter` dedupe, `i:<idempotency key>` for `none` with an idempotency key, and a random
+/// `r:<uuid>` otherwise. A second ballot with the same `(poll_id, key)` is rejected by the store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BallotRecord {
+    pub id: String,
+    pub poll_id: String,
+    pub key: String,
+    /// Hash of the voter's identity (address or voter id), kept so that `after_vote` visibility can
+    /// be answered for polls without dedupe too.
+    pub voter: Option<String>,
+    /// Chosen option indices, distinct and ascending.
+    pub choices: Vec<u32>,
+    pub idempotency_key: Option<String>,
+    /// Hash of what the request asked for, to tell an idempotent retry from a key reused for a
+    /// different request.
+    pub fingerprint: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// What happened to a ballot handed to the store.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CastOutcome {
+    /// Stored durably and counted.
+    Accepted(BallotRecord),
+    /// A ballot with the same identity already exists; it is returned and nothing changed.
+    Duplicate(BallotRecord),
+}
+
+/// The counts for one poll: `total` ballots, and per option index how many ballots chose it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Tally {
+    pub total: u64,
+    pub by_option: Vec<u64>,
+}
+
+impl Tally {
+    /// Counts for exactly `n` options (missing trailing counts are zero).
+    pub fn padded(mut self, n: usize) -> Self {
+        if self.by_option.len() < n {
+            self.by_option.resize(n, 0);
+        }
+        self
+    }
+
+    /// Adds one ballot choosing `choices`.
+    pub fn add(&mut self, choices: &[u32]) {
+        self.total += 1;
+        for &c in choices {
+            let i = c as usize;
+            if self.by_option.len() <= i {
+                self.by_option.resize(i + 1, 0);
+            }
+            self.by_option[i] += 1;
+        }
+    }
+}
+
+/// Hex SHA-256 of `parts` joined by NUL bytes.
+pub fn sha256_hex(parts: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            h.update([0u8]);
+        }
+        h.update(p);
+    }
+    hex::encode(h.finalize())
+}
+
+/// The stable, non-reversible key of a voter identity (`ip:<address>` or `id:<voter id>`), as
+/// stored in ballots and used by both services for `after_vote` visibility.
+pub fn voter_key(kind: VoterKind, value: &str) -> String {
+    let tag = match kind {
+        VoterKind::Address => "ip",
+        VoterKind::VoterId => "id",
+    };
+    format!("{tag}:{}", &sha256_hex(&[tag.as_bytes(), value.as_bytes()])[..32])
+}
+
+/// Where a voter identity came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VoterKind {
+    Address,
+    VoterId,
+}
+
+/// Validates an opaque voter id: 1–128 visible ASCII characters.
+pub fn validate_voter_id(v: &str) -> Result<(), &'static str> {
+    if v.is_empty() || v.len() > 128 {
+        return Err("must be 1 to 128 characters");
+    }
+    if !v.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("must contain only visible ASCII characters");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poll_ids_are_objectid_shaped_and_unique() {
+        let now = Utc::now();
+        let a = new_poll_id(now);
+        let b = new_poll_id(now);
+        assert!(is_valid_poll_id(&a), "{a}");
+        assert_ne!(a, b);
+        assert!(!is_valid_poll_id("xyz"));
+        assert!(!is_valid_poll_id(&"g".repeat(24)));
+        assert_eq!(normalise_poll_id(&"AB".repeat(12)), Some("ab".repeat(12)));
+    }
+
+    #[test]
+    fn status_follows_close_time_and_explicit_close() {
+        let now = Utc::now();
+        let mut p = PollRecord {
+            id: new_poll_id(now),
+            name: "n".into(),
+            desc: String::new(),
+            options: vec!["a".into(), "b".into()],
+            max_choices: 1,
+            closes_at: Some(now + chrono::Duration::seconds(10)),
+            closed_at: None,
+            results: ResultsVisibility::Always,
+            dedupe: DedupePolicy::Ip,
+            created_at: now,
+            updated_at: now,
+            admin_token_hash: None,
+            legacy_votes: 0,
+            revision: 1,
+        };
+        assert_eq!(p.status_at(now), PollStatus::Open);
+        assert_eq!(p.status_at(now + chrono::Duration::seconds(10)), PollStatus::Closed);
+        p.closes_at = None;
+        p.closed_at = Some(now);
+        assert_eq!(p.status_at(now), PollStatus::Closed);
+    }
+
+    #[test]
+    fn voter_keys_depend_on_kind_and_value() {
+        assert_eq!(
+            voter_key(VoterKind::Address, "1.2.3.4"),
+            voter_key(VoterKind::Address, "1.2.3.4")
+        );
+        assert_ne!(voter_key(VoterKind::Address, "x"), voter_key(VoterKind::VoterId, "x"));
+        assert!(voter_key(VoterKind::VoterId, "x").starts_with("id:"));
+        assert!(validate_voter_id("abc-123").is_ok());
+        assert!(validate_voter_id("").is_err());
+        assert!(validate_voter_id("a b").is_err());
+        assert!(validate_voter_id(&"a".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn tally_adds_and_pads() {
+        let mut t = Tally::default();
+        t.add(&[0, 2]);
+        t.add(&[2]);
+        assert_eq!(t.total, 2);
+        assert_eq!(t.clone().padded(4).by_option, vec![1, 0, 2, 0]);
+    }
+}

@@ -1,0 +1,400 @@
+//! The embedded, durable store: one [redb](https://docs.rs/redb) file per service.
+//!
+//! redb gives ACID transactions with a single writer; a commit returns only after the data is
+//! fsynced (`Durability::Immediate`), so what it acknowledges survives `kill -9`.
+//!
+//! Ballots go through a group-commit writer: one thread takes every ballot waiting in its queue,
+//! applies them in one write transaction (each sees the ones before it, so the `(poll, key)`
+//! uniqueness check and the tally update are serialised by the database's only writer), commits
+//! once, and only then answers each caller. Under load many ballots share one fsync.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{BallotStore, PollStore, StoreError, StoreResult};
+use crate::domain::{BallotRecord, CastOutcome, PollQuery, PollRecord, StatusFilter, Tally};
+
+const POLLS: TableDefinition<&str, &[u8]> = TableDefinition::new("polls");
+/// (created_at in microseconds, id) → (), for newest-first listing.
+const POLLS_BY_CREATED: TableDefinition<(i64, &str), ()> = TableDefinition::new("polls_by_created");
+/// (poll id, ballot key) → ballot JSON. The key is the ballot's identity: unique per poll.
+const BALLOTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("ballots");
+/// (poll id, voter key) → (), answers "has this voter voted" for every dedupe policy.
+const VOTERS: TableDefinition<(&str, &str), ()> = TableDefinition::new("voters");
+/// poll id → tally JSON, updated in the same transaction as the ballot it counts.
+const TALLIES: TableDefinition<&str, &[u8]> = TableDefinition::new("tallies");
+
+/// Most ballots applied in one transaction.
+const MAX_BATCH: usize = 2048;
+
+fn internal(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Internal(e.to_string())
+}
+
+fn open(path: &Path) -> StoreResult<Arc<Database>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| internal(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    let db = Database::create(path).map_err(|e| internal(format!("cannot open {}: {e}", path.display())))?;
+    Ok(Arc::new(db))
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> StoreResult<T> + Send + 'static) -> StoreResult<T> {
+    tokio::task::spawn_blocking(f).await.map_err(internal)?
+}
+
+fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+/// Polls in a redb file.
+pub struct EmbeddedPollStore {
+    db: Arc<Database>,
+}
+
+impl EmbeddedPollStore {
+    /// Opens (or creates) the store at `path` and makes sure every table exists.
+    pub fn open(path: &Path) -> StoreResult<Self> {
+        let db = open(path)?;
+        let tx = db.begin_write().map_err(internal)?;
+        tx.open_table(POLLS).map_err(internal)?;
+        tx.open_table(POLLS_BY_CREATED).map_err(internal)?;
+        tx.commit().map_err(internal)?;
+        Ok(Self { db })
+    }
+}
+
+fn matches(p: &PollRecord, filter: Option<StatusFilter>, now: DateTime<Utc>) -> bool {
+    use crate::domain::PollStatus;
+    match filter {
+        None => true,
+        Some(StatusFilter::Open) => p.status_at(now) == PollStatus::Open,
+        Some(StatusFilter::Closed) => p.status_at(now) == PollStatus::Closed,
+    }
+}
+
+#[async_trait]
+impl PollStore for EmbeddedPollStore {
+    async fn create(&self, poll: &PollRecord) -> StoreResult<()> {
+        let db = self.db.clone();
+        let poll = poll.clone();
+        blocking(move || {
+            let doc = serde_json::to_vec(&poll).map_err(internal)?;
+            let tx = db.begin_write().map_err(internal)?;
+            {
+                let mut polls = tx.open_table(POLLS).map_err(internal)?;
+                if polls.get(poll.id.as_str()).map_err(internal)?.is_some() {
+                    return Err(internal(format!("poll id {} already exists", poll.id)));
+                }
+                polls.insert(poll.id.as_str(), doc.as_slice()).map_err(internal)?;
+                let mut idx = tx.open_table(POLLS_BY_CREATED).map_err(internal)?;
+                idx.insert((micros(poll.created_at), poll.id.as_str()), ())
+                    .map_err(internal)?;
+            }
+            tx.commit().map_err(internal)
+        })
+        .await
+    }
+
+    async fn get(&self, id: &str) -> StoreResult<Option<PollRecord>> {
+        let tx = self.db.begin_read().map_err(internal)?;
+        let polls = tx.open_table(POLLS).map_err(internal)?;
+        match polls.get(id).map_err(internal)? {
+            Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(internal)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn list(&self, query: &PollQuery) -> StoreResult<Vec<PollRecord>> {
+        let db = self.db.clone();
+        let query = query.clone();
+        blocking(move || {
+            let tx = db.begin_read().map_err(internal)?;
+            let polls = tx.open_table(POLLS).map_err(internal)?;
+            let idx = tx.open_table(POLLS_BY_CREATED).map_err(internal)?;
+            let range = match &query.after {
+                Some(c) => idx.range(..(micros(c.created_at), c.id.as_str())),
+                None => idx.range::<(i64, &str)>(..),
+            }
+            .map_err(internal)?;
+            let mut out = Vec::with_capacity(query.limit);
+            for entry in range.rev() {
+                let (k, _) = entry.map_err(internal)?;
+                let (_, id) = k.value();
+                let Some(doc) = polls.get(id).map_err(internal)? else {
+                    continue;
+                };
+                let poll: PollRecord = serde_json::from_slice(doc.value()).map_err(internal)?;
+                if matches(&poll, query.status, query.now) {
+                    out.push(poll);
+                    if out.len() >= query.limit {
+                        break;
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn replace(&self, poll: &PollRecord, expected_revision: u64) -> StoreResult<bool> {
+        let db = self.db.clone();
+        let poll = poll.clone();
+        blocking(move || {
+            let doc = serde_json::to_vec(&poll).map_err(internal)?;
+            let tx = db.begin_write().map_err(internal)?;
+            {
+                let mut polls = tx.open_table(POLLS).map_err(internal)?;
+                let current: PollRecord = match polls.get(poll.id.as_str()).map_err(internal)? {
+                    Some(v) => serde_json::from_slice(v.value()).map_err(internal)?,
+                    None => return Ok(false),
+                };
+                if current.revision != expected_revision {
+                    return Ok(false);
+                }
+                polls.insert(poll.id.as_str(), doc.as_slice()).map_err(internal)?;
+            }
+            tx.commit().map_err(internal)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn delete(&self, id: &str) -> StoreResult<bool> {
+        let db = self.db.clone();
+        let id = id.to_owned();
+        blocking(move || {
+            let tx = db.begin_write().map_err(internal)?;
+            let existed = {
+                let mut polls = tx.open_table(POLLS).map_err(internal)?;
+                let removed = polls.remove(id.as_str()).map_err(internal)?;
+                match removed {
+                    Some(v) => {
+                        let poll: PollRecord = serde_json::from_slice(v.value()).map_err(internal)?;
+                        drop(v);
+                        let mut idx = tx.open_table(POLLS_BY_CREATED).map_err(internal)?;
+                        idx.remove((micros(poll.created_at), id.as_str())).map_err(internal)?;
+                        true
+                    }
+                    None => false,
+                }
+            };
+            tx.commit().map_err(internal)?;
+            Ok(existed)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        self.db.begin_read().map(drop).map_err(internal)
+    }
+}
+
+struct CastJob {
+    ballot: BallotRecord,
+    reply: oneshot::Sender<StoreResult<CastOutcome>>,
+}
+
+/// Ballots and tallies in a redb file, written through the group-commit writer.
+pub struct EmbeddedBallotStore {
+    db: Arc<Database>,
+    jobs: mpsc::Sender<CastJob>,
+}
+
+impl EmbeddedBallotStore {
+    /// Opens (or creates) the store at `path` and starts its writer thread, which stops when the
+    /// store is dropped.
+    pub fn open(path: &Path) -> StoreResult<Self> {
+        let db = open(path)?;
+        let tx = db.begin_write().map_err(internal)?;
+        tx.open_table(BALLOTS).map_err(internal)?;
+        tx.open_table(VOTERS).map_err(internal)?;
+        tx.open_table(TALLIES).map_err(internal)?;
+        tx.commit().map_err(internal)?;
+        let (jobs, rx) = mpsc::channel(MAX_BATCH * 4);
+        let writer_db = db.clone();
+        std::thread::Builder::new()
+            .name("ballot-writer".into())
+            .spawn(move || writer(writer_db, rx))
+            .map_err(internal)?;
+        Ok(Self { db, jobs })
+    }
+}
+
+fn writer(db: Arc<Database>, mut rx: mpsc::Receiver<CastJob>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        match apply_batch(&db, &batch) {
+            Ok(outcomes) => {
+                for (job, outcome) in batch.drain(..).zip(outcomes) {
+                    let _ = job.reply.send(outcome);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, ballots = batch.len(), "ballot batch failed to commit");
+                for job in batch.drain(..) {
+                    let _ = job.reply.send(Err(internal(&e)));
+                }
+            }
+        }
+    }
+}
+
+/// Applies every ballot of the batch in one transaction. The outer error means nothing was
+/// committed; an inner error concerns one ballot only (it was not stored).
+fn apply_batch(db: &Database, batch: &[CastJob]) -> StoreResult<Vec<StoreResult<CastOutcome>>> {
+    let tx = db.begin_write().map_err(internal)?;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    {
+        let mut ballots = tx.open_table(BALLOTS).map_err(internal)?;
+        let mut voters = tx.open_table(VOTERS).map_err(internal)?;
+        let mut tallies = tx.open_table(TALLIES).map_err(internal)?;
+        for job in batch {
+            let b = &job.ballot;
+            let key = (b.poll_id.as_str(), b.key.as_str());
+            if let Some(existing) = ballots.get(key).map_err(internal)? {
+                let stored = serde_json::from_slice(existing.value()).map_err(internal);
+                outcomes.push(stored.map(CastOutcome::Duplicate));
+                continue;
+            }
+            let doc = match serde_json::to_vec(b) {
+                Ok(d) => d,
+                Err(e) => {
+                    outcomes.push(Err(internal(e)));
+                    continue;
+                }
+            };
+            let mut tally: Tally = match tallies.get(b.poll_id.as_str()).map_err(internal)? {
+                Some(v) => serde_json::from_slice(v.value()).map_err(internal)?,
+                None => Tally::default(),
+            };
+            tally.add(&b.choices);
+            let tally_doc = serde_json::to_vec(&tally).map_err(internal)?;
+            ballots.insert(key, doc.as_slice()).map_err(internal)?;
+            if let Some(voter) = &b.voter {
+                voters
+                    .insert((b.poll_id.as_str(), voter.as_str()), ())
+                    .map_err(internal)?;
+            }
+            tallies
+                .insert(b.poll_id.as_str(), tally_doc.as_slice())
+                .map_err(internal)?;
+            outcomes.push(Ok(CastOutcome::Accepted(b.clone())));
+        }
+    }
+    tx.commit().map_err(internal)?;
+    Ok(outcomes)
+}
+
+fn poll_range(poll_id: &str) -> std::ops::Range<(&str, &str)> {
+    // Ballot and voter keys are printable ASCII (< 0x7f), so this covers every key of the poll.
+    (poll_id, "")..(poll_id, "\u{7f}")
+}
+
+fn read_tally(db: &Database, poll_id: &str) -> StoreResult<Tally> {
+    let tx = db.begin_read().map_err(internal)?;
+    let tallies = tx.open_table(TALLIES).map_err(internal)?;
+    match tallies.get(poll_id).map_err(internal)? {
+        Some(v) => serde_json::from_slice(v.value()).map_err(internal),
+        None => Ok(Tally::default()),
+    }
+}
+
+#[async_trait]
+impl BallotStore for EmbeddedBallotStore {
+    async fn cast(&self, ballot: BallotRecord) -> StoreResult<CastOutcome> {
+        if ballot.key.bytes().any(|b| !(0x20..0x7f).contains(&b)) {
+            return Err(internal("ballot keys must be printable ASCII"));
+        }
+        let (reply, rx) = oneshot::channel();
+        self.jobs
+            .send(CastJob { ballot, reply })
+            .await
+            .map_err(|_| StoreError::unavailable("ballot writer stopped"))?;
+        rx.await.map_err(|_| StoreError::unavailable("ballot writer stopped"))?
+    }
+
+    async fn tally(&self, poll_id: &str) -> StoreResult<Tally> {
+        read_tally(&self.db, poll_id)
+    }
+
+    async fn tallies(&self, poll_ids: &[String]) -> StoreResult<Vec<Tally>> {
+        let tx = self.db.begin_read().map_err(internal)?;
+        let tallies = tx.open_table(TALLIES).map_err(internal)?;
+        poll_ids
+            .iter()
+            .map(|id| match tallies.get(id.as_str()).map_err(internal)? {
+                Some(v) => serde_json::from_slice(v.value()).map_err(internal),
+                None => Ok(Tally::default()),
+            })
+            .collect()
+    }
+
+    async fn has_voted(&self, poll_id: &str, voter: &str) -> StoreResult<bool> {
+        let tx = self.db.begin_read().map_err(internal)?;
+        let voters = tx.open_table(VOTERS).map_err(internal)?;
+        Ok(voters.get((poll_id, voter)).map_err(internal)?.is_some())
+    }
+
+    async fn recount(&self, poll_id: &str) -> StoreResult<Tally> {
+        let db = self.db.clone();
+        let poll_id = poll_id.to_owned();
+        blocking(move || {
+            let tx = db.begin_read().map_err(internal)?;
+            let ballots = tx.open_table(BALLOTS).map_err(internal)?;
+            let mut tally = Tally::default();
+            for entry in ballots.range(poll_range(&poll_id)).map_err(internal)? {
+                let (_, v) = entry.map_err(internal)?;
+                let b: BallotRecord = serde_json::from_slice(v.value()).map_err(internal)?;
+                tally.add(&b.choices);
+            }
+            Ok(tally)
+        })
+        .await
+    }
+
+    async fn purge(&self, poll_id: &str) -> StoreResult<u64> {
+        let db = self.db.clone();
+        let poll_id = poll_id.to_owned();
+        blocking(move || {
+            let tx = db.begin_write().map_err(internal)?;
+            let removed = {
+                let mut ballots = tx.open_table(BALLOTS).map_err(internal)?;
+                let mut n = 0u64;
+                ballots
+                    .retain_in(poll_range(&poll_id), |_, _| {
+                        n += 1;
+                        false
+                    })
+                    .map_err(internal)?;
+                let mut voters = tx.open_table(VOTERS).map_err(internal)?;
+                voters.retain_in(poll_range(&poll_id), |_, _| false).map_err(internal)?;
+                let mut tallies = tx.open_table(TALLIES).map_err(internal)?;
+                tallies.remove(poll_id.as_str()).map_err(internal)?;
+                n
+            };
+            tx.commit().map_err(internal)?;
+            Ok(removed)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        if self.jobs.is_closed() {
+            return Err(StoreError::unavailable("ballot writer stopped"));
+        }
+        self.db.begin_read().map(drop).map_err(internal)
+    }
+}

@@ -1,0 +1,121 @@
+//! Storage seams. Each service talks to its data only through these traits, so every backend
+//! (the embedded store, MongoDB/Cosmos DB) runs the same contract suite ([`contract`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::domain::{BallotRecord, CastOutcome, PollQuery, PollRecord, Tally};
+
+pub mod contract;
+pub mod embedded;
+
+/// Why a storage call failed. Messages are for logs only: they never reach clients.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or is throttling; the caller should answer 503 with
+    /// `Retry-After`.
+    #[error("storage unavailable: {message}")]
+    Unavailable { message: String, retry_after: Duration },
+    /// The stored data could not be read or written for another reason.
+    #[error("storage failure: {0}")]
+    Internal(String),
+}
+
+impl StoreError {
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::Unavailable {
+            message: message.into(),
+            retry_after: Duration::from_secs(1),
+        }
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Polls, owned by the poll service.
+#[async_trait]
+pub trait PollStore: Send + Sync + 'static {
+    /// Stores a new poll. Ids are generated randomly; a clash is an error.
+    async fn create(&self, poll: &PollRecord) -> StoreResult<()>;
+    async fn get(&self, id: &str) -> StoreResult<Option<PollRecord>>;
+    /// Newest first (`created_at`, then `id`, both descending), strictly after `query.after`,
+    /// at most `query.limit` polls, filtered by status at `query.now`.
+    async fn list(&self, query: &PollQuery) -> StoreResult<Vec<PollRecord>>;
+    /// Replaces the poll if its stored revision is still `expected_revision`. Returns false when
+    /// the poll is gone or was changed concurrently.
+    async fn replace(&self, poll: &PollRecord, expected_revision: u64) -> StoreResult<bool>;
+    /// Deletes the poll; false when there was none.
+    async fn delete(&self, id: &str) -> StoreResult<bool>;
+    /// Cheap round trip to the database, for `/health/deep`.
+    async fn ping(&self) -> StoreResult<()>;
+}
+
+/// Ballots and tallies, owned by the vote service.
+#[async_trait]
+pub trait BallotStore: Send + Sync + 'static {
+    /// Stores the ballot and counts it, unless a ballot with the same `(poll_id, key)` exists, in
+    /// which case the stored one is returned untouched. `Accepted` is returned only once the
+    /// ballot is durable. The uniqueness is enforced by the storage, under any concurrency.
+    async fn cast(&self, ballot: BallotRecord) -> StoreResult<CastOutcome>;
+    /// The poll's tally as maintained alongside the ballots.
+    async fn tally(&self, poll_id: &str) -> StoreResult<Tally>;
+    /// Tallies for several polls, in the order asked.
+    async fn tallies(&self, poll_ids: &[String]) -> StoreResult<Vec<Tally>>;
+    /// Whether a ballot with this voter key exists for the poll.
+    async fn has_voted(&self, poll_id: &str, voter: &str) -> StoreResult<bool>;
+    /// Counts the stored ballots of the poll one by one (the ground truth the tally must equal).
+    async fn recount(&self, poll_id: &str) -> StoreResult<Tally>;
+    /// Deletes every ballot and the tally of the poll; returns how many ballots were deleted.
+    async fn purge(&self, poll_id: &str) -> StoreResult<u64>;
+    async fn ping(&self) -> StoreResult<()>;
+}
+
+pub type DynPollStore = Arc<dyn PollStore>;
+pub type DynBallotStore = Arc<dyn BallotStore>;
+
+/// A store as a `/health/deep` dependency named `database`.
+pub struct StoreHealth<F>(pub F);
+
+#[async_trait]
+impl<F, Fut> crate::http::Dependency for StoreHealth<F>
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = StoreResult<()>> + Send,
+{
+    fn name(&self) -> &'static str {
+        "database"
+    }
+
+    async fn check(&self) -> Result<(), String> {
+        (self.0)().await.map_err(|e| match e {
+            StoreError::Unavailable { .. } => "unreachable".to_owned(),
+            StoreError::Internal(_) => "failing".to_owned(),
+        })
+    }
+}
+
+/// Opens the poll service's store as configured.
+pub async fn open_poll_store(config: &crate::Config) -> Result<DynPollStore, String> {
+    match config.storage.effective_backend() {
+        crate::config::Backend::Mongodb => Err("the MongoDB backend is not built into this version".into()),
+        _ => {
+            let path = config.storage.data_dir.join("poll.redb");
+            let store = embedded::EmbeddedPollStore::open(&path).map_err(|e| e.to_string())?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+/// Opens the vote service's store as configured.
+pub async fn open_ballot_store(config: &crate::Config) -> Result<DynBallotStore, String> {
+    match config.storage.effective_backend() {
+        crate::config::Backend::Mongodb => Err("the MongoDB backend is not built into this version".into()),
+        _ => {
+            let path = config.storage.data_dir.join("vote.redb");
+            let store = embedded::EmbeddedBallotStore::open(&path).map_err(|e| e.to_string())?;
+            Ok(Arc::new(store))
+        }
+    }
+}

@@ -1,0 +1,284 @@
+//! Test harness: both services over real HTTP on loopback sockets, each with its own data.
+//!
+//! [`Stack::start`] runs both services in-process (ports picked at random, fresh store per
+//! stack). [`ProcStack`] runs the real binaries as child processes, for kill -9 and signal tests.
+//! With `POLLVOTE_TEST_BACKEND=mongodb` and `MONGODB_TEST_URI`, stacks use that server with one
+//! database per stack (dropped afterwards); otherwise the embedded store in a temp directory.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use shared::config::{Config, Sources};
+use tokio_util::sync::CancellationToken;
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// The built-in defaults, as a test's starting point.
+pub fn base_config() -> Config {
+    let sources = Sources {
+        config_dir: PathBuf::from("/nonexistent"),
+        env: BTreeMap::new(),
+    };
+    let mut c = Config::load(&sources).expect("defaults load");
+    c.server.host = "127.0.0.1".into();
+    c.rate_limit.writes_per_minute = 0;
+    c.log.level = "warn".into();
+    c
+}
+
+/// Which backend the stacks use.
+pub fn mongo_uri() -> Option<String> {
+    match std::env::var("POLLVOTE_TEST_BACKEND").as_deref() {
+        Ok("mongodb") => {
+            Some(std::env::var("MONGODB_TEST_URI").expect("POLLVOTE_TEST_BACKEND=mongodb needs MONGODB_TEST_URI"))
+        }
+        _ => None,
+    }
+}
+
+pub struct Stack {
+    pub poll: String,
+    pub vote: String,
+    pub http: reqwest::Client,
+    pub poll_shutdown: CancellationToken,
+    pub vote_shutdown: CancellationToken,
+    pub poll_task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    pub vote_task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    pub config: Config,
+    _dir: tempfile::TempDir,
+}
+
+impl Stack {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts both services; `tweak` edits the shared config (ports and URLs are set after it).
+    pub async fn start_with(tweak: impl Fn(&mut Config)) -> Self {
+        shared::telemetry::init(&base_config().log);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = base_config();
+        config.storage.data_dir = dir.path().to_path_buf();
+        if let Some(uri) = mongo_uri() {
+            config.storage.mongodb_uri = shared::Secret::new(uri);
+        }
+        tweak(&mut config);
+        let (poll_port, vote_port) = (free_port(), free_port());
+        config.services.poll_url = format!("http://127.0.0.1:{poll_port}");
+        config.services.vote_url = format!("http://127.0.0.1:{vote_port}");
+        let db_prefix = format!("t{}", uuid::Uuid::new_v4().simple());
+
+        let mut poll_config = config.clone();
+        poll_config.server.port = poll_port;
+        if poll_config.storage.database.is_empty() {
+            poll_config.storage.database = format!("{db_prefix}_poll");
+        }
+        let mut vote_config = config.clone();
+        vote_config.server.port = vote_port;
+        if vote_config.storage.database.is_empty() {
+            vote_config.storage.database = format!("{db_prefix}_vote");
+        }
+        let poll_shutdown = CancellationToken::new();
+        let vote_shutdown = CancellationToken::new();
+        let poll = poll_service::build(poll_config, poll_shutdown.clone())
+            .await
+            .expect("poll service starts");
+        let vote = vote_service::build(vote_config, vote_shutdown.clone())
+            .await
+            .expect("vote service starts");
+        let poll_task = tokio::spawn(poll.run_until_stopped());
+        let vote_task = tokio::spawn(vote.run_until_stopped());
+        Self {
+            poll: config.services.poll_url.clone(),
+            vote: config.services.vote_url.clone(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("client"),
+            poll_shutdown,
+            vote_shutdown,
+            poll_task: Some(poll_task),
+            vote_task: Some(vote_task),
+            config,
+            _dir: dir,
+        }
+    }
+
+    /// Creates a poll; returns its JSON and admin token.
+    pub async fn create_poll(&self, body: Value) -> (Value, String) {
+        let res = self
+            .http
+            .post(format!("{}/api/polls", self.poll))
+            .json(&body)
+            .send()
+            .await
+            .expect("create poll");
+        assert_eq!(
+            res.status(),
+            201,
+            "create poll: {}",
+            res.text().await.unwrap_or_default()
+        );
+        let v: Value = res.json().await.expect("json");
+        let token = v["admin_token"].as_str().expect("admin token").to_owned();
+        (v, token)
+    }
+
+    /// A poll with options red, green, blue and the given extra fields.
+    pub async fn simple_poll(&self, extra: Value) -> (String, String) {
+        let mut body = json!({"name": "Colour", "desc": "pick", "options": ["red", "green", "blue"]});
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                b.insert(k.clone(), v.clone());
+            }
+        }
+        let (v, token) = self.create_poll(body).await;
+        (v["id"].as_str().expect("id").to_owned(), token)
+    }
+
+    pub async fn vote(&self, body: Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}/api/votes", self.vote))
+            .json(&body)
+            .send()
+            .await
+            .expect("vote")
+    }
+
+    pub async fn get_poll(&self, id: &str) -> Value {
+        let res = self
+            .http
+            .get(format!("{}/api/polls/{id}", self.poll))
+            .send()
+            .await
+            .expect("get poll");
+        assert_eq!(res.status(), 200);
+        res.json().await.expect("json")
+    }
+
+    /// Stops both services and waits for them.
+    pub async fn stop(mut self) {
+        self.poll_shutdown.cancel();
+        self.vote_shutdown.cancel();
+        for t in [self.poll_task.take(), self.vote_task.take()].into_iter().flatten() {
+            let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
+        }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.poll_shutdown.cancel();
+        self.vote_shutdown.cancel();
+    }
+}
+
+/// Asserts an RFC 9457 problem response and returns its body.
+pub async fn expect_problem(res: reqwest::Response, status: u16) -> Value {
+    let got = res.status().as_u16();
+    let ct = res
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let body: Value = res.json().await.unwrap_or(Value::Null);
+    assert_eq!(got, status, "status; body: {body}");
+    assert!(
+        ct.starts_with("application/problem+json"),
+        "content type {ct}; body: {body}"
+    );
+    for field in ["type", "title", "status", "detail"] {
+        assert!(body.get(field).is_some(), "problem without `{field}`: {body}");
+    }
+    assert_eq!(body["status"], status);
+    body
+}
+
+/// Whether a problem's `errors` name `field`.
+pub fn names_field(problem: &Value, field: &str) -> bool {
+    problem["errors"]
+        .as_array()
+        .is_some_and(|errs| errs.iter().any(|e| e["field"] == field))
+}
+
+/// Where the workspace's binaries are (`cargo build --bins` puts them there).
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --bins` first",
+        path.display()
+    );
+    path
+}
+
+/// A service running as a child process.
+pub struct Proc {
+    pub child: tokio::process::Child,
+    pub url: String,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Starts binary `name` with `env` (and nothing inherited but PATH/HOME) and waits for
+    /// `/readyz` to answer 200.
+    pub async fn start(name: &str, env: &[(&str, String)], log: PathBuf) -> Self {
+        let port = env
+            .iter()
+            .find(|(k, _)| *k == "PORT")
+            .map(|(_, v)| v.clone())
+            .expect("PORT");
+        let file = std::fs::File::create(&log).expect("log file");
+        let mut cmd = tokio::process::Command::new(bin_path(name));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(env.iter().map(|(k, v)| (*k, v.clone())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(file))
+            .kill_on_drop(true);
+        let child = cmd.spawn().expect("spawn service");
+        let url = format!("http://127.0.0.1:{port}");
+        let p = Self { child, url, log };
+        p.wait_ready(Duration::from_secs(20)).await;
+        p
+    }
+
+    pub async fn wait_ready(&self, within: Duration) {
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(r) = http.get(format!("{}/readyz", self.url)).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} not ready; log:\n{}",
+                self.url,
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL, no chance to flush anything.
+    pub async fn kill9(&mut self) {
+        self.child.kill().await.expect("kill -9");
+    }
+}

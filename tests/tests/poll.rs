@@ -1,0 +1,992 @@
+//! The poll service over real HTTP (with the vote service beside it), plus the operational
+//! surface both services share.
+
+use std::time::{Duration, Instant};
+
+use api_tests::{Stack, expect_problem, names_field};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+#[tokio::test]
+async fn create_returns_the_poll_its_location_and_an_admin_token_once() {
+    let s = Stack::start().await;
+    let res = s
+        .http
+        .post(format!("{}/api/polls", s.poll))
+        .json(
+            &json!({"name": " Lunch ", "desc": "where?", "options": ["Pizza", " Sushi "], "max_choices": 2,
+                      "results": "after_close", "dedupe": "voter"}),
+        )
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(res.status(), 201);
+    let location = res.headers()["location"].to_str().expect("location").to_owned();
+    let body: Value = res.json().await.expect("json");
+    let id = body["id"].as_str().expect("id");
+    assert_eq!(location, format!("/api/polls/{id}"));
+    assert_eq!(body["name"], "Lunch", "names are trimmed");
+    assert_eq!(
+        body["options"],
+        json!(["Pizza", "Sushi"]),
+        "options stay a list of strings, trimmed"
+    );
+    assert_eq!(body["max_choices"], 2);
+    assert_eq!(body["results"], "after_close");
+    assert_eq!(body["dedupe"], "voter");
+    assert_eq!(body["status"], "open");
+    assert!(body["admin_token"].as_str().is_some_and(|t| t.len() >= 40));
+    assert!(body["created_at"].is_string());
+
+    let got = s.get_poll(id).await;
+    assert!(
+        got.get("admin_token").is_none(),
+        "the admin token is shown only at creation"
+    );
+    assert_eq!(
+        got["votes"],
+        Value::Null,
+        "after_close hides counts from the public while open"
+    );
+
+    // Defaults, and the predecessor's minimal shape.
+    let (v, _) = s
+        .create_poll(json!({"name": "n", "desc": "d", "options": ["a", "b"]}))
+        .await;
+    assert_eq!(v["max_choices"], 1);
+    assert_eq!(v["results"], "always");
+    assert_eq!(v["dedupe"], "ip");
+    assert_eq!(
+        v["votes"],
+        json!({"count": 0, "by_option": [{"option": "a", "count": 0}, {"option": "b", "count": 0}]})
+    );
+}
+
+#[tokio::test]
+async fn invalid_polls_are_rejected_naming_every_field_and_nothing_is_stored() {
+    let s = Stack::start().await;
+    let post = |body: Value| s.http.post(format!("{}/api/polls", s.poll)).json(&body).send();
+    let past = (chrono::Utc::now() - chrono::Duration::minutes(1)).to_rfc3339();
+    let p = expect_problem(
+        post(json!({"name": "  ", "desc": "x".repeat(2001), "options": ["a", " A", ""], "max_choices": 4, "closes_at": past}))
+            .await
+            .expect("post"),
+        400,
+    )
+    .await;
+    for field in ["name", "desc", "options[1]", "options[2]", "max_choices", "closes_at"] {
+        assert!(names_field(&p, field), "{field} not named: {p}");
+    }
+    let cases = [
+        (json!({"name": "n", "options": ["a"]}), "options"),
+        (
+            json!({"name": "n", "options": (0..21).map(|i| i.to_string()).collect::<Vec<_>>()}),
+            "options",
+        ),
+        (json!({"name": "x".repeat(201), "options": ["a", "b"]}), "name"),
+        (json!({"name": "n", "options": ["a", "x".repeat(201)]}), "options[1]"),
+        (json!({"name": {"$gt": ""}, "options": ["a", "b"]}), "name"),
+        (json!({"name": "n", "options": ["a", {"$gt": ""}]}), "options[1]"),
+        (
+            json!({"name": "n", "options": ["a", "b"], "votes": {"count": 100}}),
+            "votes",
+        ),
+        (json!({"_id": "x", "name": "n", "options": ["a", "b"]}), "_id"),
+        (
+            json!({"name": "n", "options": ["a", "b"], "max_choices": "two"}),
+            "max_choices",
+        ),
+        (
+            json!({"name": "n", "options": ["a", "b"], "results": "sometimes"}),
+            "results",
+        ),
+        (
+            json!({"name": "n", "options": ["a", "b"], "dedupe": "cookie"}),
+            "dedupe",
+        ),
+        (
+            json!({"name": "n", "options": ["a", "b"], "closes_at": "tomorrow"}),
+            "closes_at",
+        ),
+        (json!({"options": ["a", "b"]}), "body"),
+        (json!(["a", "b"]), "body"),
+    ];
+    for (body, field) in cases {
+        let p = expect_problem(post(body.clone()).await.expect("post"), 400).await;
+        assert!(names_field(&p, field), "{body} should name {field}: {p}");
+    }
+    // Unknown fields are named in the message.
+    let p = expect_problem(
+        post(json!({"name": "n", "options": ["a", "b"], "votes": 1}))
+            .await
+            .expect("post"),
+        400,
+    )
+    .await;
+    assert!(p["detail"].as_str().unwrap_or("").contains("votes"), "{p}");
+
+    // Malformed JSON, wrong content type, oversize body.
+    let res = s
+        .http
+        .post(format!("{}/api/polls", s.poll))
+        .header("content-type", "application/json")
+        .body("{\"name\": \"n\", ")
+        .send()
+        .await
+        .expect("post");
+    let p = expect_problem(res, 400).await;
+    assert_eq!(p["type"], "urn:pollvote:problem:malformed-json");
+    let res = s
+        .http
+        .post(format!("{}/api/polls", s.poll))
+        .body("name=n")
+        .send()
+        .await
+        .expect("post");
+    expect_problem(res, 415).await;
+    let huge = json!({"name": "n", "desc": "x".repeat(200_000), "options": ["a", "b"]});
+    expect_problem(post(huge).await.expect("post"), 413).await;
+
+    let list: Value = s
+        .http
+        .get(format!("{}/api/polls", s.poll))
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(list, json!([]), "no rejected poll was stored");
+}
+
+#[tokio::test]
+async fn listing_is_newest_first_with_cursor_pages_and_a_status_filter() {
+    let s = Stack::start().await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let (v, token) = s
+            .create_poll(json!({"name": format!("p{i}"), "options": ["a", "b"]}))
+            .await;
+        let id = v["id"].as_str().expect("id").to_owned();
+        if i == 1 {
+            let res = s
+                .http
+                .post(format!("{}/api/polls/{id}/close", s.poll))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .expect("close");
+            assert_eq!(res.status(), 200);
+        }
+        ids.push(id);
+    }
+    ids.reverse();
+    let mut seen = Vec::new();
+    let mut url = format!("{}/api/polls?limit=2", s.poll);
+    let mut pages = 0;
+    loop {
+        let res = s.http.get(&url).send().await.expect("list");
+        assert_eq!(res.status(), 200);
+        let next = res.headers().get("link").map(|v| v.to_str().expect("link").to_owned());
+        let page: Vec<Value> = res.json().await.expect("json");
+        assert!(page.len() <= 2);
+        seen.extend(page.iter().map(|p| p["id"].as_str().expect("id").to_owned()));
+        assert!(
+            page.iter().all(|p| p["votes"]["count"] == 0),
+            "listed polls carry their counts"
+        );
+        pages += 1;
+        match next {
+            Some(link) => {
+                assert!(link.ends_with("; rel=\"next\""), "{link}");
+                let target = link.trim_start_matches('<').split('>').next().expect("target");
+                assert!(target.starts_with("/api/polls?"), "{target}");
+                url = format!("{}{target}", s.poll);
+            }
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, ids, "newest first, every poll once");
+
+    let closed: Vec<Value> = s
+        .http
+        .get(format!("{}/api/polls?status=closed", s.poll))
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(closed.len(), 1);
+    assert_eq!(closed[0]["id"], ids[3].as_str());
+    let open: Vec<Value> = s
+        .http
+        .get(format!("{}/api/polls?status=open&limit=100", s.poll))
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(open.len(), 4);
+    assert!(open.iter().all(|p| p["status"] == "open"));
+
+    for (q, field) in [
+        ("limit=0", "query.limit"),
+        ("limit=101", "query.limit"),
+        ("limit=ten", "query.limit"),
+        ("cursor=not-a-cursor", "query.cursor"),
+        ("status=pending", "query.status"),
+    ] {
+        let p = expect_problem(
+            s.http
+                .get(format!("{}/api/polls?{q}", s.poll))
+                .send()
+                .await
+                .expect("list"),
+            400,
+        )
+        .await;
+        assert!(names_field(&p, field), "{q}: {p}");
+    }
+}
+
+#[tokio::test]
+async fn get_shows_counts_per_option_and_rejects_bad_ids() {
+    let s = Stack::start().await;
+    let (id, _) = s.simple_poll(json!({"max_choices": 2, "dedupe": "none"})).await;
+    for options in [json!(["red"]), json!(["red", "blue"]), json!(["blue"])] {
+        assert_eq!(s.vote(json!({"poll_id": id, "options": options})).await.status(), 201);
+    }
+    let p = s.get_poll(&id).await;
+    assert_eq!(
+        p["votes"],
+        json!({"count": 3, "by_option": [
+            {"option": "red", "count": 2}, {"option": "green", "count": 0}, {"option": "blue", "count": 2}]})
+    );
+    assert_eq!(p["options"], json!(["red", "green", "blue"]));
+    let upper = s.get_poll(&id.to_uppercase()).await;
+    assert_eq!(upper["id"], id.as_str(), "ids are case-insensitive hex");
+
+    for bad in ["nope", "123", "zzzzzzzzzzzzzzzzzzzzzzzz", "%7B%22%24gt%22%3A%22%22%7D"] {
+        let p = expect_problem(
+            s.http
+                .get(format!("{}/api/polls/{bad}", s.poll))
+                .send()
+                .await
+                .expect("get"),
+            400,
+        )
+        .await;
+        assert!(names_field(&p, "id"), "{p}");
+    }
+    let missing = "0123456789abcdef01234567";
+    expect_problem(
+        s.http
+            .get(format!("{}/api/polls/{missing}", s.poll))
+            .send()
+            .await
+            .expect("get"),
+        404,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn results_visibility_follows_the_poll_setting() {
+    let s = Stack::start().await;
+    let (after_vote, _) = s.simple_poll(json!({"results": "after_vote"})).await;
+    assert_eq!(s.get_poll(&after_vote).await["votes"], Value::Null);
+    assert_eq!(
+        s.vote(json!({"poll_id": after_vote, "option": "red"})).await.status(),
+        201
+    );
+    assert_eq!(
+        s.get_poll(&after_vote).await["votes"]["count"],
+        1,
+        "the voter (same address) now sees counts"
+    );
+
+    let (by_voter, _) = s.simple_poll(json!({"results": "after_vote", "dedupe": "voter"})).await;
+    assert_eq!(
+        s.vote(json!({"poll_id": by_voter, "option": "red", "voter_id": "alice"}))
+            .await
+            .status(),
+        201
+    );
+    let seen = |voter: &'static str| {
+        let url = format!("{}/api/polls/{by_voter}", s.poll);
+        let http = s.http.clone();
+        async move {
+            let v: Value = http
+                .get(url)
+                .header("x-voter-id", voter)
+                .send()
+                .await
+                .expect("get")
+                .json()
+                .await
+                .expect("json");
+            v["votes"].clone()
+        }
+    };
+    assert_eq!(seen("alice").await["count"], 1);
+    // Bob shares alice's address here, so he counts as having voted on address-keyed checks;
+    // what matters is that a voter id alone unlocks the counts for its voter.
+    let q: Value = s
+        .http
+        .get(format!("{}/api/polls/{by_voter}?voter_id=alice", s.poll))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(q["votes"]["count"], 1);
+
+    let (after_close, token) = s.simple_poll(json!({"results": "after_close"})).await;
+    assert_eq!(
+        s.vote(json!({"poll_id": after_close, "option": "green"}))
+            .await
+            .status(),
+        201
+    );
+    assert_eq!(
+        s.get_poll(&after_close).await["votes"],
+        Value::Null,
+        "hidden while open, even from voters"
+    );
+    let admin: Value = s
+        .http
+        .get(format!("{}/api/polls/{after_close}", s.poll))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(admin["votes"]["count"], 1, "the admin always sees counts");
+    let res = s
+        .http
+        .post(format!("{}/api/polls/{after_close}/close", s.poll))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("close");
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        s.get_poll(&after_close).await["votes"]["by_option"][1]["count"],
+        1,
+        "shown once closed"
+    );
+}
+
+#[tokio::test]
+async fn admin_operations_need_the_token_and_options_freeze_after_the_first_vote() {
+    let s = Stack::start().await;
+    let (id, token) = s.simple_poll(json!({})).await;
+    let url = format!("{}/api/polls/{id}", s.poll);
+
+    let p = expect_problem(
+        s.http
+            .patch(&url)
+            .json(&json!({"name": "x"}))
+            .send()
+            .await
+            .expect("patch"),
+        401,
+    )
+    .await;
+    assert_eq!(p["type"], "urn:pollvote:problem:unauthorized");
+    let res = s
+        .http
+        .patch(&url)
+        .bearer_auth("wrong")
+        .json(&json!({"name": "x"}))
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(
+        res.headers().get("www-authenticate").map(|v| v.to_str().unwrap_or("")),
+        Some("Bearer")
+    );
+    expect_problem(res, 401).await;
+    expect_problem(s.http.delete(&url).send().await.expect("delete"), 401).await;
+    expect_problem(
+        s.http
+            .post(format!("{url}/close"))
+            .bearer_auth("nope")
+            .send()
+            .await
+            .expect("close"),
+        401,
+    )
+    .await;
+    let other = "0123456789abcdef01234567";
+    expect_problem(
+        s.http
+            .patch(format!("{}/api/polls/{other}", s.poll))
+            .bearer_auth(&token)
+            .json(&json!({}))
+            .send()
+            .await
+            .expect("patch"),
+        404,
+    )
+    .await;
+
+    let future = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    let res = s
+        .http
+        .patch(&url)
+        .bearer_auth(&token)
+        .json(&json!({"name": "Renamed", "options": ["cyan", "magenta"], "closes_at": future}))
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(res.status(), 200);
+    let v: Value = res.json().await.expect("json");
+    assert_eq!(v["name"], "Renamed");
+    assert_eq!(v["options"], json!(["cyan", "magenta"]));
+    assert!(v["closes_at"].is_string());
+    let res = s
+        .http
+        .patch(&url)
+        .bearer_auth(&token)
+        .header("content-type", "application/merge-patch+json")
+        .body(r#"{"closes_at": null}"#)
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.json::<Value>().await.expect("json")["closes_at"],
+        Value::Null,
+        "null removes the closing time"
+    );
+
+    let p = expect_problem(
+        s.http
+            .patch(&url)
+            .bearer_auth(&token)
+            .json(&json!({"options": ["x", "X"], "max_choices": 5}))
+            .send()
+            .await
+            .expect("patch"),
+        400,
+    )
+    .await;
+    assert!(names_field(&p, "options[1]") && names_field(&p, "max_choices"), "{p}");
+    expect_problem(
+        s.http
+            .patch(&url)
+            .bearer_auth(&token)
+            .json(&json!({"votes": 3}))
+            .send()
+            .await
+            .expect("patch"),
+        400,
+    )
+    .await;
+
+    assert_eq!(s.vote(json!({"poll_id": id, "option": "cyan"})).await.status(), 201);
+    let p = expect_problem(
+        s.http
+            .patch(&url)
+            .bearer_auth(&token)
+            .json(&json!({"options": ["a", "b"]}))
+            .send()
+            .await
+            .expect("patch"),
+        409,
+    )
+    .await;
+    assert_eq!(p["type"], "urn:pollvote:problem:votes-exist");
+    let res = s
+        .http
+        .patch(&url)
+        .bearer_auth(&token)
+        .json(&json!({"desc": "still editable"}))
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(res.status(), 200, "text other than options may change");
+    assert_eq!(s.get_poll(&id).await["options"], json!(["cyan", "magenta"]));
+
+    // Close twice: idempotent, same closing time.
+    let first: Value = s
+        .http
+        .post(format!("{url}/close"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("close")
+        .json()
+        .await
+        .expect("json");
+    let second = s
+        .http
+        .post(format!("{url}/close"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("close");
+    assert_eq!(second.status(), 200);
+    let second: Value = second.json().await.expect("json");
+    assert_eq!(first["status"], "closed");
+    assert_eq!(first["closed_at"], second["closed_at"]);
+    expect_problem(
+        s.http
+            .patch(&url)
+            .bearer_auth(&token)
+            .json(&json!({"name": "late"}))
+            .send()
+            .await
+            .expect("patch"),
+        409,
+    )
+    .await;
+
+    let res = s.http.delete(&url).bearer_auth(&token).send().await.expect("delete");
+    assert_eq!(res.status(), 204);
+    expect_problem(s.http.get(&url).send().await.expect("get"), 404).await;
+    expect_problem(
+        s.http.delete(&url).bearer_auth(&token).send().await.expect("delete"),
+        404,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn closing_or_deleting_stops_ballots_within_a_second() {
+    let s = Stack::start().await;
+    for action in ["close", "delete"] {
+        let (id, token) = s.simple_poll(json!({"dedupe": "none"})).await;
+        // Warm the vote service's cache of the poll.
+        assert_eq!(s.vote(json!({"poll_id": id, "option": "red"})).await.status(), 201);
+        let url = format!("{}/api/polls/{id}", s.poll);
+        let res = match action {
+            "close" => s.http.post(format!("{url}/close")).bearer_auth(&token).send().await,
+            _ => s.http.delete(&url).bearer_auth(&token).send().await,
+        }
+        .expect("admin call");
+        assert!(res.status().is_success());
+        let started = Instant::now();
+        let expected = if action == "close" { 409 } else { 404 };
+        loop {
+            let status = s.vote(json!({"poll_id": id, "option": "red"})).await.status().as_u16();
+            if status == expected {
+                break;
+            }
+            assert_eq!(status, 201);
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "{action}: ballots still accepted after 1 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+}
+
+#[tokio::test]
+async fn closes_at_is_enforced_at_vote_time() {
+    let s = Stack::start().await;
+    let soon = (chrono::Utc::now() + chrono::Duration::milliseconds(1500)).to_rfc3339();
+    let (id, _) = s.simple_poll(json!({"closes_at": soon})).await;
+    assert_eq!(s.vote(json!({"poll_id": id, "option": "red"})).await.status(), 201);
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let p = expect_problem(
+        s.vote(json!({"poll_id": id, "option": "red", "voter_id": "late"}))
+            .await,
+        409,
+    )
+    .await;
+    assert_eq!(p["type"], "urn:pollvote:problem:poll-closed");
+    assert_eq!(s.get_poll(&id).await["status"], "closed");
+}
+
+#[tokio::test]
+async fn live_results_stream_the_counts_as_they_change() {
+    let s = Stack::start().await;
+    let (id, _) = s.simple_poll(json!({"dedupe": "none"})).await;
+    let res = s
+        .http
+        .get(format!("{}/api/polls/{id}/results/stream", s.poll))
+        .send()
+        .await
+        .expect("stream");
+    assert_eq!(res.status(), 200);
+    assert!(
+        res.headers()["content-type"]
+            .to_str()
+            .unwrap_or("")
+            .starts_with("text/event-stream")
+    );
+    let mut body = res.bytes_stream();
+    let mut buf = String::new();
+    let mut next_event = async || -> Value {
+        loop {
+            if let Some(end) = buf.find("\n\n") {
+                let event: String = buf.drain(..end + 2).collect();
+                if let Some(data) = event
+                    .lines()
+                    .find_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
+                {
+                    assert!(event.contains("event: results"), "{event}");
+                    return serde_json::from_str(data).expect("event data is JSON");
+                }
+                continue;
+            }
+            let chunk = tokio::time::timeout(Duration::from_secs(3), body.next())
+                .await
+                .expect("an event in time");
+            buf.push_str(std::str::from_utf8(&chunk.expect("stream open").expect("chunk")).expect("utf-8"));
+        }
+    };
+    let first = next_event().await;
+    assert_eq!(first["votes"]["count"], 0);
+    let cast_at = Instant::now();
+    assert_eq!(s.vote(json!({"poll_id": id, "option": "green"})).await.status(), 201);
+    let second = next_event().await;
+    assert!(
+        cast_at.elapsed() < Duration::from_secs(1),
+        "update took {:?}",
+        cast_at.elapsed()
+    );
+    assert_eq!(second["votes"]["count"], 1);
+    assert_eq!(second["votes"]["by_option"][1], json!({"option": "green", "count": 1}));
+
+    expect_problem(
+        s.http
+            .get(format!("{}/api/polls/bad/results/stream", s.poll))
+            .send()
+            .await
+            .expect("stream"),
+        400,
+    )
+    .await;
+    expect_problem(
+        s.http
+            .get(format!("{}/api/polls/0123456789abcdef01234567/results/stream", s.poll))
+            .send()
+            .await
+            .expect("stream"),
+        404,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn the_predecessors_count_bump_does_not_exist() {
+    let s = Stack::start().await;
+    let (id, _) = s.simple_poll(json!({})).await;
+    for body in [json!({"id": id}), json!({"poll_id": id}), json!({})] {
+        let res = s
+            .http
+            .patch(format!("{}/api/polls/inc", s.poll))
+            .json(&body)
+            .send()
+            .await
+            .expect("patch");
+        assert!(res.status().is_client_error(), "{}", res.status());
+        assert!(
+            res.headers()["content-type"]
+                .to_str()
+                .unwrap_or("")
+                .starts_with("application/problem+json")
+        );
+    }
+    assert_eq!(s.get_poll(&id).await["votes"]["count"], 0);
+}
+
+#[tokio::test]
+async fn the_vote_service_being_down_is_a_503_with_retry_after() {
+    let s = Stack::start().await;
+    let (id, _) = s.simple_poll(json!({})).await;
+    s.vote_shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let res = s
+        .http
+        .get(format!("{}/api/polls/{id}", s.poll))
+        .send()
+        .await
+        .expect("get");
+    assert!(res.headers().get("retry-after").is_some());
+    let p = expect_problem(res, 503).await;
+    assert!(p["detail"].as_str().unwrap_or("").contains("vote service"), "{p}");
+    assert!(started.elapsed() < Duration::from_secs(3), "fails fast");
+    let deep = s
+        .http
+        .get(format!("{}/health/deep", s.poll))
+        .send()
+        .await
+        .expect("deep");
+    assert_eq!(deep.status(), 503);
+    let deep: Value = deep.json().await.expect("json");
+    assert_eq!(deep["dependencies"]["vote service"]["status"], "down", "{deep}");
+    assert_eq!(deep["dependencies"]["database"]["status"], "up");
+    let ready = s.http.get(format!("{}/readyz", s.poll)).send().await.expect("ready");
+    assert_eq!(ready.status(), 200, "readiness does not follow dependencies");
+}
+
+#[tokio::test]
+async fn operational_endpoints_answer_on_both_services() {
+    let s = Stack::start().await;
+    for base in [&s.poll, &s.vote] {
+        for path in ["/", "/healthz", "/readyz"] {
+            let res = s.http.get(format!("{base}{path}")).send().await.expect("probe");
+            assert_eq!(res.status(), 200, "{base}{path}");
+        }
+        let deep: Value = s
+            .http
+            .get(format!("{base}/health/deep"))
+            .send()
+            .await
+            .expect("deep")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(deep["status"], "ok", "{deep}");
+        assert_eq!(deep["dependencies"]["database"]["status"], "up");
+
+        let res = s
+            .http
+            .get(format!("{base}/openapi.json"))
+            .send()
+            .await
+            .expect("openapi");
+        assert_eq!(res.status(), 200);
+        let doc: Value = res.json().await.expect("json");
+        assert!(
+            doc["openapi"].as_str().unwrap_or("").starts_with("3.1"),
+            "{}",
+            doc["openapi"]
+        );
+        for path in ["/", "/healthz", "/readyz", "/health/deep", "/metrics"] {
+            assert!(doc["paths"].get(path).is_some(), "{path} missing from the spec");
+        }
+        assert!(
+            doc["paths"]
+                .as_object()
+                .expect("paths")
+                .keys()
+                .all(|p| !p.starts_with("/internal")),
+            "internal paths stay out"
+        );
+
+        let res = s.http.get(format!("{base}/docs/")).send().await.expect("docs");
+        assert_eq!(res.status(), 200);
+        let html = res.text().await.expect("html");
+        assert!(html.contains("swagger-ui"), "docs page");
+        assert!(
+            !html.contains("https://"),
+            "the API browser loads nothing from the internet"
+        );
+        for asset in ["swagger-ui.css", "swagger-ui-bundle.js", "swagger-initializer.js"] {
+            let res = s.http.get(format!("{base}/docs/{asset}")).send().await.expect("asset");
+            assert_eq!(res.status(), 200, "{asset} is served by the service");
+        }
+
+        let metrics = s
+            .http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        assert!(metrics.contains("http_requests_total"), "{metrics}");
+        assert!(metrics.contains("route=\"/healthz\""), "labelled by matched route");
+
+        let res = s.http.get(format!("{base}/no/such/thing")).send().await.expect("404");
+        expect_problem(res, 404).await;
+        let res = s.http.put(format!("{base}/healthz")).send().await.expect("405");
+        expect_problem(res, 405).await;
+    }
+    let poll_doc: Value = s
+        .http
+        .get(format!("{}/openapi.json", s.poll))
+        .send()
+        .await
+        .expect("doc")
+        .json()
+        .await
+        .expect("json");
+    for path in [
+        "/api/polls",
+        "/api/polls/{id}",
+        "/api/polls/{id}/close",
+        "/api/polls/{id}/results/stream",
+    ] {
+        assert!(poll_doc["paths"].get(path).is_some(), "{path} missing");
+    }
+    let create = &poll_doc["paths"]["/api/polls"]["post"]["responses"];
+    for code in ["201", "400", "413", "415", "429", "503"] {
+        assert!(create.get(code).is_some(), "POST /api/polls does not document {code}");
+    }
+    let vote_doc: Value = s
+        .http
+        .get(format!("{}/openapi.json", s.vote))
+        .send()
+        .await
+        .expect("doc")
+        .json()
+        .await
+        .expect("json");
+    let cast = &vote_doc["paths"]["/api/votes"]["post"]["responses"];
+    for code in ["201", "400", "404", "409", "413", "415", "422", "429", "503"] {
+        assert!(cast.get(code).is_some(), "POST /api/votes does not document {code}");
+    }
+}
+
+#[tokio::test]
+async fn request_ids_cors_and_compression() {
+    let s = Stack::start().await;
+    let res = s.http.get(format!("{}/healthz", s.poll)).send().await.expect("get");
+    let id = res.headers()["x-request-id"].to_str().expect("id").to_owned();
+    assert_eq!(id.len(), 36, "a generated UUID: {id}");
+    let res = s
+        .http
+        .get(format!("{}/healthz", s.poll))
+        .header("x-request-id", "abc-123")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(
+        res.headers()["x-request-id"],
+        "abc-123",
+        "a caller's request id is kept"
+    );
+
+    let res = s
+        .http
+        .request(reqwest::Method::OPTIONS, format!("{}/api/votes", s.vote))
+        .header("origin", "https://example.org")
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "content-type,idempotency-key")
+        .send()
+        .await
+        .expect("preflight");
+    assert!(res.status().is_success());
+    assert_eq!(res.headers()["access-control-allow-origin"], "*");
+    let allowed = res.headers()["access-control-allow-headers"]
+        .to_str()
+        .expect("headers")
+        .to_ascii_lowercase();
+    assert!(allowed.contains("idempotency-key"), "{allowed}");
+
+    for i in 0..30 {
+        s.create_poll(json!({"name": format!("poll number {i}"), "options": ["yes", "no"]}))
+            .await;
+    }
+    let raw = reqwest::Client::builder().no_gzip().build().expect("client");
+    let res = raw
+        .get(format!("{}/api/polls?limit=30", s.poll))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(
+        res.headers().get("content-encoding").map(|v| v.to_str().unwrap_or("")),
+        Some("gzip")
+    );
+}
+
+#[tokio::test]
+async fn writes_are_rate_limited_per_client() {
+    let s = Stack::start_with(|c| c.rate_limit.writes_per_minute = 3).await;
+    for i in 0..3 {
+        s.create_poll(json!({"name": format!("p{i}"), "options": ["a", "b"]}))
+            .await;
+    }
+    let res = s
+        .http
+        .post(format!("{}/api/polls", s.poll))
+        .json(&json!({"name": "p", "options": ["a", "b"]}))
+        .send()
+        .await
+        .expect("post");
+    let retry: u64 = res.headers()["retry-after"]
+        .to_str()
+        .expect("retry-after")
+        .parse()
+        .expect("seconds");
+    assert!((1..=60).contains(&retry), "{retry}");
+    expect_problem(res, 429).await;
+    let res = s.http.get(format!("{}/api/polls", s.poll)).send().await.expect("get");
+    assert_eq!(res.status(), 200, "reads are not limited");
+}
+
+#[tokio::test]
+async fn front_door_id_is_enforced_except_on_probes() {
+    let s = Stack::start_with(|c| c.server.front_door_id = "fd-123".into()).await;
+    expect_problem(
+        s.http.get(format!("{}/api/polls", s.poll)).send().await.expect("get"),
+        403,
+    )
+    .await;
+    expect_problem(
+        s.http
+            .get(format!("{}/api/polls", s.poll))
+            .header("x-azure-fdid", "other")
+            .send()
+            .await
+            .expect("get"),
+        403,
+    )
+    .await;
+    let res = s
+        .http
+        .get(format!("{}/api/polls", s.poll))
+        .header("x-azure-fdid", "fd-123")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(res.status(), 200);
+    for path in ["/", "/healthz", "/readyz"] {
+        assert_eq!(
+            s.http
+                .get(format!("{}{path}", s.poll))
+                .send()
+                .await
+                .expect("probe")
+                .status(),
+            200
+        );
+    }
+}
+
+#[tokio::test]
+async fn shutdown_turns_readiness_off_and_ends_streams() {
+    let s = Stack::start().await;
+    let (id, _) = s.simple_poll(json!({})).await;
+    let res = s
+        .http
+        .get(format!("{}/api/polls/{id}/results/stream", s.poll))
+        .send()
+        .await
+        .expect("stream");
+    let mut body = res.bytes_stream();
+    let first = tokio::time::timeout(Duration::from_secs(3), body.next())
+        .await
+        .expect("first event");
+    assert!(first.is_some());
+    s.poll_shutdown.cancel();
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(_)) = body.next().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream ends on shutdown");
+    let mut s = s;
+    let task = s.poll_task.take().expect("task");
+    let r = tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("server stops")
+        .expect("join");
+    assert!(r.is_ok());
+}

@@ -1,0 +1,496 @@
+//! The vote service over real HTTP: ballots, dedupe, idempotency, concurrency, durability.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use api_tests::{Proc, Stack, expect_problem, free_port, names_field};
+use serde_json::{Value, json};
+
+#[tokio::test]
+async fn ballots_are_accepted_with_option_options_or_the_pool_id_alias() {
+    let s = Stack::start().await;
+    let (id, _) = s.simple_poll(json!({"max_choices": 2, "dedupe": "voter"})).await;
+    let res = s.vote(json!({"poll_id": id, "option": "red", "voter_id": "a"})).await;
+    assert_eq!(res.status(), 201);
+    let b: Value = res.json().await.expect("json");
+    assert_eq!(b["poll_id"], id.as_str());
+    assert_eq!(b["options"], json!(["red"]));
+    assert!(b["id"].is_string() && b["created_at"].is_string());
+    let res = s
+        .vote(json!({"poll_id": id, "options": ["blue", "GREEN "], "voter_id": "b"}))
+        .await;
+    assert_eq!(res.status(), 201);
+    assert_eq!(
+        res.json::<Value>().await.expect("json")["options"],
+        json!(["green", "blue"]),
+        "option order, canonical text"
+    );
+    let res = s.vote(json!({"pool_id": id, "option": "red", "voter_id": "c"})).await;
+    assert_eq!(res.status(), 201, "the predecessor's misspelt pool_id still works");
+    let res = s
+        .http
+        .post(format!("{}/api/votes", s.vote))
+        .header("x-voter-id", "d")
+        .json(&json!({"poll_id": id, "option": "red"}))
+        .send()
+        .await
+        .expect("vote");
+    assert_eq!(res.status(), 201, "voter id from the header");
+    let p = s.get_poll(&id).await;
+    assert_eq!(p["votes"]["count"], 4);
+    assert_eq!(
+        p["votes"]["by_option"],
+        json!([
+        {"option": "red", "count": 3}, {"option": "green", "count": 1}, {"option": "blue", "count": 1}])
+    );
+}
+
+#[tokio::test]
+async fn bad_ballots_get_the_right_problem_and_change_nothing() {
+    let s = Stack::start().await;
+    let (id, token) = s.simple_poll(json!({"max_choices": 2})).await;
+    let (by_voter, _) = s.simple_poll(json!({"dedupe": "voter"})).await;
+    let missing = "0123456789abcdef01234567";
+    let cases: Vec<(Value, u16, &str)> = vec![
+        (json!({"poll_id": "nope", "option": "red"}), 400, "poll_id"),
+        (json!({"poll_id": {"$gt": ""}, "option": "red"}), 400, "poll_id"),
+        (json!({"poll_id": id, "option": {"$ne": null}}), 400, "option"),
+        (json!({"poll_id": id, "option": 3}), 400, "option"),
+        (json!({"poll_id": id}), 400, "option"),
+        (
+            json!({"poll_id": id, "option": "red", "options": ["red"]}),
+            400,
+            "options",
+        ),
+        (json!({"poll_id": id, "options": []}), 400, "options"),
+        (json!({"poll_id": id, "option": "red", "votes": 100}), 400, "votes"),
+        (json!({"_id": "x", "poll_id": id, "option": "red"}), 400, "_id"),
+        (json!({"poll_id": id, "pool_id": id, "option": "red"}), 400, "pool_id"),
+        (json!({"option": "red"}), 400, "poll_id"),
+        (json!({"poll_id": id, "option": "red", "voter_id": ""}), 400, "voter_id"),
+        (
+            json!({"poll_id": id, "option": "red", "voter_id": "x".repeat(129)}),
+            400,
+            "voter_id",
+        ),
+        (json!({"poll_id": by_voter, "option": "red"}), 400, "voter_id"),
+        (json!({"poll_id": missing, "option": "red"}), 404, ""),
+        (json!({"poll_id": id, "option": "purple"}), 422, "option"),
+        (json!({"poll_id": id, "options": ["red", "purple"]}), 422, "options[1]"),
+        (json!({"poll_id": id, "options": ["red", "red"]}), 422, "options[1]"),
+        (
+            json!({"poll_id": id, "options": ["red", "green", "blue"]}),
+            422,
+            "options",
+        ),
+        (json!([id, "red"]), 400, "body"),
+    ];
+    for (body, status, field) in cases {
+        let p = expect_problem(s.vote(body.clone()).await, status).await;
+        if !field.is_empty() {
+            assert!(names_field(&p, field), "{body} should name {field}: {p}");
+        }
+    }
+    let raw = |body: &'static str, ct: &'static str| {
+        s.http
+            .post(format!("{}/api/votes", s.vote))
+            .header("content-type", ct)
+            .body(body)
+            .send()
+    };
+    expect_problem(raw("{\"poll_id\": ", "application/json").await.expect("post"), 400).await;
+    expect_problem(raw("{} {}", "application/json").await.expect("post"), 400).await;
+    expect_problem(
+        raw("poll_id=x", "application/x-www-form-urlencoded")
+            .await
+            .expect("post"),
+        415,
+    )
+    .await;
+    let huge = format!("{{\"poll_id\": \"{id}\", \"option\": \"{}\"}}", "x".repeat(100_000));
+    let res = s
+        .http
+        .post(format!("{}/api/votes", s.vote))
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await
+        .expect("post");
+    expect_problem(res, 413).await;
+    let res = s
+        .http
+        .post(format!("{}/api/votes", s.vote))
+        .header("idempotency-key", "")
+        .json(&json!({"poll_id": id, "option": "red"}))
+        .send()
+        .await
+        .expect("post");
+    let p = expect_problem(res, 400).await;
+    assert!(names_field(&p, "header.Idempotency-Key"), "{p}");
+
+    assert_eq!(
+        s.get_poll(&id).await["votes"]["count"],
+        0,
+        "no rejected ballot was counted"
+    );
+    assert_eq!(s.get_poll(&by_voter).await["votes"]["count"], 0);
+
+    let res = s
+        .http
+        .post(format!("{}/api/polls/{id}/close", s.poll))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("close");
+    assert_eq!(res.status(), 200);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let p = expect_problem(s.vote(json!({"poll_id": id, "option": "red"})).await, 409).await;
+    assert_eq!(p["type"], "urn:pollvote:problem:poll-closed");
+}
+
+#[tokio::test]
+async fn dedupe_policies() {
+    let s = Stack::start().await;
+    let (by_ip, _) = s.simple_poll(json!({})).await;
+    assert_eq!(s.vote(json!({"poll_id": by_ip, "option": "red"})).await.status(), 201);
+    let p = expect_problem(
+        s.vote(json!({"poll_id": by_ip, "option": "green", "voter_id": "other"}))
+            .await,
+        409,
+    )
+    .await;
+    assert_eq!(p["type"], "urn:pollvote:problem:already-voted");
+
+    let (by_voter, _) = s.simple_poll(json!({"dedupe": "voter"})).await;
+    assert_eq!(
+        s.vote(json!({"poll_id": by_voter, "option": "red", "voter_id": "alice"}))
+            .await
+            .status(),
+        201
+    );
+    assert_eq!(
+        s.vote(json!({"poll_id": by_voter, "option": "red", "voter_id": "bob"}))
+            .await
+            .status(),
+        201
+    );
+    expect_problem(
+        s.vote(json!({"poll_id": by_voter, "option": "blue", "voter_id": "alice"}))
+            .await,
+        409,
+    )
+    .await;
+
+    let (none, _) = s.simple_poll(json!({"dedupe": "none"})).await;
+    for _ in 0..3 {
+        assert_eq!(s.vote(json!({"poll_id": none, "option": "red"})).await.status(), 201);
+    }
+    assert_eq!(s.get_poll(&by_ip).await["votes"]["count"], 1);
+    assert_eq!(s.get_poll(&by_voter).await["votes"]["count"], 2);
+    assert_eq!(s.get_poll(&none).await["votes"]["count"], 3);
+}
+
+#[tokio::test]
+async fn client_addresses_come_from_the_proxy_header_only_when_trusted() {
+    let s = Stack::start_with(|c| c.server.client_ip_source = shared::config::ClientIpSource::XForwardedFor).await;
+    let (id, _) = s.simple_poll(json!({})).await;
+    let vote_from = |ip: &'static str| {
+        s.http
+            .post(format!("{}/api/votes", s.vote))
+            .header("x-forwarded-for", ip)
+            .json(&json!({"poll_id": id, "option": "red"}))
+            .send()
+    };
+    assert_eq!(vote_from("203.0.113.1").await.expect("vote").status(), 201);
+    assert_eq!(vote_from("203.0.113.2").await.expect("vote").status(), 201);
+    assert_eq!(
+        vote_from("198.51.100.7, 203.0.113.2").await.expect("vote").status(),
+        409,
+        "the rightmost hop is the client"
+    );
+
+    let direct = Stack::start().await;
+    let (id, _) = direct.simple_poll(json!({})).await;
+    for (i, ip) in ["203.0.113.1", "203.0.113.2"].iter().enumerate() {
+        let res = direct
+            .http
+            .post(format!("{}/api/votes", direct.vote))
+            .header("x-forwarded-for", *ip)
+            .json(&json!({"poll_id": id, "option": "red"}))
+            .send()
+            .await
+            .expect("vote");
+        assert_eq!(
+            res.status(),
+            if i == 0 { 201 } else { 409 },
+            "untrusted headers cannot mint new voters"
+        );
+    }
+}
+
+#[tokio::test]
+async fn idempotent_retries_return_the_first_answer_and_count_once() {
+    let s = Stack::start().await;
+    for dedupe in ["ip", "none"] {
+        let (id, _) = s.simple_poll(json!({"dedupe": dedupe})).await;
+        let send = |key: &'static str, option: &'static str| {
+            s.http
+                .post(format!("{}/api/votes", s.vote))
+                .header("idempotency-key", key)
+                .json(&json!({"poll_id": id, "option": option}))
+                .send()
+        };
+        let first = send("k-1", "red").await.expect("vote");
+        assert_eq!(first.status(), 201);
+        assert!(first.headers().get("idempotent-replayed").is_none());
+        let first: Value = first.json().await.expect("json");
+        for _ in 0..3 {
+            let again = send("k-1", "red").await.expect("vote");
+            assert_eq!(again.status(), 201, "{dedupe}: a retry gets the first answer");
+            assert_eq!(again.headers()["idempotent-replayed"], "true");
+            assert_eq!(
+                again.json::<Value>().await.expect("json"),
+                first,
+                "{dedupe}: same ballot"
+            );
+        }
+        let p = expect_problem(send("k-1", "blue").await.expect("vote"), 422).await;
+        assert_eq!(p["type"], "urn:pollvote:problem:idempotency-key-reused");
+        assert_eq!(s.get_poll(&id).await["votes"]["count"], 1, "{dedupe}: counted once");
+    }
+}
+
+#[tokio::test]
+async fn sixty_four_concurrent_identical_ballots_count_once() {
+    let s = Arc::new(Stack::start().await);
+    let (id, _) = s.simple_poll(json!({"dedupe": "voter"})).await;
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let s = s.clone();
+        let id = id.clone();
+        tasks.push(tokio::spawn(async move {
+            s.vote(json!({"poll_id": id, "option": "green", "voter_id": "same-voter"}))
+                .await
+                .status()
+                .as_u16()
+        }));
+    }
+    let mut counts: HashMap<u16, usize> = HashMap::new();
+    for t in tasks {
+        *counts.entry(t.await.expect("join")).or_default() += 1;
+    }
+    assert_eq!(counts.get(&201), Some(&1), "{counts:?}");
+    assert_eq!(counts.get(&409), Some(&63), "{counts:?}");
+    let p = s.get_poll(&id).await;
+    assert_eq!(p["votes"]["count"], 1);
+    assert_eq!(p["votes"]["by_option"][1]["count"], 1);
+}
+
+#[tokio::test]
+async fn fifteen_hundred_ballots_from_32_clients_are_tallied_exactly() {
+    let s = Arc::new(Stack::start().await);
+    let (id, _) = s.simple_poll(json!({"dedupe": "voter", "max_choices": 2})).await;
+    let mut tasks = Vec::new();
+    for client in 0..32 {
+        let s = s.clone();
+        let id = id.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut accepted = [0u64; 3];
+            let mut total = 0u64;
+            let names = ["red", "green", "blue"];
+            let mut i = client;
+            while i < 1500 {
+                let options: Vec<&str> = if i % 7 == 0 {
+                    vec![names[i % 3], names[(i + 1) % 3]]
+                } else {
+                    vec![names[i % 3]]
+                };
+                let res = s
+                    .vote(json!({"poll_id": id, "options": options, "voter_id": format!("v{i}")}))
+                    .await;
+                if res.status() == 201 {
+                    total += 1;
+                    for o in &options {
+                        accepted[names.iter().position(|n| n == o).expect("known")] += 1;
+                    }
+                } else {
+                    panic!("ballot {i}: {}", res.status());
+                }
+                i += 32;
+            }
+            (total, accepted)
+        }));
+    }
+    let mut total = 0;
+    let mut per_option = [0u64; 3];
+    for t in tasks {
+        let (n, a) = t.await.expect("join");
+        total += n;
+        for k in 0..3 {
+            per_option[k] += a[k];
+        }
+    }
+    assert_eq!(total, 1500);
+    let p = s.get_poll(&id).await;
+    assert_eq!(p["votes"]["count"], total);
+    for k in 0..3 {
+        assert_eq!(p["votes"]["by_option"][k]["count"], per_option[k], "option {k}");
+    }
+}
+
+#[tokio::test]
+async fn the_poll_service_being_down_is_a_503_with_retry_after() {
+    let s = Stack::start().await;
+    let (id, _) = s.simple_poll(json!({})).await;
+    s.poll_shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let res = s.vote(json!({"poll_id": id, "option": "red"})).await;
+    assert!(res.headers().get("retry-after").is_some());
+    let p = expect_problem(res, 503).await;
+    assert!(p["detail"].as_str().unwrap_or("").contains("poll service"), "{p}");
+    let deep: Value = s
+        .http
+        .get(format!("{}/health/deep", s.vote))
+        .send()
+        .await
+        .expect("deep")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(deep["dependencies"]["poll service"]["status"], "down");
+}
+
+fn env_for(port: u16, data: &std::path::Path, poll_port: u16, vote_port: u16) -> Vec<(&'static str, String)> {
+    let mut env = vec![
+        ("PORT", port.to_string()),
+        ("DATA_DIR", data.display().to_string()),
+        ("POLL_API", format!("http://127.0.0.1:{poll_port}")),
+        ("VOTE_API", format!("http://127.0.0.1:{vote_port}")),
+        ("RATE_LIMIT_PER_MINUTE", "0".to_owned()),
+        ("POLLVOTE__SERVER__HOST", "127.0.0.1".to_owned()),
+        ("RUST_LOG", "info".to_owned()),
+    ];
+    if let Some(uri) = api_tests::mongo_uri() {
+        env.push(("MONGODB_CONNECTION_STRING", uri));
+    }
+    env
+}
+
+#[tokio::test]
+async fn acknowledged_ballots_survive_kill_9_and_dedupe_still_holds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (poll_port, vote_port) = (free_port(), free_port());
+    let mut env_poll = env_for(poll_port, &dir.path().join("poll"), poll_port, vote_port);
+    let mut env_vote = env_for(vote_port, &dir.path().join("vote"), poll_port, vote_port);
+    if api_tests::mongo_uri().is_some() {
+        let db = format!("k{}", uuid::Uuid::new_v4().simple());
+        env_poll.push(("POLLVOTE__STORAGE__DATABASE", format!("{db}_poll")));
+        env_vote.push(("POLLVOTE__STORAGE__DATABASE", format!("{db}_vote")));
+    }
+    let poll = Proc::start("poll", &env_poll, dir.path().join("poll.log")).await;
+    let mut vote = Proc::start("vote", &env_vote, dir.path().join("vote.log")).await;
+    let http = reqwest::Client::new();
+    let res = http
+        .post(format!("{}/api/polls", poll.url))
+        .json(&json!({"name": "durable", "options": ["a", "b"], "dedupe": "voter"}))
+        .send()
+        .await
+        .expect("create");
+    let id = res.json::<Value>().await.expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+
+    // Ballots flow concurrently; the kill lands right after the last acknowledgement.
+    let mut acknowledged = Vec::new();
+    let mut tasks = Vec::new();
+    for i in 0..300 {
+        let http = http.clone();
+        let url = format!("{}/api/votes", vote.url);
+        let id = id.clone();
+        tasks.push(tokio::spawn(async move {
+            let option = if i % 3 == 0 { "a" } else { "b" };
+            let res = http
+                .post(url)
+                .json(&json!({"poll_id": id, "option": option, "voter_id": format!("v{i}")}))
+                .send()
+                .await;
+            (i, res.map(|r| r.status().as_u16()).unwrap_or(0))
+        }));
+        if i % 32 == 31 {
+            tokio::task::yield_now().await;
+        }
+    }
+    for t in tasks {
+        let (i, status) = t.await.expect("join");
+        assert_eq!(status, 201, "ballot {i}");
+        acknowledged.push(i);
+    }
+    vote.kill9().await;
+    drop(vote);
+
+    let vote = Proc::start("vote", &env_vote, dir.path().join("vote2.log")).await;
+    let p: Value = http
+        .get(format!("{}/api/polls/{id}", poll.url))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    let n = acknowledged.len() as u64;
+    assert_eq!(p["votes"]["count"], n, "every acknowledged ballot survived kill -9");
+    assert_eq!(
+        p["votes"]["by_option"][0]["count"],
+        acknowledged.iter().filter(|i| *i % 3 == 0).count() as u64
+    );
+    for i in [0, 150, 299] {
+        let res = http
+            .post(format!("{}/api/votes", vote.url))
+            .json(&json!({"poll_id": id, "option": "a", "voter_id": format!("v{i}")}))
+            .send()
+            .await
+            .expect("vote");
+        assert_eq!(res.status(), 409, "dedupe holds after restart");
+    }
+    let p: Value = http
+        .get(format!("{}/api/polls/{id}", poll.url))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(p["votes"]["count"], n);
+}
+
+#[tokio::test]
+async fn sigterm_drains_and_exits_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (poll_port, vote_port) = (free_port(), free_port());
+    let env = env_for(poll_port, &dir.path().join("poll"), poll_port, vote_port);
+    let mut poll = Proc::start("poll", &env, dir.path().join("poll.log")).await;
+    let pid = poll.child.id().expect("pid");
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = tokio::time::timeout(Duration::from_secs(10), poll.child.wait())
+        .await
+        .expect("exits")
+        .expect("wait");
+    assert!(exit.success(), "{exit:?}");
+    let log = std::fs::read_to_string(&poll.log).expect("log");
+    assert!(
+        log.contains("shutdown signal received") && log.contains("stopped"),
+        "{log}"
+    );
+    for line in log.lines() {
+        assert!(
+            serde_json::from_str::<Value>(line).is_ok(),
+            "logs are JSON lines: {line}"
+        );
+    }
+}
