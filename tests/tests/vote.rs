@@ -494,3 +494,24 @@ async fn sigterm_drains_and_exits_cleanly() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_internal_audit_compares_the_tally_with_the_stored_ballots() {
+    let s = Stack::start().await;
+    let (id, _) = s.simple_poll(json!({"dedupe": "none", "max_choices": 2})).await;
+    for options in [json!(["red"]), json!(["red", "blue"])] {
+        assert_eq!(s.vote(json!({"poll_id": id, "options": options})).await.status(), 201);
+    }
+    let audit: Value = s
+        .http
+        .get(format!("{}/internal/polls/{id}/audit", s.vote))
+        .send()
+        .await
+        .expect("audit")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(audit["consistent"], true, "{audit}");
+    assert_eq!(audit["stored"]["total"], 2);
+    assert_eq!(audit["stored"]["by_option"], json!([2, 0, 1]));
+}

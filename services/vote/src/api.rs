@@ -42,6 +42,7 @@ pub fn router(state: Arc<AppState>) -> OpenApiRouter {
         .routes(routes!(cast_vote))
         .route("/internal/tallies", axum::routing::get(tallies))
         .route("/internal/polls/{id}/ballots", axum::routing::delete(purge))
+        .route("/internal/polls/{id}/audit", axum::routing::get(audit))
         .with_state(state)
 }
 
@@ -385,4 +386,30 @@ async fn purge(State(s): St, Path(id): Path<String>) -> Result<StatusCode, Probl
     let n = s.store.purge(&id).await?;
     tracing::info!(poll_id = %id, ballots = n, "ballots purged");
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Serialize)]
+struct Audit {
+    poll_id: String,
+    /// The tally as maintained alongside the ballots.
+    tally: shared::domain::Tally,
+    /// The stored ballots, counted one by one.
+    stored: shared::domain::Tally,
+    consistent: bool,
+}
+
+/// Internal: the maintained tally next to a recount of the stored ballots (used by the load
+/// benchmark and by operators to check invariant 3). Reads every ballot of the poll.
+async fn audit(State(s): St, Path(id): Path<String>) -> Result<Json<Audit>, Problem> {
+    let id = normalise_poll_id(&id).ok_or_else(|| Problem::invalid("id", "must be a poll id"))?;
+    let tally = s.store.tally(&id).await?;
+    let stored = s.store.recount(&id).await?;
+    let n = tally.by_option.len().max(stored.by_option.len());
+    let (tally, stored) = (tally.padded(n), stored.padded(n));
+    Ok(Json(Audit {
+        consistent: tally == stored,
+        poll_id: id,
+        tally,
+        stored,
+    }))
 }
