@@ -10,6 +10,7 @@ use crate::domain::{BallotRecord, CastOutcome, PollQuery, PollRecord, Tally};
 
 pub mod contract;
 pub mod embedded;
+pub mod mongo;
 
 /// Why a storage call failed. Messages are for logs only: they never reach clients.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,1200 @@
+//! MongoDB / Azure Cosmos DB for MongoDB storage, with the official `mongodb` driver.
+//!
+//! One [`mongodb::Client`] per process ([`build_client`]) is shared by the stores; each store takes
+//! the client and a database name and, in its `open` constructor, creates its collections and
+//! indexes idempotently before anything is written (Cosmos DB only builds unique indexes on empty
+//! collections; here the only uniqueness relied on is `_id`'s, which every server enforces).
+//!
+//! # Layout
+//!
+//! `polls` (poll service database, default `poll`): one document per poll, `_id` the poll id as an
+//! ObjectId (the 24-hex id *is* an ObjectId's hex), so new polls and the predecessor's look alike.
+//! Times are RFC 3339 strings with nanoseconds in UTC (`2025-01-02T03:04:05.123456789Z`): fixed
+//! width, so they compare and sort as strings, and they round-trip exactly. A document without a
+//! `revision` field is the predecessor's (`{_id: ObjectId, name, desc, options: [..],
+//! votes: {count}}`) and reads as a poll created at its ObjectId's timestamp, `max_choices` 1,
+//! results `always`, dedupe `ip`, no admin token, `legacy_votes = votes.count`, revision 0.
+//! Listing sorts by `{created_at: -1, _id: -1}` (index `newest_first`); a legacy poll has no
+//! `created_at`, sorts as null, i.e. after every new poll, then by ObjectId (its creation time).
+//!
+//! `ballots` (vote service database, default `vote`): one document per ballot, with
+//! `_id = "<poll_id>:<key>"`. The poll id is 24 hex characters, so the `_id` is unambiguous.
+//!
+//! # Exactly once, without transactions
+//!
+//! A ballot's identity *is* its `_id`, so a second insert of the same `(poll, key)` fails with
+//! duplicate key (11000) in the database itself, under any concurrency, on every replica and
+//! every MongoDB-protocol server: there is no check-then-insert. On 11000 the stored ballot is
+//! read back and returned as [`CastOutcome::Duplicate`] (or as `Accepted` when it is this very
+//! ballot, same ballot id, e.g. after the driver retried an insert whose first reply was lost).
+//! The insert uses write concern `{w: "majority", j: true}`, so `Accepted` means durable.
+//!
+//! # Tallies: derived from the ballots, never maintained beside them
+//!
+//! There are no multi-document transactions to lean on (FerretDB and several Cosmos DB tiers have
+//! none). Keeping a counter document next to the ballots needs two writes per ballot (insert, then
+//! `$inc`), and a `kill -9` between them leaves the counter wrong: one short if the process dies
+//! before the `$inc`; and a "counted" flag on the ballot, set after the `$inc`, only moves the
+//! problem (dying between the `$inc` and the flag makes any repair count the ballot twice, and a
+//! repair racing a live writer can double count too, unless leases with time assumptions are
+//! added). So this store keeps no counter at all: **a tally is computed from the ballots**, with
+//! one `$group` aggregation (`$match` on `poll_id`, grouped by `(poll_id, choices)`; the per-option
+//! counts follow in Rust). A vote is exactly one write, so a `kill -9` at any instant leaves either
+//! no ballot (the client got no 2xx and may retry: the `_id` makes the retry safe) or one ballot
+//! that every later tally counts. Tally equals recount at rest by construction, and even in
+//! flight. `recount` reads the ballots one by one (a different code path) as the ground truth.
+//!
+//! Cost: one aggregation per tally read, proportional to the poll's ballots (served by the
+//! `{poll_id, voter}` index). A small in-process cache (`tally_cache_ttl`, default 1 s) collapses
+//! repeated reads (result streams, listings); a ballot accepted by this process invalidates its
+//! poll's entry (with a generation check, so an aggregation that started before the insert cannot
+//! re-cache the old count), so a replica reads its own writes exactly; other replicas see a new
+//! ballot within the TTL. `tally_cache_ttl = 0` turns the cache off.
+//!
+//! # Shard keys (MongoDB sharded clusters, Cosmos DB partition keys)
+//!
+//! - `polls`: `_id` (hashed on MongoDB). Polls are few and read by id; the listing is a
+//!   scatter-gather either way. `_id` is the only unique key, so uniqueness holds cluster-wide.
+//! - `ballots`: `poll_id`, and on MongoDB `{poll_id: 1, _id: 1}`. A unique index must contain the
+//!   shard key, and `_id` is only unique per shard (per logical partition on Cosmos DB) unless it
+//!   is the shard key. Because the ballot `_id` embeds the poll id, every copy of one `_id` routes
+//!   to the same shard/partition, whose `_id` index then rejects the duplicate: exactly-once holds
+//!   cluster-wide. `poll_id` also keeps a poll's ballots together, so the tally aggregation,
+//!   `has_voted` and `purge` are single-partition. Sharding by `_id` alone would spread a hot poll
+//!   better but turn every tally into a cross-partition fan-out; the compound key on MongoDB keeps
+//!   chunks splittable inside one huge poll. Cost on Cosmos DB: a logical partition holds at most
+//!   20 GB (tens of millions of ballots per poll) and one poll's write rate is bounded by one
+//!   physical partition.
+//!   Create sharded collections before the first start, e.g. MongoDB:
+//!   `sh.shardCollection("vote.ballots", {poll_id: 1, _id: 1})`,
+//!   `sh.shardCollection("poll.polls", {_id: "hashed"})`; Cosmos DB:
+//!   `db.runCommand({customAction: "CreateCollection", collection: "ballots", shardKey: "poll_id"})`.
+//!
+//! # Cosmos DB and failures
+//!
+//! `retryWrites=false` in the connection string is honoured (the driver parses it; nothing here
+//! overrides it). Throttling (error 16500, `RetryAfterMs=` in the message) is retried by
+//! [`RetryPolicy`] with bounded exponential backoff that honours `RetryAfterMs`, within one
+//! deadline per operation; then it surfaces as [`StoreError::Unavailable`] (503 + `Retry-After`).
+//! Network, server-selection and timeout errors become `Unavailable` with `retry_after` 1 s at
+//! once (the driver already retried once where that is safe). No transactions, no change streams.
+//! Error messages are for logs, and are scrubbed of connection strings before they leave here.
+
+use std::collections::HashMap;
+use std::future::{Future, IntoFuture};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, SecondsFormat, Utc};
+use mongodb::bson::{Bson, Document, doc, oid::ObjectId};
+use mongodb::error::{Error as MongoError, ErrorKind, WriteFailure};
+use mongodb::options::{Acknowledgment, ClientOptions, DatabaseOptions, IndexOptions, WriteConcern};
+use mongodb::{Client, Collection, Database, IndexModel};
+
+use super::{BallotStore, PollStore, StoreError, StoreResult};
+use crate::domain::{
+    BallotRecord, CastOutcome, DedupePolicy, PollQuery, PollRecord, ResultsVisibility, StatusFilter, Tally,
+};
+
+/// Default collection names.
+pub const POLLS_COLLECTION: &str = "polls";
+pub const BALLOTS_COLLECTION: &str = "ballots";
+
+const DUPLICATE_KEY: i32 = 11000;
+const DUPLICATE_KEY_LEGACY: i32 = 11001;
+const THROTTLED: i32 = 16500;
+const NAMESPACE_EXISTS: i32 = 48;
+
+/// How to reach the database. `uri` is a secret: it is never logged, and `Debug` masks it.
+#[derive(Clone)]
+pub struct MongoSettings {
+    /// `mongodb://…` or `mongodb+srv://…`, with credentials and options (`retryWrites=false`,
+    /// `tls=true`, … are honoured as given).
+    pub uri: String,
+    /// Database name: `poll` for the poll service, `vote` for the vote service.
+    pub database: String,
+    /// Reported to the server (`appName`); the URI's own wins when this is `None`.
+    pub app_name: Option<String>,
+    /// Connection pool bounds per server; `None` keeps the URI's or the driver's default.
+    pub max_pool_size: Option<u32>,
+    pub min_pool_size: Option<u32>,
+    pub connect_timeout: Duration,
+    /// How long an operation waits for a usable server before failing (then: 503).
+    pub server_selection_timeout: Duration,
+    /// Deadline of one store call, retries and backoff included.
+    pub operation_timeout: Duration,
+    /// How long a computed tally may be served from this process's cache; zero disables it.
+    pub tally_cache_ttl: Duration,
+    pub polls_collection: String,
+    pub ballots_collection: String,
+}
+
+impl MongoSettings {
+    /// Settings with the defaults below for everything but the URI and database.
+    pub fn new(uri: impl Into<String>, database: impl Into<String>) -> Self {
+        Self {
+            uri: uri.into(),
+            database: database.into(),
+            app_name: None,
+            max_pool_size: None,
+            min_pool_size: None,
+            connect_timeout: Duration::from_secs(3),
+            server_selection_timeout: Duration::from_secs(3),
+            operation_timeout: Duration::from_secs(5),
+            tally_cache_ttl: Duration::from_secs(1),
+            polls_collection: POLLS_COLLECTION.into(),
+            ballots_collection: BALLOTS_COLLECTION.into(),
+        }
+    }
+
+    /// The per-store knobs of these settings.
+    pub fn tuning(&self) -> StoreTuning {
+        StoreTuning {
+            retry: RetryPolicy {
+                deadline: self.operation_timeout,
+                ..RetryPolicy::default()
+            },
+            tally_cache_ttl: self.tally_cache_ttl,
+            polls_collection: self.polls_collection.clone(),
+            ballots_collection: self.ballots_collection.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for MongoSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MongoSettings")
+            .field("uri", &"<redacted>")
+            .field("database", &self.database)
+            .field("app_name", &self.app_name)
+            .field("max_pool_size", &self.max_pool_size)
+            .field("min_pool_size", &self.min_pool_size)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("server_selection_timeout", &self.server_selection_timeout)
+            .field("operation_timeout", &self.operation_timeout)
+            .field("tally_cache_ttl", &self.tally_cache_ttl)
+            .field("polls_collection", &self.polls_collection)
+            .field("ballots_collection", &self.ballots_collection)
+            .finish()
+    }
+}
+
+/// Builds the process's one client. No I/O happens here except the DNS look-ups of a
+/// `mongodb+srv://` URI; servers are contacted lazily, so this succeeds while the database is down.
+pub async fn build_client(settings: &MongoSettings) -> StoreResult<Client> {
+    let mut options = ClientOptions::parse(settings.uri.as_str()).await.map_err(|e| {
+        let message = scrub(
+            &format!("invalid MongoDB connection string: {}", describe(&e)),
+            &settings.uri,
+        );
+        match classify(&e) {
+            Failure::Unreachable { .. } => StoreError::unavailable(message),
+            _ => StoreError::Internal(message),
+        }
+    })?;
+    if settings.app_name.is_some() {
+        options.app_name.clone_from(&settings.app_name);
+    }
+    if settings.max_pool_size.is_some() {
+        options.max_pool_size = settings.max_pool_size;
+    }
+    if settings.min_pool_size.is_some() {
+        options.min_pool_size = settings.min_pool_size;
+    }
+    options.connect_timeout = Some(settings.connect_timeout);
+    options.server_selection_timeout = Some(settings.server_selection_timeout);
+    // `retry_writes` is left as the URI says (Cosmos DB needs `retryWrites=false`).
+    Client::with_options(options).map_err(|e| {
+        StoreError::Internal(scrub(
+            &format!("cannot build MongoDB client: {}", describe(&e)),
+            &settings.uri,
+        ))
+    })
+}
+
+/// Per-store behaviour, see [`MongoSettings::tuning`].
+#[derive(Debug, Clone)]
+pub struct StoreTuning {
+    pub retry: RetryPolicy,
+    pub tally_cache_ttl: Duration,
+    pub polls_collection: String,
+    pub ballots_collection: String,
+}
+
+impl Default for StoreTuning {
+    fn default() -> Self {
+        MongoSettings::new(String::new(), String::new()).tuning()
+    }
+}
+
+/// The database handle every write goes through: `{w: "majority", j: true}`, and a server-side
+/// write-concern timeout equal to the operation deadline (so a write never waits forever for a
+/// majority).
+fn database(client: &Client, name: &str, retry: &RetryPolicy) -> Database {
+    let wc = WriteConcern::builder()
+        .w(Acknowledgment::Majority)
+        .journal(true)
+        .w_timeout(retry.deadline)
+        .build();
+    client.database_with_options(name, DatabaseOptions::builder().write_concern(wc).build())
+}
+
+/// Creates `name` unless it exists, then `indexes` (creating an existing identical index is a no-op).
+async fn ensure_collection(
+    db: &Database,
+    name: &str,
+    indexes: Vec<IndexModel>,
+    retry: &RetryPolicy,
+) -> StoreResult<()> {
+    let existing = retry.run(|| db.list_collection_names()).await?;
+    if !existing.iter().any(|n| n == name) {
+        retry
+            .run(|| async move {
+                match db.create_collection(name).await {
+                    Err(e) if codes(&e).contains(&NAMESPACE_EXISTS) => Ok(()),
+                    other => other,
+                }
+            })
+            .await?;
+    }
+    if !indexes.is_empty() {
+        let coll = db.collection::<Document>(name);
+        retry.run(|| coll.create_indexes(indexes.clone())).await?;
+    }
+    Ok(())
+}
+
+fn index(name: &str, keys: Document) -> IndexModel {
+    IndexModel::builder()
+        .keys(keys)
+        .options(IndexOptions::builder().name(name.to_owned()).build())
+        .build()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Retry policy and error classification
+
+/// What a failed driver call means for the caller.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Failure {
+    /// Cosmos DB throttling (16500): worth retrying after `retry_after` (its `RetryAfterMs`).
+    Throttled {
+        retry_after: Option<Duration>,
+        message: String,
+    },
+    /// The database cannot be reached (network, server selection, timeouts, failover).
+    Unreachable { message: String },
+    /// Anything else: a bug or bad data, not worth retrying.
+    Fatal { message: String },
+}
+
+/// What to do after a failure.
+#[derive(Debug)]
+pub enum Decision {
+    /// Sleep this long, then try again.
+    Retry(Duration),
+    /// Stop and report this.
+    GiveUp(StoreError),
+}
+
+/// Bounded exponential backoff for throttled calls, within one deadline per store call.
+///
+/// The n-th retry (n from 0) waits `max(RetryAfterMs, min(base_delay * 2^n, max_delay))`; there
+/// are at most `max_retries` retries, and none that would end past `deadline` (counted from the
+/// first attempt). Then: `StoreError::Unavailable` with the server's hint (at least 1 s) as
+/// `retry_after`. Unreachable-database errors are not retried here (server selection already
+/// waited); they become `Unavailable` with 1 s at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub max_retries: u32,
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+    pub deadline: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_retries: 6,
+            base_delay: Duration::from_millis(50),
+            max_delay: Duration::from_secs(1),
+            deadline: Duration::from_secs(5),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The pure decision after a failure, given how many retries were already made and how much
+    /// time has passed since the first attempt.
+    pub fn decide(&self, failure: Failure, retries_done: u32, elapsed: Duration) -> Decision {
+        match failure {
+            Failure::Throttled { retry_after, message } => {
+                let exp = self
+                    .base_delay
+                    .saturating_mul(2u32.saturating_pow(retries_done.min(31)));
+                let delay = exp.min(self.max_delay).max(retry_after.unwrap_or_default());
+                if retries_done >= self.max_retries || elapsed.saturating_add(delay) >= self.deadline {
+                    Decision::GiveUp(StoreError::Unavailable {
+                        message: format!("database throttled (16500) after {retries_done} retries: {message}"),
+                        retry_after: retry_after.unwrap_or_default().max(Duration::from_secs(1)),
+                    })
+                } else {
+                    Decision::Retry(delay)
+                }
+            }
+            Failure::Unreachable { message } => Decision::GiveUp(StoreError::unavailable(message)),
+            Failure::Fatal { message } => Decision::GiveUp(StoreError::Internal(message)),
+        }
+    }
+
+    /// Runs `op` until it succeeds or [`decide`](Self::decide) gives up, sleeping with tokio.
+    pub async fn run<T, Op, Fut>(&self, op: Op) -> StoreResult<T>
+    where
+        Op: FnMut() -> Fut,
+        Fut: IntoFuture<Output = mongodb::error::Result<T>>,
+    {
+        self.run_with_sleep(op, tokio::time::sleep).await
+    }
+
+    /// [`run`](Self::run) with an injected `sleep` (tests record the backoff instead of waiting).
+    /// Every attempt is also bounded by what is left of the deadline. Time passed counts the
+    /// sleeps asked for even when the injected `sleep` returns at once.
+    pub async fn run_with_sleep<T, Op, Fut, Sleep, SleepFut>(&self, mut op: Op, mut sleep: Sleep) -> StoreResult<T>
+    where
+        Op: FnMut() -> Fut,
+        Fut: IntoFuture<Output = mongodb::error::Result<T>>,
+        Sleep: FnMut(Duration) -> SleepFut,
+        SleepFut: Future<Output = ()>,
+    {
+        let start = Instant::now();
+        let mut slept = Duration::ZERO;
+        let elapsed = |slept: Duration| start.elapsed().max(slept);
+        let mut retries = 0;
+        loop {
+            let left = self.deadline.saturating_sub(elapsed(slept));
+            let failure = match tokio::time::timeout(left, op().into_future()).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => classify(&e),
+                Err(_) => Failure::Unreachable {
+                    message: format!("database call timed out after {} ms", self.deadline.as_millis()),
+                },
+            };
+            match self.decide(failure, retries, elapsed(slept)) {
+                Decision::Retry(delay) => {
+                    tracing::debug!(
+                        retry = retries + 1,
+                        delay_ms = delay.as_millis() as u64,
+                        "database throttled"
+                    );
+                    sleep(delay).await;
+                    slept += delay;
+                    retries += 1;
+                }
+                Decision::GiveUp(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Every server error code carried by `e` (command, write, write-concern and bulk write errors).
+fn codes(e: &MongoError) -> Vec<i32> {
+    match e.kind.as_ref() {
+        ErrorKind::Command(c) => vec![c.code],
+        ErrorKind::Write(WriteFailure::WriteError(w)) => vec![w.code],
+        ErrorKind::Write(WriteFailure::WriteConcernError(w)) => vec![w.code],
+        ErrorKind::InsertMany(m) => m
+            .write_errors
+            .iter()
+            .flatten()
+            .map(|w| w.code)
+            .chain(m.write_concern_error.iter().map(|w| w.code))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Whether `e` is a duplicate-key error (the unique `_id` refused a second ballot or poll).
+pub fn is_duplicate_key(e: &MongoError) -> bool {
+    codes(e)
+        .iter()
+        .any(|c| matches!(*c, DUPLICATE_KEY | DUPLICATE_KEY_LEGACY))
+}
+
+/// The error's kind and server message, without labels or the server's raw reply.
+fn describe(e: &MongoError) -> String {
+    let text = match e.kind.as_ref() {
+        ErrorKind::Write(WriteFailure::WriteError(w)) => format!("write error {}: {}", w.code, w.message),
+        ErrorKind::Write(WriteFailure::WriteConcernError(w)) => {
+            format!("write concern error {}: {}", w.code, w.message)
+        }
+        ErrorKind::InsertMany(_) => format!("insert error, codes {:?}", codes(e)),
+        kind => kind.to_string(),
+    };
+    scrub(&text, "")
+}
+
+/// Removes connection strings (and `secret`, when not empty) from a message.
+fn scrub(message: &str, secret: &str) -> String {
+    let mut out = if secret.is_empty() {
+        message.to_owned()
+    } else {
+        message.replace(secret, "<redacted>")
+    };
+    for scheme in ["mongodb+srv://", "mongodb://"] {
+        let mut from = 0;
+        while let Some(pos) = out[from..].find(scheme).map(|p| p + from) {
+            let end = out[pos..]
+                .find(|c: char| c.is_whitespace() || c == '"' || c == '\'')
+                .map_or(out.len(), |e| e + pos);
+            out.replace_range(pos..end, "<redacted connection string>");
+            from = pos + "<redacted connection string>".len();
+        }
+    }
+    out
+}
+
+/// `RetryAfterMs=<n>` in a Cosmos DB throttling message.
+fn retry_after_hint(message: &str) -> Option<Duration> {
+    let rest = &message[message.find("RetryAfterMs=")? + "RetryAfterMs=".len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok().map(Duration::from_millis)
+}
+
+/// Server error codes that mean "no usable primary right now" (failover, shutdown, network).
+const UNREACHABLE_CODES: &[i32] = &[6, 7, 50, 64, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436];
+
+/// Sorts a driver error into throttled / unreachable / fatal.
+pub fn classify(e: &MongoError) -> Failure {
+    let message = describe(e);
+    let codes = codes(e);
+    if codes.contains(&THROTTLED) {
+        let retry_after = retry_after_hint(&message);
+        return Failure::Throttled { retry_after, message };
+    }
+    let unreachable = matches!(
+        e.kind.as_ref(),
+        ErrorKind::Io(_)
+            | ErrorKind::ConnectionPoolCleared { .. }
+            | ErrorKind::ServerSelection { .. }
+            | ErrorKind::DnsResolve { .. }
+            | ErrorKind::Authentication { .. }
+            | ErrorKind::Shutdown
+    ) || codes.iter().any(|c| UNREACHABLE_CODES.contains(c));
+    if unreachable {
+        Failure::Unreachable { message }
+    } else {
+        Failure::Fatal { message }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Documents
+
+fn fmt_time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Nanos, true)
+}
+
+fn bad(what: &str) -> StoreError {
+    StoreError::Internal(format!("malformed stored document: {what}"))
+}
+
+fn time_of(b: &Bson) -> Option<DateTime<Utc>> {
+    match b {
+        Bson::String(s) => DateTime::parse_from_rfc3339(s).ok().map(|t| t.with_timezone(&Utc)),
+        Bson::DateTime(d) => DateTime::<Utc>::from_timestamp_millis(d.timestamp_millis()),
+        _ => None,
+    }
+}
+
+fn opt_time(d: &Document, key: &str) -> StoreResult<Option<DateTime<Utc>>> {
+    match d.get(key) {
+        None | Some(Bson::Null) => Ok(None),
+        Some(b) => time_of(b).map(Some).ok_or_else(|| bad(key)),
+    }
+}
+
+fn req_time(d: &Document, key: &str) -> StoreResult<DateTime<Utc>> {
+    opt_time(d, key)?.ok_or_else(|| bad(key))
+}
+
+fn uint_of(b: &Bson) -> Option<u64> {
+    match b {
+        Bson::Int32(i) => u64::try_from(*i).ok(),
+        Bson::Int64(i) => u64::try_from(*i).ok(),
+        Bson::Double(f) if *f >= 0.0 && f.fract() == 0.0 => Some(*f as u64),
+        _ => None,
+    }
+}
+
+fn opt_str(d: &Document, key: &str) -> StoreResult<Option<String>> {
+    match d.get(key) {
+        None | Some(Bson::Null) => Ok(None),
+        Some(Bson::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(bad(key)),
+    }
+}
+
+fn req_str(d: &Document, key: &str) -> StoreResult<String> {
+    opt_str(d, key)?.ok_or_else(|| bad(key))
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn opt_bson<T: Into<Bson>>(v: Option<T>) -> Bson {
+    v.map_or(Bson::Null, Into::into)
+}
+
+fn enum_str<T: serde::Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => String::new(),
+    }
+}
+
+fn enum_of<T: serde::de::DeserializeOwned>(d: &Document, key: &str) -> StoreResult<T> {
+    let s = req_str(d, key)?;
+    serde_json::from_value(serde_json::Value::String(s)).map_err(|_| bad(key))
+}
+
+/// Parses a 24-hex poll id as the ObjectId it is stored as.
+fn poll_oid(id: &str) -> Option<ObjectId> {
+    ObjectId::parse_str(id).ok()
+}
+
+fn poll_to_doc(p: &PollRecord) -> StoreResult<Document> {
+    let oid =
+        poll_oid(&p.id).ok_or_else(|| StoreError::Internal(format!("poll id {:?} is not 24 hex digits", p.id)))?;
+    Ok(doc! {
+        "_id": oid,
+        "name": &p.name,
+        "desc": &p.desc,
+        "options": &p.options,
+        "max_choices": i64::from(p.max_choices),
+        "closes_at": opt_bson(p.closes_at.map(fmt_time)),
+        "closed_at": opt_bson(p.closed_at.map(fmt_time)),
+        "results": enum_str(&p.results),
+        "dedupe": enum_str(&p.dedupe),
+        "created_at": fmt_time(p.created_at),
+        "updated_at": fmt_time(p.updated_at),
+        "admin_token_hash": opt_bson(p.admin_token_hash.clone()),
+        "legacy_votes": to_i64(p.legacy_votes),
+        "revision": to_i64(p.revision),
+    })
+}
+
+fn doc_to_poll(d: &Document) -> StoreResult<PollRecord> {
+    let oid = d.get_object_id("_id").map_err(|_| bad("_id"))?;
+    if !d.contains_key("revision") {
+        return Ok(legacy_poll(oid, d));
+    }
+    Ok(PollRecord {
+        id: oid.to_hex(),
+        name: req_str(d, "name")?,
+        desc: opt_str(d, "desc")?.unwrap_or_default(),
+        options: string_list(d, "options")?,
+        max_choices: d
+            .get("max_choices")
+            .and_then(uint_of)
+            .and_then(|v| u32::try_from(v).ok())
+            .ok_or_else(|| bad("max_choices"))?,
+        closes_at: opt_time(d, "closes_at")?,
+        closed_at: opt_time(d, "closed_at")?,
+        results: enum_of::<ResultsVisibility>(d, "results")?,
+        dedupe: enum_of::<DedupePolicy>(d, "dedupe")?,
+        created_at: req_time(d, "created_at")?,
+        updated_at: req_time(d, "updated_at")?,
+        admin_token_hash: opt_str(d, "admin_token_hash")?,
+        legacy_votes: d.get("legacy_votes").and_then(uint_of).unwrap_or(0),
+        revision: d.get("revision").and_then(uint_of).ok_or_else(|| bad("revision"))?,
+    })
+}
+
+fn string_list(d: &Document, key: &str) -> StoreResult<Vec<String>> {
+    let list = d.get_array(key).map_err(|_| bad(key))?;
+    list.iter()
+        .map(|b| match b {
+            Bson::String(s) => Ok(s.clone()),
+            _ => Err(bad(key)),
+        })
+        .collect()
+}
+
+/// A poll written by the predecessor: `{_id: ObjectId, name, desc, options: [..], votes: {count}}`.
+/// Read leniently: whatever is missing takes the predecessor's implicit default.
+fn legacy_poll(oid: ObjectId, d: &Document) -> PollRecord {
+    let created = DateTime::<Utc>::from_timestamp_millis(oid.timestamp().timestamp_millis()).unwrap_or_default();
+    let text = |b: &Bson| match b {
+        Bson::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    PollRecord {
+        id: oid.to_hex(),
+        name: d.get("name").map(text).unwrap_or_default(),
+        desc: d.get("desc").map(text).unwrap_or_default(),
+        options: d
+            .get_array("options")
+            .map(|a| a.iter().map(text).collect())
+            .unwrap_or_default(),
+        max_choices: 1,
+        closes_at: None,
+        closed_at: None,
+        results: ResultsVisibility::Always,
+        dedupe: DedupePolicy::Ip,
+        created_at: created,
+        updated_at: created,
+        admin_token_hash: None,
+        legacy_votes: d
+            .get_document("votes")
+            .ok()
+            .and_then(|v| v.get("count"))
+            .and_then(uint_of)
+            .unwrap_or(0),
+        revision: 0,
+    }
+}
+
+fn ballot_id(poll_id: &str, key: &str) -> String {
+    format!("{poll_id}:{key}")
+}
+
+fn ballot_to_doc(b: &BallotRecord) -> Document {
+    doc! {
+        "_id": ballot_id(&b.poll_id, &b.key),
+        "poll_id": &b.poll_id,
+        "key": &b.key,
+        "ballot_id": &b.id,
+        "voter": opt_bson(b.voter.clone()),
+        "choices": b.choices.iter().map(|&c| i64::from(c)).collect::<Vec<_>>(),
+        "idempotency_key": opt_bson(b.idempotency_key.clone()),
+        "fingerprint": &b.fingerprint,
+        "created_at": fmt_time(b.created_at),
+    }
+}
+
+fn choices_of(d: &Document) -> StoreResult<Vec<u32>> {
+    let list = d.get_array("choices").map_err(|_| bad("choices"))?;
+    list.iter()
+        .map(|c| {
+            uint_of(c)
+                .and_then(|v| u32::try_from(v).ok())
+                .ok_or_else(|| bad("choices"))
+        })
+        .collect()
+}
+
+fn doc_to_ballot(d: &Document) -> StoreResult<BallotRecord> {
+    Ok(BallotRecord {
+        id: req_str(d, "ballot_id")?,
+        poll_id: req_str(d, "poll_id")?,
+        key: req_str(d, "key")?,
+        voter: opt_str(d, "voter")?,
+        choices: choices_of(d)?,
+        idempotency_key: opt_str(d, "idempotency_key")?,
+        fingerprint: req_str(d, "fingerprint")?,
+        created_at: req_time(d, "created_at")?,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Polls
+
+/// Polls in MongoDB / Cosmos DB.
+pub struct MongoPollStore {
+    db: Database,
+    polls: Collection<Document>,
+    retry: RetryPolicy,
+}
+
+impl MongoPollStore {
+    /// Opens the store on `database` (usually `poll`) and creates its collection and indexes.
+    pub async fn open(client: Client, database_name: &str, tuning: StoreTuning) -> StoreResult<Self> {
+        let db = database(&client, database_name, &tuning.retry);
+        let newest_first = index("newest_first", doc! { "created_at": -1, "_id": -1 });
+        ensure_collection(&db, &tuning.polls_collection, vec![newest_first], &tuning.retry).await?;
+        let polls = db.collection(&tuning.polls_collection);
+        Ok(Self {
+            db,
+            polls,
+            retry: tuning.retry,
+        })
+    }
+}
+
+impl MongoPollStore {
+    /// Whether the listing cursor points at a legacy poll: one without `revision` (and so without
+    /// `created_at`). When the poll is gone, the cursor's own shape tells: a legacy poll's
+    /// `created_at` is its ObjectId's whole second.
+    async fn is_legacy(&self, oid: ObjectId, created_at: DateTime<Utc>) -> StoreResult<bool> {
+        let found = self
+            .retry
+            .run(|| {
+                self.polls
+                    .find_one(doc! { "_id": oid })
+                    .projection(doc! { "revision": 1 })
+            })
+            .await?;
+        Ok(match found {
+            Some(d) => !d.contains_key("revision"),
+            None => {
+                created_at.timestamp_subsec_nanos() == 0
+                    && created_at.timestamp_millis() == oid.timestamp().timestamp_millis()
+            }
+        })
+    }
+}
+
+/// The documents strictly after the cursor in `{created_at: -1, _id: -1}` order. A legacy poll
+/// (no `created_at`) sorts as null: after every new poll, among legacy polls by ObjectId.
+fn after_filter(created_at: DateTime<Utc>, oid: ObjectId, cursor_is_legacy: bool) -> Document {
+    if cursor_is_legacy {
+        return doc! { "created_at": Bson::Null, "_id": { "$lt": oid } };
+    }
+    let t = fmt_time(created_at);
+    doc! { "$or": [
+        { "created_at": { "$lt": &t } },
+        { "created_at": &t, "_id": { "$lt": oid } },
+        { "created_at": Bson::Null },
+    ] }
+}
+
+fn status_filter(status: StatusFilter, now: DateTime<Utc>) -> Document {
+    let now = fmt_time(now);
+    match status {
+        StatusFilter::Open => doc! {
+            "closed_at": Bson::Null,
+            "$or": [ { "closes_at": Bson::Null }, { "closes_at": { "$gt": &now } } ],
+        },
+        StatusFilter::Closed => doc! {
+            "$or": [ { "closed_at": { "$ne": Bson::Null } }, { "closes_at": { "$lte": &now } } ],
+        },
+    }
+}
+
+#[async_trait]
+impl PollStore for MongoPollStore {
+    async fn create(&self, poll: &PollRecord) -> StoreResult<()> {
+        let doc = &poll_to_doc(poll)?;
+        let inserted = self
+            .retry
+            .run(|| async move {
+                match self.polls.insert_one(doc.clone()).await {
+                    Ok(_) => Ok(true),
+                    Err(e) if is_duplicate_key(&e) => Ok(false),
+                    Err(e) => Err(e),
+                }
+            })
+            .await?;
+        if !inserted {
+            // Our own insert, retried by the driver after a lost reply, also lands here: it is
+            // ours when the stored document is exactly what we wrote.
+            if self.get(&poll.id).await?.as_ref() != Some(poll) {
+                return Err(StoreError::Internal(format!("poll id {} already exists", poll.id)));
+            }
+        }
+        Ok(())
+    }
+
+    async fn get(&self, id: &str) -> StoreResult<Option<PollRecord>> {
+        let Some(oid) = poll_oid(id) else { return Ok(None) };
+        let found = self.retry.run(|| self.polls.find_one(doc! { "_id": oid })).await?;
+        found.as_ref().map(doc_to_poll).transpose()
+    }
+
+    async fn list(&self, query: &PollQuery) -> StoreResult<Vec<PollRecord>> {
+        let mut clauses = Vec::new();
+        if let Some(c) = &query.after {
+            let Some(oid) = poll_oid(&c.id) else {
+                return Err(StoreError::Internal(format!(
+                    "listing cursor id {:?} is not a poll id",
+                    c.id
+                )));
+            };
+            clauses.push(after_filter(
+                c.created_at,
+                oid,
+                self.is_legacy(oid, c.created_at).await?,
+            ));
+        }
+        if let Some(s) = query.status {
+            clauses.push(status_filter(s, query.now));
+        }
+        let filter = &if clauses.is_empty() {
+            doc! {}
+        } else {
+            doc! { "$and": clauses }
+        };
+        let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
+        let docs = self
+            .retry
+            .run(|| async move {
+                let mut cursor = self
+                    .polls
+                    .find(filter.clone())
+                    .sort(doc! { "created_at": -1, "_id": -1 })
+                    .limit(limit)
+                    .await?;
+                let mut out = Vec::new();
+                while cursor.advance().await? {
+                    out.push(cursor.deserialize_current()?);
+                }
+                Ok(out)
+            })
+            .await?;
+        docs.iter().map(doc_to_poll).collect()
+    }
+
+    async fn replace(&self, poll: &PollRecord, expected_revision: u64) -> StoreResult<bool> {
+        let Some(oid) = poll_oid(&poll.id) else {
+            return Ok(false);
+        };
+        let doc = poll_to_doc(poll)?;
+        // A legacy poll has no `revision` field: it is revision 0.
+        let filter = if expected_revision == 0 {
+            doc! { "_id": oid, "$or": [ { "revision": 0_i64 }, { "revision": { "$exists": false } } ] }
+        } else {
+            doc! { "_id": oid, "revision": to_i64(expected_revision) }
+        };
+        let res = self
+            .retry
+            .run(|| self.polls.replace_one(filter.clone(), doc.clone()))
+            .await?;
+        Ok(res.matched_count == 1)
+    }
+
+    async fn delete(&self, id: &str) -> StoreResult<bool> {
+        let Some(oid) = poll_oid(id) else { return Ok(false) };
+        let res = self.retry.run(|| self.polls.delete_one(doc! { "_id": oid })).await?;
+        Ok(res.deleted_count == 1)
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        ping(&self.db, &self.retry).await
+    }
+}
+
+async fn ping(db: &Database, retry: &RetryPolicy) -> StoreResult<()> {
+    retry.run(|| db.run_command(doc! { "ping": 1 })).await.map(drop)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ballots
+
+/// Ballots in MongoDB / Cosmos DB; tallies are computed from them (see the module docs).
+pub struct MongoBallotStore {
+    db: Database,
+    ballots: Collection<Document>,
+    retry: RetryPolicy,
+    cache: TallyCache,
+}
+
+impl MongoBallotStore {
+    /// Opens the store on `database` (usually `vote`) and creates its collection and indexes.
+    pub async fn open(client: Client, database_name: &str, tuning: StoreTuning) -> StoreResult<Self> {
+        let db = database(&client, database_name, &tuning.retry);
+        let poll_voter = index("poll_voter", doc! { "poll_id": 1, "voter": 1 });
+        ensure_collection(&db, &tuning.ballots_collection, vec![poll_voter], &tuning.retry).await?;
+        let ballots = db.collection(&tuning.ballots_collection);
+        Ok(Self {
+            db,
+            ballots,
+            retry: tuning.retry,
+            cache: TallyCache::new(tuning.tally_cache_ttl),
+        })
+    }
+
+    async fn find_ballot(&self, id: &str) -> StoreResult<Option<BallotRecord>> {
+        let found = self.retry.run(|| self.ballots.find_one(doc! { "_id": id })).await?;
+        found.as_ref().map(doc_to_ballot).transpose()
+    }
+
+    /// Tallies of `poll_ids` computed by the database, in one aggregation.
+    async fn aggregate(&self, poll_ids: &[String]) -> StoreResult<HashMap<String, Tally>> {
+        let pipeline = &vec![
+            doc! { "$match": { "poll_id": { "$in": poll_ids } } },
+            doc! { "$group": { "_id": { "p": "$poll_id", "c": "$choices" }, "n": { "$sum": 1 } } },
+        ];
+        let groups = self
+            .retry
+            .run(|| async move {
+                let mut cursor = self.ballots.aggregate(pipeline.clone()).await?;
+                let mut out = Vec::new();
+                while cursor.advance().await? {
+                    out.push(cursor.deserialize_current()?);
+                }
+                Ok(out)
+            })
+            .await?;
+        let mut tallies: HashMap<String, Tally> = HashMap::new();
+        for g in &groups {
+            let key = g.get_document("_id").map_err(|_| bad("tally group"))?;
+            let poll = req_str(key, "p")?;
+            let choices = choices_of(&doc! { "choices": key.get("c").cloned().unwrap_or(Bson::Null) })?;
+            let n = g.get("n").and_then(uint_of).ok_or_else(|| bad("tally count"))?;
+            let tally = tallies.entry(poll).or_default();
+            tally.total += n;
+            for c in choices {
+                let i = c as usize;
+                if tally.by_option.len() <= i {
+                    tally.by_option.resize(i + 1, 0);
+                }
+                tally.by_option[i] += n;
+            }
+        }
+        Ok(tallies)
+    }
+}
+
+#[async_trait]
+impl BallotStore for MongoBallotStore {
+    async fn cast(&self, ballot: BallotRecord) -> StoreResult<CastOutcome> {
+        let id = ballot_id(&ballot.poll_id, &ballot.key);
+        let doc = &ballot_to_doc(&ballot);
+        // A duplicate whose original vanished (purged meanwhile) is tried again, a few times.
+        for _ in 0..3 {
+            let inserted = self
+                .retry
+                .run(|| async move {
+                    match self.ballots.insert_one(doc.clone()).await {
+                        Ok(_) => Ok(true),
+                        Err(e) if is_duplicate_key(&e) => Ok(false),
+                        Err(e) => Err(e),
+                    }
+                })
+                .await?;
+            if inserted {
+                self.cache.invalidate(&ballot.poll_id);
+                return Ok(CastOutcome::Accepted(ballot));
+            }
+            match self.find_ballot(&id).await? {
+                // This very ballot (an insert the driver retried after a lost reply).
+                Some(stored) if stored.id == ballot.id => {
+                    self.cache.invalidate(&ballot.poll_id);
+                    return Ok(CastOutcome::Accepted(stored));
+                }
+                Some(stored) => return Ok(CastOutcome::Duplicate(stored)),
+                None => continue,
+            }
+        }
+        Err(StoreError::Internal(format!(
+            "ballot {id} kept vanishing between insert and read"
+        )))
+    }
+
+    async fn tally(&self, poll_id: &str) -> StoreResult<Tally> {
+        let mut all = self.tallies(&[poll_id.to_owned()]).await?;
+        Ok(all.pop().unwrap_or_default())
+    }
+
+    async fn tallies(&self, poll_ids: &[String]) -> StoreResult<Vec<Tally>> {
+        let mut out: Vec<Option<Tally>> = poll_ids.iter().map(|id| self.cache.get(id)).collect();
+        let missing: Vec<String> = poll_ids
+            .iter()
+            .zip(&out)
+            .filter(|(_, t)| t.is_none())
+            .map(|(id, _)| id.clone())
+            .collect();
+        if !missing.is_empty() {
+            let generations: Vec<u64> = missing.iter().map(|id| self.cache.begin(id)).collect();
+            let fresh = self.aggregate(&missing).await?;
+            for (id, generation) in missing.iter().zip(generations) {
+                self.cache
+                    .fill(id, generation, fresh.get(id).cloned().unwrap_or_default());
+            }
+            for (slot, id) in out.iter_mut().zip(poll_ids) {
+                if slot.is_none() {
+                    *slot = Some(fresh.get(id).cloned().unwrap_or_default());
+                }
+            }
+        }
+        Ok(out.into_iter().map(Option::unwrap_or_default).collect())
+    }
+
+    async fn has_voted(&self, poll_id: &str, voter: &str) -> StoreResult<bool> {
+        let filter = doc! { "poll_id": poll_id, "voter": voter };
+        let found = self
+            .retry
+            .run(|| self.ballots.find_one(filter.clone()).projection(doc! { "_id": 1 }))
+            .await?;
+        Ok(found.is_some())
+    }
+
+    async fn recount(&self, poll_id: &str) -> StoreResult<Tally> {
+        let filter = &doc! { "poll_id": poll_id };
+        self.retry
+            .run(|| async move {
+                let mut cursor = self
+                    .ballots
+                    .find(filter.clone())
+                    .projection(doc! { "choices": 1 })
+                    .await?;
+                let mut tally = Tally::default();
+                while cursor.advance().await? {
+                    let d: Document = cursor.deserialize_current()?;
+                    match choices_of(&d) {
+                        Ok(c) => tally.add(&c),
+                        Err(e) => return Ok(Err(e)),
+                    }
+                }
+                Ok(Ok(tally))
+            })
+            .await?
+    }
+
+    async fn purge(&self, poll_id: &str) -> StoreResult<u64> {
+        let res = self
+            .retry
+            .run(|| self.ballots.delete_many(doc! { "poll_id": poll_id }))
+            .await?;
+        self.cache.invalidate(poll_id);
+        Ok(res.deleted_count)
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        ping(&self.db, &self.retry).await
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tally cache
+
+/// Computed tallies, per poll, for `ttl`. Every entry carries a generation: `invalidate` gives it
+/// a new one, and a computation started under an older generation is not cached, so a count read
+/// before a ballot was stored never outlives the ballot's insert in this process.
+struct TallyCache {
+    ttl: Duration,
+    next_generation: AtomicU64,
+    entries: Mutex<HashMap<String, CacheEntry>>,
+}
+
+struct CacheEntry {
+    generation: u64,
+    value: Option<(Tally, Instant)>,
+}
+
+/// Polls remembered at most; past this the cache starts over.
+const CACHE_CAPACITY: usize = 10_000;
+
+impl TallyCache {
+    fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            next_generation: AtomicU64::new(1),
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn enabled(&self) -> bool {
+        !self.ttl.is_zero()
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, CacheEntry>> {
+        self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn get(&self, poll_id: &str) -> Option<Tally> {
+        if !self.enabled() {
+            return None;
+        }
+        let entries = self.entries();
+        let (tally, at) = entries.get(poll_id)?.value.as_ref()?;
+        (at.elapsed() < self.ttl).then(|| tally.clone())
+    }
+
+    /// Notes that a computation of `poll_id` starts; returns the generation to hand to `fill`.
+    fn begin(&self, poll_id: &str) -> u64 {
+        if !self.enabled() {
+            return 0;
+        }
+        let mut entries = self.entries();
+        if entries.len() >= CACHE_CAPACITY && !entries.contains_key(poll_id) {
+            entries.clear();
+        }
+        let next = &self.next_generation;
+        entries
+            .entry(poll_id.to_owned())
+            .or_insert_with(|| CacheEntry {
+                generation: next.fetch_add(1, Ordering::Relaxed),
+                value: None,
+            })
+            .generation
+    }
+
+    fn fill(&self, poll_id: &str, generation: u64, tally: Tally) {
+        if !self.enabled() {
+            return;
+        }
+        if let Some(e) = self.entries().get_mut(poll_id).filter(|e| e.generation == generation) {
+            e.value = Some((tally, Instant::now()));
+        }
+    }
+
+    fn invalidate(&self, poll_id: &str) {
+        if !self.enabled() {
+            return;
+        }
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        let mut entries = self.entries();
+        if let Some(e) = entries.get_mut(poll_id) {
+            e.generation = generation;
+            e.value = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_strings_are_scrubbed() {
+        let msg = "failed to reach mongodb://user:pa55@host:10255/?ssl=true and mongodb+srv://u:p@x.net now";
+        let out = scrub(msg, "");
+        assert!(!out.contains("pa55") && !out.contains("u:p@"), "{out}");
+        assert_eq!(scrub("secret-part here", "secret-part"), "<redacted> here");
+        let settings = MongoSettings::new("mongodb://user:hunter2@h/", "vote");
+        assert!(!format!("{settings:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn retry_after_is_read_from_cosmos_messages() {
+        let m = "Error=16500, RetryAfterMs=72, Details='Response status code does not indicate success'";
+        assert_eq!(retry_after_hint(m), Some(Duration::from_millis(72)));
+        assert_eq!(retry_after_hint("Request rate is large"), None);
+    }
+
+    #[test]
+    fn legacy_polls_take_the_predecessors_defaults() {
+        let oid = ObjectId::parse_str("65a1b2c3d4e5f60718293a4b").expect("oid");
+        let d = doc! { "_id": oid, "name": "Lunch?", "desc": "d", "options": ["a", "b"], "votes": { "count": 7 } };
+        let p = doc_to_poll(&d).expect("legacy poll");
+        assert_eq!(p.id, "65a1b2c3d4e5f60718293a4b");
+        assert_eq!(p.created_at.timestamp(), 0x65a1_b2c3);
+        assert_eq!((p.max_choices, p.legacy_votes, p.revision), (1, 7, 0));
+        assert_eq!(p.options, vec!["a".to_owned(), "b".to_owned()]);
+        assert!(p.admin_token_hash.is_none());
+    }
+
+    #[test]
+    fn tally_cache_does_not_keep_counts_read_before_an_insert() {
+        let cache = TallyCache::new(Duration::from_secs(60));
+        let g = cache.begin("p");
+        cache.invalidate("p"); // a ballot was stored while the count was being read
+        cache.fill("p", g, Tally::default());
+        assert_eq!(cache.get("p"), None);
+        let g = cache.begin("p");
+        cache.fill(
+            "p",
+            g,
+            Tally {
+                total: 1,
+                by_option: vec![1],
+            },
+        );
+        assert_eq!(cache.get("p").map(|t| t.total), Some(1));
+        assert_eq!(TallyCache::new(Duration::ZERO).get("p"), None);
+    }
+}
