@@ -1,0 +1,524 @@
+//! The storage contract on MongoDB-protocol servers (FerretDB in CI, any MongoDB with
+//! `MONGODB_TEST_URI`), plus what is specific to that backend: the predecessor's poll documents,
+//! idempotent start-up, duplicate handling, the Cosmos DB throttling retry (no server needed) and
+//! fast failure when the server is unreachable.
+//!
+//! `MONGODB_TEST_URI` names the server (`scripts/ferretdb start <dir>` prints one). Without it
+//! the server tests print a note and pass, except under `CI=true`, where they fail. Every test
+//! works in a database of its own, `contract_<uuid>`, dropped afterwards.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use chrono::Utc;
+use mongodb::Client;
+use mongodb::bson::{Document, doc, oid::ObjectId};
+use mongodb::error::{CommandError, Error as MongoError, ErrorKind};
+use shared::Problem;
+use shared::domain::{CastOutcome, DedupePolicy, PollCursor, PollQuery, ResultsVisibility, new_poll_id};
+use shared::store::contract::{ballot_store_contract, poll_store_contract, sample_ballot, sample_poll};
+use shared::store::mongo::{
+    Decision, Failure, MongoBallotStore, MongoPollStore, MongoSettings, RetryPolicy, StoreTuning, build_client,
+    classify, is_duplicate_key,
+};
+use shared::store::{BallotStore, PollStore, StoreError};
+
+/// The test server's URI, or `None` (after saying why) when the test should be skipped.
+fn test_uri() -> Option<String> {
+    match std::env::var("MONGODB_TEST_URI") {
+        Ok(uri) if !uri.trim().is_empty() => Some(uri),
+        _ if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("MONGODB_TEST_URI is not set under CI=true: the test command must start FerretDB (scripts/ferretdb)")
+        }
+        _ => {
+            eprintln!("skipped: MONGODB_TEST_URI is not set (`scripts/ferretdb start <dir>` prints one)");
+            None
+        }
+    }
+}
+
+fn settings(uri: &str, database: &str) -> MongoSettings {
+    MongoSettings {
+        server_selection_timeout: Duration::from_secs(5),
+        operation_timeout: Duration::from_secs(20),
+        ..MongoSettings::new(uri, database)
+    }
+}
+
+/// Runs `body` with a client and a fresh database name, then drops that database, whether the
+/// body passed or panicked.
+async fn with_database<F, Fut>(body: F)
+where
+    F: FnOnce(Client, MongoSettings) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let Some(uri) = test_uri() else { return };
+    let name = format!("contract_{}", uuid::Uuid::new_v4().simple());
+    let settings = settings(&uri, &name);
+    let client = build_client(&settings).await.expect("client");
+    let outcome = tokio::spawn(body(client.clone(), settings)).await;
+    client.database(&name).drop().await.expect("drop the test database");
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+async fn poll_store(client: &Client, s: &MongoSettings) -> MongoPollStore {
+    MongoPollStore::open(client.clone(), &s.database, s.tuning())
+        .await
+        .expect("open poll store")
+}
+
+async fn ballot_store(client: &Client, s: &MongoSettings) -> MongoBallotStore {
+    MongoBallotStore::open(client.clone(), &s.database, s.tuning())
+        .await
+        .expect("open ballot store")
+}
+
+async fn index_names(client: &Client, s: &MongoSettings, collection: &str) -> Vec<String> {
+    let mut names = client
+        .database(&s.database)
+        .collection::<Document>(collection)
+        .list_index_names()
+        .await
+        .expect("list indexes");
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongo_poll_store_meets_the_contract() {
+    with_database(|client, s| async move {
+        poll_store_contract(Arc::new(poll_store(&client, &s).await)).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongo_ballot_store_meets_the_contract() {
+    with_database(|client, s| async move {
+        ballot_store_contract(Arc::new(ballot_store(&client, &s).await)).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongo_ballot_store_meets_the_contract_without_tally_cache() {
+    with_database(|client, s| async move {
+        let s = MongoSettings {
+            tally_cache_ttl: Duration::ZERO,
+            ..s
+        };
+        ballot_store_contract(Arc::new(ballot_store(&client, &s).await)).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn predecessor_poll_documents_are_served() {
+    with_database(|client, s| async move {
+        let store = poll_store(&client, &s).await;
+        // Exactly what the predecessor's Flask service wrote.
+        let oid = ObjectId::new();
+        client
+            .database(&s.database)
+            .collection::<Document>(&s.polls_collection)
+            .insert_one(doc! {
+                "_id": oid,
+                "name": "Favourite colour?",
+                "desc": "from the old service",
+                "options": ["red", "green"],
+                "votes": { "count": 5 },
+            })
+            .await
+            .expect("insert a legacy document");
+
+        let poll = store.get(&oid.to_hex()).await.expect("get").expect("legacy poll found");
+        assert_eq!(poll.id, oid.to_hex());
+        assert_eq!(poll.name, "Favourite colour?");
+        assert_eq!(poll.desc, "from the old service");
+        assert_eq!(poll.options, vec!["red".to_owned(), "green".to_owned()]);
+        assert_eq!(poll.legacy_votes, 5);
+        assert_eq!(poll.max_choices, 1);
+        assert_eq!(poll.results, ResultsVisibility::Always);
+        assert_eq!(poll.dedupe, DedupePolicy::Ip);
+        assert!(poll.admin_token_hash.is_none(), "legacy polls have no admin token");
+        assert!(poll.closes_at.is_none() && poll.closed_at.is_none());
+        let created_secs = oid.timestamp().timestamp_millis() / 1000;
+        assert_eq!(
+            poll.created_at.timestamp(),
+            created_secs,
+            "created_at is the ObjectId's time"
+        );
+        assert!(
+            store.get(&oid.to_hex().to_uppercase()).await.expect("get").is_some(),
+            "ids are case-insensitive"
+        );
+
+        // Listed with the new polls: newest first, the legacy one last, across page boundaries.
+        let newer = sample_poll("new", 0);
+        store.create(&newer).await.expect("create");
+        let now = Utc::now();
+        let all = store
+            .list(&PollQuery {
+                limit: 10,
+                after: None,
+                status: None,
+                now,
+            })
+            .await
+            .expect("list");
+        let ids: Vec<_> = all.iter().map(|p| p.id.as_str()).collect();
+        assert_eq!(ids, vec![newer.id.as_str(), poll.id.as_str()]);
+        let first = store
+            .list(&PollQuery {
+                limit: 1,
+                after: None,
+                status: None,
+                now,
+            })
+            .await
+            .expect("page 1");
+        let after = Some(PollCursor {
+            created_at: first[0].created_at,
+            id: first[0].id.clone(),
+        });
+        let second = store
+            .list(&PollQuery {
+                limit: 1,
+                after,
+                status: None,
+                now,
+            })
+            .await
+            .expect("page 2");
+        assert_eq!(second, vec![poll.clone()], "the legacy poll is on the next page");
+        let after = Some(PollCursor {
+            created_at: poll.created_at,
+            id: poll.id.clone(),
+        });
+        let third = store
+            .list(&PollQuery {
+                limit: 1,
+                after,
+                status: None,
+                now,
+            })
+            .await
+            .expect("page 3");
+        assert!(third.is_empty(), "nothing after the oldest poll");
+        let open = store
+            .list(&PollQuery {
+                limit: 10,
+                after: None,
+                status: Some(shared::domain::StatusFilter::Open),
+                now,
+            })
+            .await
+            .expect("open polls");
+        assert_eq!(open.len(), 2, "legacy polls are open");
+
+        // A legacy poll is revision 0; replacing it writes the new layout.
+        let mut renamed = poll.clone();
+        renamed.name = "renamed".into();
+        renamed.revision = 1;
+        assert!(store.replace(&renamed, 0).await.expect("replace legacy"));
+        assert_eq!(store.get(&poll.id).await.expect("get"), Some(renamed));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opening_twice_is_idempotent_and_keeps_data() {
+    with_database(|client, s| async move {
+        let polls = poll_store(&client, &s).await;
+        let ballots = ballot_store(&client, &s).await;
+        let poll = sample_poll("kept", 1);
+        polls.create(&poll).await.expect("create");
+        assert!(matches!(
+            ballots.cast(sample_ballot(&poll.id, "id:a", &[0])).await.expect("cast"),
+            CastOutcome::Accepted(_)
+        ));
+        let poll_indexes = index_names(&client, &s, &s.polls_collection).await;
+        let ballot_indexes = index_names(&client, &s, &s.ballots_collection).await;
+        assert_eq!(poll_indexes, vec!["_id_", "newest_first"]);
+        assert_eq!(ballot_indexes, vec!["_id_", "poll_voter"]);
+
+        // A second process starting (or a restart) against the same, non-empty database.
+        let polls_again = poll_store(&client, &s).await;
+        let ballots_again = ballot_store(&client, &s).await;
+        assert_eq!(index_names(&client, &s, &s.polls_collection).await, poll_indexes);
+        assert_eq!(index_names(&client, &s, &s.ballots_collection).await, ballot_indexes);
+        assert_eq!(polls_again.get(&poll.id).await.expect("get"), Some(poll.clone()));
+        assert_eq!(ballots_again.tally(&poll.id).await.expect("tally").total, 1);
+        assert!(matches!(
+            ballots_again
+                .cast(sample_ballot(&poll.id, "id:a", &[1]))
+                .await
+                .expect("cast"),
+            CastOutcome::Duplicate(_)
+        ));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_are_refused_by_the_database() {
+    with_database(|client, s| async move {
+        let polls = poll_store(&client, &s).await;
+        let ballots = ballot_store(&client, &s).await;
+        let poll_id = new_poll_id(Utc::now());
+
+        let first = sample_ballot(&poll_id, "ip:one", &[1]);
+        assert_eq!(
+            ballots.cast(first.clone()).await.expect("cast"),
+            CastOutcome::Accepted(first.clone())
+        );
+        // Another request from the same voter: refused, the stored ballot is returned untouched.
+        let second = sample_ballot(&poll_id, "ip:one", &[0]);
+        assert_eq!(
+            ballots.cast(second).await.expect("cast"),
+            CastOutcome::Duplicate(first.clone())
+        );
+        // The same ballot again (an insert repeated after a lost reply) is recognised as ours.
+        assert_eq!(
+            ballots.cast(first.clone()).await.expect("cast"),
+            CastOutcome::Accepted(first.clone())
+        );
+        assert_eq!(ballots.tally(&poll_id).await.expect("tally").by_option, vec![0, 1]);
+        assert_eq!(ballots.recount(&poll_id).await.expect("recount").total, 1);
+
+        // The refusal is the database's: a raw insert of the same identity fails with 11000.
+        let raw = client
+            .database(&s.database)
+            .collection::<Document>(&s.ballots_collection);
+        let err = raw
+            .insert_one(doc! { "_id": format!("{poll_id}:ip:one"), "poll_id": &poll_id })
+            .await
+            .expect_err("the database refuses a second ballot with the same identity");
+        assert!(is_duplicate_key(&err), "11000 expected, got {err}");
+        assert!(matches!(classify(&err), Failure::Fatal { .. }));
+        let docs = raw.count_documents(doc! { "poll_id": &poll_id }).await.expect("count");
+        assert_eq!(docs, 1);
+
+        // A tally read on another replica is at most `tally_cache_ttl` stale; this one reads its
+        // own writes at once.
+        let other = MongoBallotStore::open(
+            client.clone(),
+            &s.database,
+            StoreTuning {
+                tally_cache_ttl: Duration::from_millis(200),
+                ..s.tuning()
+            },
+        )
+        .await
+        .expect("open");
+        assert_eq!(other.tally(&poll_id).await.expect("tally").total, 1);
+        ballots
+            .cast(sample_ballot(&poll_id, "ip:two", &[0]))
+            .await
+            .expect("cast");
+        assert_eq!(
+            ballots.tally(&poll_id).await.expect("tally").total,
+            2,
+            "own writes are read at once"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(
+            other.tally(&poll_id).await.expect("tally").total,
+            2,
+            "other replicas within the TTL"
+        );
+
+        // A poll id clash is an error, not a silent overwrite.
+        let poll = sample_poll("p", 1);
+        polls.create(&poll).await.expect("create");
+        let mut clash = poll.clone();
+        clash.name = "other".into();
+        assert!(matches!(polls.create(&clash).await, Err(StoreError::Internal(_))));
+        assert_eq!(polls.get(&poll.id).await.expect("get"), Some(poll));
+    })
+    .await;
+}
+
+/// A server error as the driver reports it.
+fn server_error(code: i32, name: &str, message: &str) -> MongoError {
+    let err: CommandError = mongodb::bson::deserialize_from_document(doc! {
+        "code": code, "codeName": name, "errmsg": message,
+    })
+    .expect("command error");
+    MongoError::from(ErrorKind::Command(err))
+}
+
+fn throttled(retry_after_ms: u64) -> MongoError {
+    server_error(
+        16500,
+        "TooManyRequests",
+        &format!("Error=16500, RetryAfterMs={retry_after_ms}, Details='Request rate is large'"),
+    )
+}
+
+/// Runs `policy` over an injected sequence of results, recording the sleeps instead of waiting.
+async fn drive(
+    policy: &RetryPolicy,
+    script: Vec<Result<u32, MongoError>>,
+) -> (Result<u32, StoreError>, Vec<Duration>, usize) {
+    let script = Mutex::new(VecDeque::from(script));
+    let attempts = Mutex::new(0usize);
+    let sleeps = Mutex::new(Vec::new());
+    let result = policy
+        .run_with_sleep(
+            || {
+                *attempts.lock().expect("lock") += 1;
+                let next = script
+                    .lock()
+                    .expect("lock")
+                    .pop_front()
+                    .unwrap_or_else(|| Err(throttled(100)));
+                async move { next }
+            },
+            |d| {
+                sleeps.lock().expect("lock").push(d);
+                async {}
+            },
+        )
+        .await;
+    let attempts = *attempts.lock().expect("lock");
+    (result, sleeps.into_inner().expect("lock"), attempts)
+}
+
+fn ms(v: &[u64]) -> Vec<Duration> {
+    v.iter().copied().map(Duration::from_millis).collect()
+}
+
+/// Acceptance 4: Cosmos DB throttling (16500) is retried with bounded exponential backoff that
+/// honours `RetryAfterMs`, and then answered with 503 and `Retry-After`. No server needed.
+#[tokio::test]
+async fn throttling_is_retried_with_bounded_backoff_then_answered_503() {
+    let policy = RetryPolicy {
+        max_retries: 5,
+        base_delay: Duration::from_millis(50),
+        max_delay: Duration::from_millis(800),
+        deadline: Duration::from_secs(10),
+    };
+
+    // Classification of what Cosmos DB sends.
+    assert!(
+        matches!(classify(&throttled(72)), Failure::Throttled { retry_after: Some(d), .. } if d == Duration::from_millis(72))
+    );
+
+    // Throttled twice, then success: the backoff doubles, and is never shorter than RetryAfterMs.
+    let (result, sleeps, attempts) = drive(&policy, vec![Err(throttled(72)), Err(throttled(72)), Ok(7)]).await;
+    assert_eq!(result.expect("succeeds after retries"), 7);
+    assert_eq!(sleeps, ms(&[72, 100]), "max(RetryAfterMs, 50 ms * 2^n)");
+    assert_eq!(attempts, 3);
+
+    // Throttled for good: 5 retries with exponential, capped backoff, then Unavailable.
+    let (result, sleeps, attempts) = drive(&policy, (0..20).map(|_| Err(throttled(10))).collect()).await;
+    assert_eq!(sleeps, ms(&[50, 100, 200, 400, 800]), "bounded exponential backoff");
+    assert_eq!(attempts, 6, "one attempt plus max_retries retries");
+    let err = result.expect_err("gives up");
+    let StoreError::Unavailable {
+        retry_after,
+        ref message,
+    } = err
+    else {
+        panic!("expected Unavailable, got {err:?}")
+    };
+    assert_eq!(retry_after, Duration::from_secs(1), "Retry-After is at least a second");
+    assert!(message.contains("16500"), "{message}");
+
+    // ... which the HTTP layer answers with 503 and Retry-After, without the driver's message.
+    let response = Problem::from(err).into_response();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        response.headers().get("retry-after").and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let body = axum::body::to_bytes(response.into_body(), 1 << 16).await.expect("body");
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        !body.contains("16500") && !body.contains("RetryAfterMs"),
+        "driver text leaked: {body}"
+    );
+
+    // A long RetryAfterMs is honoured, but not past the deadline: give up early with that hint.
+    let (result, sleeps, _) = drive(&policy, (0..20).map(|_| Err(throttled(4_000))).collect()).await;
+    assert_eq!(sleeps, ms(&[4_000, 4_000]), "4 s + 4 s fit in 10 s, a third would not");
+    assert!(
+        matches!(result, Err(StoreError::Unavailable { retry_after, .. }) if retry_after == Duration::from_secs(4))
+    );
+
+    // An unreachable server is not retried here: Unavailable with 1 s at once.
+    let io = MongoError::from(ErrorKind::Io(Arc::new(std::io::ErrorKind::ConnectionRefused.into())));
+    let (result, sleeps, attempts) = drive(&policy, vec![Err(io)]).await;
+    assert!(sleeps.is_empty() && attempts == 1);
+    assert!(
+        matches!(result, Err(StoreError::Unavailable { retry_after, .. }) if retry_after == Duration::from_secs(1))
+    );
+
+    // Other server errors are internal, not retried.
+    let (result, sleeps, _) = drive(&policy, vec![Err(server_error(2, "BadValue", "bad"))]).await;
+    assert!(sleeps.is_empty());
+    assert!(matches!(result, Err(StoreError::Internal(_))));
+
+    // The pure decision, for the record.
+    let hint = Failure::Throttled {
+        retry_after: Some(Duration::from_millis(300)),
+        message: String::new(),
+    };
+    assert!(
+        matches!(policy.decide(hint.clone(), 0, Duration::ZERO), Decision::Retry(d) if d == Duration::from_millis(300))
+    );
+    assert!(matches!(
+        policy.decide(hint.clone(), 5, Duration::ZERO),
+        Decision::GiveUp(StoreError::Unavailable { .. })
+    ));
+    assert!(matches!(
+        policy.decide(hint, 0, Duration::from_millis(9_800)),
+        Decision::GiveUp(_)
+    ));
+}
+
+/// With no server listening, calls fail fast with Unavailable (503), never hang, and the error
+/// text carries no credentials.
+#[tokio::test]
+async fn an_unreachable_server_fails_fast_as_unavailable() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let uri = format!("mongodb://tester:s3cr3t-pw@127.0.0.1:{port}/?retryWrites=false");
+    let s = MongoSettings {
+        server_selection_timeout: Duration::from_millis(500),
+        connect_timeout: Duration::from_millis(500),
+        operation_timeout: Duration::from_secs(3),
+        ..MongoSettings::new(uri, "unreachable")
+    };
+    let client = build_client(&s).await.expect("building a client needs no server");
+    let started = Instant::now();
+    let err = match MongoBallotStore::open(client.clone(), &s.database, s.tuning()).await {
+        Err(e) => e,
+        Ok(_) => panic!("opened a store without a server"),
+    };
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    let StoreError::Unavailable { retry_after, message } = err else {
+        panic!("expected Unavailable, got {err:?}")
+    };
+    assert_eq!(retry_after, Duration::from_secs(1));
+    assert!(!message.contains("s3cr3t-pw"), "{message}");
+    assert!(!format!("{s:?}").contains("s3cr3t-pw"));
+
+    let bad = MongoSettings::new("mongodb://tester:s3cr3t-pw@/nohost?bogus===", "x");
+    if let Err(e) = build_client(&bad).await {
+        assert!(!e.to_string().contains("s3cr3t-pw"), "{e}");
+    }
+}
