@@ -522,3 +522,133 @@ async fn an_unreachable_server_fails_fast_as_unavailable() {
         assert!(!e.to_string().contains("s3cr3t-pw"), "{e}");
     }
 }
+
+/// A FerretDB of the test's own (so it can be crashed), killed when dropped (its data is temporary).
+struct OwnFerretDb {
+    state: tempfile::TempDir,
+}
+
+impl OwnFerretDb {
+    fn script() -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ferretdb")
+    }
+
+    /// Starts (or restarts) the instance; `None` when FerretDB cannot be provisioned here and the
+    /// test may be skipped (never under CI, where the script fails instead).
+    fn start(state: &std::path::Path) -> Option<String> {
+        let out = std::process::Command::new("bash")
+            .arg(Self::script())
+            .arg("start")
+            .arg(state)
+            .output()
+            .expect("run scripts/ferretdb");
+        match out.status.code() {
+            Some(0) => Some(String::from_utf8_lossy(&out.stdout).trim().to_owned()),
+            Some(77) => {
+                eprintln!("skipped: {}", String::from_utf8_lossy(&out.stderr).trim());
+                None
+            }
+            _ => panic!(
+                "scripts/ferretdb start failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        }
+    }
+
+    /// A crash: SIGKILL, no shutdown.
+    fn kill(&self) {
+        let status = std::process::Command::new("bash")
+            .arg(Self::script())
+            .arg("kill")
+            .arg(self.state.path())
+            .status()
+            .expect("run scripts/ferretdb");
+        assert!(status.success(), "scripts/ferretdb kill failed");
+    }
+}
+
+impl Drop for OwnFerretDb {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("bash")
+            .arg(Self::script())
+            .arg("kill")
+            .arg(self.state.path())
+            .status();
+    }
+}
+
+/// The database crashes (SIGKILL) under a running store and comes back: calls fail fast with
+/// Unavailable meanwhile, and the same client recovers by itself; nothing acknowledged is lost
+/// and nothing is counted twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_recovers_by_itself_when_the_server_returns() {
+    if test_uri().is_none() {
+        return;
+    }
+    let state = tempfile::tempdir().expect("tempdir");
+    let Some(uri) = OwnFerretDb::start(state.path()) else {
+        return;
+    };
+    let server = OwnFerretDb { state };
+    let s = MongoSettings {
+        server_selection_timeout: Duration::from_secs(1),
+        operation_timeout: Duration::from_secs(3),
+        ..MongoSettings::new(uri.clone(), "outage")
+    };
+    let client = build_client(&s).await.expect("client");
+    let store = MongoBallotStore::open(client.clone(), &s.database, s.tuning())
+        .await
+        .expect("open");
+    let poll = new_poll_id(Utc::now());
+    let mut accepted = 0;
+    assert!(matches!(
+        store.cast(sample_ballot(&poll, "id:before", &[0])).await,
+        Ok(CastOutcome::Accepted(_))
+    ));
+    accepted += 1;
+
+    server.kill();
+    let started = Instant::now();
+    let err = store
+        .cast(sample_ballot(&poll, "id:during", &[1]))
+        .await
+        .expect_err("no server, no ballot");
+    assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
+    assert!(store.ping().await.is_err());
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "failed in {:?}, not fast",
+        started.elapsed()
+    );
+
+    let again = OwnFerretDb::start(server.state.path()).expect("restart");
+    assert_eq!(again, uri, "a restart keeps the address");
+    let restarted = Instant::now();
+    let deadline = restarted + Duration::from_secs(20);
+    loop {
+        match store.cast(sample_ballot(&poll, "id:after", &[1])).await {
+            Ok(CastOutcome::Accepted(_)) => break,
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(e) if Instant::now() < deadline => {
+                assert!(matches!(e, StoreError::Unavailable { .. }), "{e:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("the store did not recover: {e:?}"),
+        }
+    }
+    accepted += 1;
+    eprintln!(
+        "outage: failed in {:?}; recovered {:?} after restart",
+        started.elapsed(),
+        restarted.elapsed()
+    );
+    let tally = store.tally(&poll).await.expect("tally");
+    assert_eq!(tally.total, accepted);
+    assert_eq!(
+        tally,
+        store.recount(&poll).await.expect("recount"),
+        "tally equals the stored ballots"
+    );
+    client.database(&s.database).drop().await.expect("drop");
+    drop(server);
+}
