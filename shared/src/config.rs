@@ -81,6 +81,12 @@ pub struct StorageConfig {
     pub data_dir: PathBuf,
     pub mongodb_uri: Secret,
     pub database: String,
+    pub max_pool_size: u32,
+    pub min_pool_size: u32,
+    pub connect_timeout_ms: u64,
+    pub server_selection_timeout_ms: u64,
+    pub operation_timeout_ms: u64,
+    pub tally_cache_ttl_ms: u64,
 }
 
 impl StorageConfig {
@@ -282,9 +288,44 @@ impl Config {
             // Never echo the value: it may hold credentials.
             problems.push("storage.mongodb_uri: must start with mongodb:// or mongodb+srv://".into());
         }
+        let st = &self.storage;
+        for (key, v) in [
+            ("storage.connect_timeout_ms", st.connect_timeout_ms),
+            ("storage.server_selection_timeout_ms", st.server_selection_timeout_ms),
+            ("storage.operation_timeout_ms", st.operation_timeout_ms),
+        ] {
+            if v == 0 {
+                problems.push(format!("{key}: must be greater than 0"));
+            }
+        }
+        if st.max_pool_size != 0 && st.min_pool_size > st.max_pool_size {
+            problems.push("storage.min_pool_size: must not exceed storage.max_pool_size".into());
+        }
+        if st.operation_timeout_ms >= self.server.request_timeout_ms {
+            problems.push("storage.operation_timeout_ms: must be shorter than server.request_timeout_ms".into());
+        }
         if self.storage.effective_backend() == Backend::Embedded && self.storage.data_dir.as_os_str().is_empty() {
             problems.push("storage.data_dir: must not be empty".into());
         }
+    }
+
+    /// The MongoDB settings for `uri` (from config or Key Vault) and this service's database.
+    pub fn mongo_settings(&self, uri: &Secret, default_database: &str) -> crate::store::mongo::MongoSettings {
+        let st = &self.storage;
+        let database = if st.database.is_empty() {
+            default_database
+        } else {
+            st.database.as_str()
+        };
+        let mut s = crate::store::mongo::MongoSettings::new(uri.expose(), database);
+        s.app_name = Some(format!("pollvote-{default_database}"));
+        s.max_pool_size = (st.max_pool_size > 0).then_some(st.max_pool_size);
+        s.min_pool_size = (st.min_pool_size > 0).then_some(st.min_pool_size);
+        s.connect_timeout = std::time::Duration::from_millis(st.connect_timeout_ms);
+        s.server_selection_timeout = std::time::Duration::from_millis(st.server_selection_timeout_ms);
+        s.operation_timeout = std::time::Duration::from_millis(st.operation_timeout_ms);
+        s.tally_cache_ttl = std::time::Duration::from_millis(st.tally_cache_ttl_ms);
+        s
     }
 
     /// The listen port: the configured one, or the service's default when 0.
@@ -444,7 +485,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(
             dir.path().join("default.toml"),
-            "[server]\nport = 1111\nrequest_timeout_ms = 5\n",
+            "[server]\nport = 1111\nrequest_timeout_ms = 7000\n",
         )
         .expect("write");
         std::fs::write(dir.path().join("staging.toml"), "[server]\nport = 2222\n").expect("write");
@@ -458,7 +499,7 @@ mod tests {
         ))
         .expect("valid");
         assert_eq!(c.server.port, 2222, "the APP_ENV file overrides default.toml");
-        assert_eq!(c.server.request_timeout_ms, 5, "default.toml overrides built-ins");
+        assert_eq!(c.server.request_timeout_ms, 7000, "default.toml overrides built-ins");
         assert_eq!(c.server.body_limit_bytes, 4096, "prefixed env overrides files");
         assert_eq!(c.rate_limit.writes_per_minute, 0);
         let c = Config::load(&sources(&[("APP_ENV", "staging"), ("PORT", "3333")], dir.path())).expect("valid");

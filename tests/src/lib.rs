@@ -55,6 +55,8 @@ pub struct Stack {
     pub poll_task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     pub vote_task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     pub config: Config,
+    /// MongoDB databases this stack created, dropped when it is dropped.
+    databases: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -98,6 +100,13 @@ impl Stack {
             .expect("vote service starts");
         let poll_task = tokio::spawn(poll.run_until_stopped());
         let vote_task = tokio::spawn(vote.run_until_stopped());
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("client");
+        for base in [&config.services.poll_url, &config.services.vote_url] {
+            wait_ready(&http, base, Duration::from_secs(30)).await;
+        }
         Self {
             poll: config.services.poll_url.clone(),
             vote: config.services.vote_url.clone(),
@@ -109,6 +118,11 @@ impl Stack {
             vote_shutdown,
             poll_task: Some(poll_task),
             vote_task: Some(vote_task),
+            databases: if config.storage.mongodb_uri.is_empty() {
+                Vec::new()
+            } else {
+                vec![format!("{db_prefix}_poll"), format!("{db_prefix}_vote")]
+            },
             config,
             _dir: dir,
         }
@@ -180,6 +194,44 @@ impl Drop for Stack {
     fn drop(&mut self) {
         self.poll_shutdown.cancel();
         self.vote_shutdown.cancel();
+        if !self.databases.is_empty() {
+            drop_databases(
+                self.config.storage.mongodb_uri.expose().to_owned(),
+                std::mem::take(&mut self.databases),
+            );
+        }
+    }
+}
+
+/// Drops test databases (on a thread of its own: `Drop` cannot await).
+pub fn drop_databases(uri: String, names: Vec<String>) {
+    let _ = std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            return;
+        };
+        rt.block_on(async {
+            let Ok(client) = mongodb::Client::with_uri_str(&uri).await else {
+                return;
+            };
+            for name in names {
+                let _ = tokio::time::timeout(Duration::from_secs(5), client.database(&name).drop()).await;
+            }
+        });
+    })
+    .join();
+}
+
+/// Waits until `base/readyz` answers 200 (with MongoDB, the store connects in the background).
+pub async fn wait_ready(http: &reqwest::Client, base: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let res = http.get(format!("{base}/readyz")).send().await;
+        match res {
+            Ok(r) if r.status() == 200 => return,
+            Ok(r) if Instant::now() >= deadline => panic!("{base} not ready: {}", r.text().await.unwrap_or_default()),
+            Err(e) if Instant::now() >= deadline => panic!("{base} not ready: {e}"),
+            _ => tokio::time::sleep(Duration::from_millis(25)).await,
+        }
     }
 }
 
@@ -262,10 +314,10 @@ impl Proc {
         let http = reqwest::Client::new();
         let deadline = Instant::now() + within;
         loop {
-            if let Ok(r) = http.get(format!("{}/readyz", self.url)).send().await {
-                if r.status() == 200 {
-                    return;
-                }
+            if let Ok(r) = http.get(format!("{}/readyz", self.url)).send().await
+                && r.status() == 200
+            {
+                return;
             }
             assert!(
                 Instant::now() < deadline,

@@ -12,7 +12,7 @@ use shared::Config;
 use shared::http::{Ops, Readiness, Server, assemble};
 use shared::internal::PeerClient;
 use shared::metrics::Metrics;
-use shared::store::{StoreHealth, open_poll_store};
+use shared::store::{StoreHealth, configured_connection_string, open_poll_store};
 use tokio_util::sync::CancellationToken;
 use utoipa::openapi::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -26,7 +26,7 @@ pub const STREAM_INTERVAL: Duration = Duration::from_millis(250);
 pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Server, String> {
     let readiness = Arc::new(Readiness::default());
     let metrics = Arc::new(Metrics::new(SERVICE));
-    let store = open_poll_store(&config).await?;
+    let store = open_poll_store(&config, &readiness, configured_connection_string(&config)).await?;
     let peer = PeerClient::new(
         "vote service",
         &config.services.vote_url,

@@ -12,7 +12,7 @@ use shared::Config;
 use shared::http::{Ops, Readiness, Server, assemble};
 use shared::internal::PeerClient;
 use shared::metrics::Metrics;
-use shared::store::{StoreHealth, open_ballot_store};
+use shared::store::{StoreHealth, configured_connection_string, open_ballot_store};
 use tokio_util::sync::CancellationToken;
 use utoipa::openapi::OpenApi;
 
@@ -23,7 +23,7 @@ pub const DEFAULT_PORT: u16 = 5000;
 pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Server, String> {
     let readiness = Arc::new(Readiness::default());
     let metrics = Arc::new(Metrics::new(SERVICE));
-    let store = open_ballot_store(&config).await?;
+    let store = open_ballot_store(&config, &readiness, configured_connection_string(&config)).await?;
     let peer = PeerClient::new(
         "poll service",
         &config.services.poll_url,

@@ -30,22 +30,29 @@ pub trait Dependency: Send + Sync + 'static {
     async fn check(&self) -> Result<(), String>;
 }
 
-/// Start-up and shutdown state behind `/readyz`.
+/// Start-up and shutdown state behind `/readyz`: ready once the server is built and every
+/// pending start-up condition (storage connected, secret loaded) is resolved, until draining.
 #[derive(Debug, Default)]
 pub struct Readiness {
     initialised: AtomicBool,
     draining: AtomicBool,
-    reason: std::sync::Mutex<String>,
+    pending: std::sync::Mutex<BTreeMap<&'static str, String>>,
 }
 
 impl Readiness {
     pub fn set_initialised(&self) {
         self.initialised.store(true, Ordering::SeqCst);
     }
-    /// Why the service is not initialised yet (shown by `/readyz` and `/health/deep`).
-    pub fn set_waiting_reason(&self, reason: impl Into<String>) {
-        if let Ok(mut r) = self.reason.lock() {
-            *r = reason.into();
+    /// Records (or updates) a start-up condition that is not met yet, and why.
+    pub fn wait_for(&self, what: &'static str, reason: impl Into<String>) {
+        if let Ok(mut p) = self.pending.lock() {
+            p.insert(what, reason.into());
+        }
+    }
+    /// The start-up condition is met.
+    pub fn resolve(&self, what: &'static str) {
+        if let Ok(mut p) = self.pending.lock() {
+            p.remove(what);
         }
     }
     pub fn set_draining(&self) {
@@ -59,14 +66,15 @@ impl Readiness {
         if self.draining.load(Ordering::SeqCst) {
             Err("draining: shutting down".into())
         } else if !self.initialised.load(Ordering::SeqCst) {
-            let r = self.reason.lock().map(|r| r.clone()).unwrap_or_default();
-            Err(if r.is_empty() {
-                "starting".into()
-            } else {
-                format!("starting: {r}")
-            })
+            Err("starting".into())
         } else {
-            Ok(())
+            let pending = self.pending.lock().map(|p| p.clone()).unwrap_or_default();
+            if pending.is_empty() {
+                Ok(())
+            } else {
+                let why: Vec<String> = pending.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+                Err(format!("starting: {}", why.join("; ")))
+            }
         }
     }
 }

@@ -11,6 +11,7 @@ use crate::domain::{BallotRecord, CastOutcome, PollQuery, PollRecord, Tally};
 pub mod contract;
 pub mod embedded;
 pub mod mongo;
+pub mod slot;
 
 /// Why a storage call failed. Messages are for logs only: they never reach clients.
 #[derive(Debug, thiserror::Error)]
@@ -97,10 +98,27 @@ where
     }
 }
 
-/// Opens the poll service's store as configured.
-pub async fn open_poll_store(config: &crate::Config) -> Result<DynPollStore, String> {
+/// Opens the poll service's store as configured. With MongoDB the returned store is a [`slot::Slot`]
+/// that a background task fills once the database answers (and refills when the connection string
+/// changes); until then calls fail with `Unavailable` and readiness waits for "database".
+pub async fn open_poll_store(
+    config: &crate::Config,
+    readiness: &Arc<crate::http::Readiness>,
+    uris: tokio::sync::watch::Receiver<Option<crate::Secret>>,
+) -> Result<DynPollStore, String> {
     match config.storage.effective_backend() {
-        crate::config::Backend::Mongodb => Err("the MongoDB backend is not built into this version".into()),
+        crate::config::Backend::Mongodb => {
+            let config = config.clone();
+            let slot = slot::connect_in_background(readiness.clone(), uris, move |uri| {
+                let settings = config.mongo_settings(&uri, "poll");
+                async move {
+                    let client = mongo::build_client(&settings).await?;
+                    let store = mongo::MongoPollStore::open(client, &settings.database, settings.tuning()).await?;
+                    Ok(Arc::new(store) as Arc<dyn PollStore>)
+                }
+            });
+            Ok(slot)
+        }
         _ => {
             let path = config.storage.data_dir.join("poll.redb");
             let store = embedded::EmbeddedPollStore::open(&path).map_err(|e| e.to_string())?;
@@ -109,14 +127,39 @@ pub async fn open_poll_store(config: &crate::Config) -> Result<DynPollStore, Str
     }
 }
 
-/// Opens the vote service's store as configured.
-pub async fn open_ballot_store(config: &crate::Config) -> Result<DynBallotStore, String> {
+/// Opens the vote service's store as configured (see [`open_poll_store`]).
+pub async fn open_ballot_store(
+    config: &crate::Config,
+    readiness: &Arc<crate::http::Readiness>,
+    uris: tokio::sync::watch::Receiver<Option<crate::Secret>>,
+) -> Result<DynBallotStore, String> {
     match config.storage.effective_backend() {
-        crate::config::Backend::Mongodb => Err("the MongoDB backend is not built into this version".into()),
+        crate::config::Backend::Mongodb => {
+            let config = config.clone();
+            let slot = slot::connect_in_background(readiness.clone(), uris, move |uri| {
+                let settings = config.mongo_settings(&uri, "vote");
+                async move {
+                    let client = mongo::build_client(&settings).await?;
+                    let store = mongo::MongoBallotStore::open(client, &settings.database, settings.tuning()).await?;
+                    Ok(Arc::new(store) as Arc<dyn BallotStore>)
+                }
+            });
+            Ok(slot)
+        }
         _ => {
             let path = config.storage.data_dir.join("vote.redb");
             let store = embedded::EmbeddedBallotStore::open(&path).map_err(|e| e.to_string())?;
             Ok(Arc::new(store))
         }
     }
+}
+
+/// Where the MongoDB connection string comes from: the configuration (a value that never changes).
+/// Key Vault, when configured, feeds the same channel with the secret and its rotations.
+pub fn configured_connection_string(config: &crate::Config) -> tokio::sync::watch::Receiver<Option<crate::Secret>> {
+    let uri = config.storage.mongodb_uri.clone();
+    let (tx, rx) = tokio::sync::watch::channel((!uri.is_empty()).then_some(uri));
+    // Keep the sender alive for the life of the process so receivers never see "closed".
+    std::mem::forget(tx);
+    rx
 }

@@ -1,0 +1,187 @@
+//! Fault tests against a MongoDB-protocol server we can stop: a FerretDB of the test's own
+//! (scripts/ferretdb), cut while ballots flow and brought back.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use api_tests::Stack;
+use serde_json::{Value, json};
+
+fn ferretdb(args: &[&str]) -> String {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/ferretdb");
+    let out = std::process::Command::new("bash")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("run scripts/ferretdb");
+    assert!(
+        out.status.success(),
+        "scripts/ferretdb {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8").trim().to_owned()
+}
+
+fn enabled() -> bool {
+    let on = std::env::var("POLLVOTE_TEST_BACKEND").as_deref() == Ok("mongodb");
+    if !on {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI runs this with POLLVOTE_TEST_BACKEND=mongodb"
+        );
+        eprintln!("skipped: set POLLVOTE_TEST_BACKEND=mongodb (scripts/test does) to run the database fault test");
+    }
+    on
+}
+
+struct Outcome {
+    latency: Duration,
+    status: u16,
+    retry_after: bool,
+}
+
+#[tokio::test]
+async fn a_database_outage_gives_fast_503s_and_recovers_without_restart() {
+    if !enabled() {
+        return;
+    }
+    let state = tempfile::tempdir().expect("tempdir");
+    let dir: &Path = state.path();
+    let uri = ferretdb(&["start", dir.to_str().expect("path")]);
+    let s = Arc::new(
+        Stack::start_with(|c| {
+            c.storage.mongodb_uri = shared::Secret::new(uri.clone());
+        })
+        .await,
+    );
+    let (id, _) = s.simple_poll(json!({"dedupe": "voter"})).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let outcomes = Arc::new(std::sync::Mutex::new(Vec::<Outcome>::new()));
+
+    // 8 clients, each casting ballots for its own voters; a failed ballot is retried with the same
+    // Idempotency-Key until it is acknowledged, as a careful client would.
+    let mut clients = Vec::new();
+    for c in 0..8 {
+        let (s, id, stop, outcomes) = (s.clone(), id.clone(), stop.clone(), outcomes.clone());
+        clients.push(tokio::spawn(async move {
+            let mut acknowledged = Vec::new();
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let voter = format!("c{c}-v{n}");
+                n += 1;
+                loop {
+                    let started = Instant::now();
+                    let res = s
+                        .http
+                        .post(format!("{}/api/votes", s.vote))
+                        .header("idempotency-key", format!("key-{voter}"))
+                        .json(&json!({"poll_id": id, "option": "red", "voter_id": voter}))
+                        .send()
+                        .await
+                        .expect("the vote service answers");
+                    let status = res.status().as_u16();
+                    let retry_after = res.headers().contains_key("retry-after");
+                    outcomes.lock().expect("lock").push(Outcome {
+                        latency: started.elapsed(),
+                        status,
+                        retry_after,
+                    });
+                    if status == 201 {
+                        acknowledged.push(voter.clone());
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            acknowledged
+        }));
+    }
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ferretdb(&["kill", dir.to_str().expect("path")]);
+    let cut_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let deep = s
+        .http
+        .get(format!("{}/health/deep", s.vote))
+        .send()
+        .await
+        .expect("deep");
+    assert_eq!(deep.status(), 503);
+    let deep: Value = deep.json().await.expect("json");
+    assert_eq!(deep["dependencies"]["database"]["status"], "down", "{deep}");
+    let ready = s.http.get(format!("{}/readyz", s.vote)).send().await.expect("ready");
+    assert_eq!(
+        ready.status(),
+        200,
+        "readiness fails open during a shared database outage"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let down_for = cut_at.elapsed();
+    ferretdb(&["start", dir.to_str().expect("path")]);
+    let restarted = Instant::now();
+
+    // Recovery: a ballot is acknowledged again, with no restart of the services.
+    loop {
+        let acked_after = outcomes
+            .lock()
+            .expect("lock")
+            .iter()
+            .rev()
+            .take(8)
+            .any(|o| o.status == 201);
+        if acked_after && restarted.elapsed() > Duration::from_millis(500) {
+            break;
+        }
+        assert!(restarted.elapsed() < Duration::from_secs(30), "no recovery within 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let recovered_in = restarted.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut acknowledged = Vec::new();
+    for c in clients {
+        acknowledged.extend(c.await.expect("join"));
+    }
+
+    let outcomes = std::mem::take(&mut *outcomes.lock().expect("lock"));
+    let mut by_status: HashMap<u16, usize> = HashMap::new();
+    for o in outcomes.iter() {
+        *by_status.entry(o.status).or_default() += 1;
+        if o.status != 201 {
+            assert_eq!(o.status, 503, "during the outage only 503s: {by_status:?}");
+            assert!(o.retry_after, "503 carries Retry-After");
+            assert!(
+                o.latency < Duration::from_secs(10),
+                "answered within the request timeout: {:?}",
+                o.latency
+            );
+        }
+    }
+    assert!(
+        by_status.get(&503).copied().unwrap_or(0) > 0,
+        "the outage was seen: {by_status:?}"
+    );
+    eprintln!("outage {down_for:?}, recovered {recovered_in:?} after restart, outcomes {by_status:?}");
+
+    // Every acknowledged ballot is stored exactly once, and the tally equals the stored ballots.
+    let audit: Value = s
+        .http
+        .get(format!("{}/internal/polls/{id}/audit", s.vote))
+        .send()
+        .await
+        .expect("audit")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(audit["consistent"], true, "{audit}");
+    assert_eq!(audit["stored"]["total"], acknowledged.len() as u64, "{audit}");
+    let p = s.get_poll(&id).await;
+    assert_eq!(p["votes"]["count"], acknowledged.len() as u64);
+    drop(s);
+    ferretdb(&["kill", dir.to_str().expect("path")]);
+}
