@@ -22,6 +22,7 @@ pub struct Config {
     pub log: LogConfig,
     pub storage: StorageConfig,
     pub services: ServicesConfig,
+    pub keyvault: KeyVaultConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -109,6 +110,82 @@ pub struct ServicesConfig {
     pub timeout_ms: u64,
 }
 
+/// Reading the MongoDB connection string from Azure Key Vault (see [`crate::keyvault`]).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyVaultConfig {
+    /// `auto`: on when `url` is set. `USE_KEYVAULT` (the predecessor's switch) sets it.
+    pub enabled: Switch,
+    /// The vault, `https://<name>.vault.azure.net/`.
+    pub url: String,
+    pub secret_name: String,
+    /// Key Vault REST API version; empty means the SDK's default.
+    pub api_version: String,
+    /// Whether the resource named in the vault's authentication challenge must match the vault's
+    /// domain (off only for a vault on localhost, such as a test double).
+    pub verify_challenge_resource: bool,
+    /// How often the secret is read again (rotation); it is also read at once when the database
+    /// refuses the current credentials.
+    pub refresh_interval_ms: u64,
+    /// Timeout of one request to the vault or the token endpoint.
+    pub timeout_ms: u64,
+    /// Start-up: failed reads are retried with exponential backoff from `retry_initial_ms` up to
+    /// `retry_max_ms`; past this deadline without the secret the failure is logged as an error
+    /// (readiness stays 503, and reads go on every `retry_max_ms`).
+    pub startup_deadline_ms: u64,
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
+}
+
+impl KeyVaultConfig {
+    /// Whether the connection string comes from Key Vault.
+    pub fn in_use(&self) -> bool {
+        match self.enabled {
+            Switch::On => true,
+            Switch::Off => false,
+            Switch::Auto => !self.url.trim().is_empty(),
+        }
+    }
+}
+
+/// `auto`, `true` or `false` (also `1`/`0`, `yes`/`no`, `on`/`off`; empty is `auto`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Switch {
+    Auto,
+    On,
+    Off,
+}
+
+impl Serialize for Switch {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Switch::Auto => s.serialize_str("auto"),
+            Switch::On => s.serialize_bool(true),
+            Switch::Off => s.serialize_bool(false),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Switch {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bool(b) => Ok(if b { Switch::On } else { Switch::Off }),
+            Raw::Text(t) if t.trim().is_empty() || t.trim().eq_ignore_ascii_case("auto") => Ok(Switch::Auto),
+            Raw::Text(t) => match parse_bool(&t) {
+                Some(true) => Ok(Switch::On),
+                Some(false) => Ok(Switch::Off),
+                None => Err(serde::de::Error::custom(format!("`{t}` is not true, false or auto"))),
+            },
+        }
+    }
+}
+
 /// Everything wrong with the configuration, listed at once.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration:\n  - {}", problems.join("\n  - "))]
@@ -140,6 +217,7 @@ impl Sources {
 enum Kind {
     Str,
     Int,
+    Bool,
 }
 
 /// Short names, including the predecessor's. Later entries win over earlier ones.
@@ -157,6 +235,20 @@ const ALIASES: &[(&str, &str, Kind)] = &[
     ("MONGODB_CONNECTION_STRING", "storage.mongodb_uri", Kind::Str),
     ("POLL_API", "services.poll_url", Kind::Str),
     ("VOTE_API", "services.vote_url", Kind::Str),
+    ("USE_KEYVAULT", "keyvault.enabled", Kind::Str),
+    ("KEYVAULT_URL", "keyvault.url", Kind::Str),
+    ("KEYVAULT_SECRET_NAME", "keyvault.secret_name", Kind::Str),
+    ("KEYVAULT_API_VERSION", "keyvault.api_version", Kind::Str),
+    (
+        "KEYVAULT_VERIFY_CHALLENGE_RESOURCE",
+        "keyvault.verify_challenge_resource",
+        Kind::Bool,
+    ),
+    (
+        "KEYVAULT_REFRESH_INTERVAL_MS",
+        "keyvault.refresh_interval_ms",
+        Kind::Int,
+    ),
 ];
 
 impl Config {
@@ -221,6 +313,13 @@ impl Config {
                         continue;
                     }
                 },
+                Kind::Bool => match parse_bool(raw) {
+                    Some(b) => Value::Boolean(b),
+                    None => {
+                        problems.push(format!("{name}: `{raw}` is not true or false"));
+                        continue;
+                    }
+                },
             };
             if *key == "storage.mongodb_uri" && raw.is_empty() {
                 continue;
@@ -228,8 +327,12 @@ impl Config {
             set(&mut merged, &path, value);
         }
 
-        let config = deserialize_sections(merged, &mut problems);
-        if let Some(c) = &config {
+        let mut config = deserialize_sections(merged, &mut problems);
+        if let Some(c) = &mut config {
+            // With Key Vault, `auto` means MongoDB: the connection string arrives after start.
+            if c.keyvault.in_use() && c.storage.backend == Backend::Auto {
+                c.storage.backend = Backend::Mongodb;
+            }
             c.validate(&mut problems);
         }
         match config {
@@ -280,7 +383,7 @@ impl Config {
         if self.services.timeout_ms == 0 {
             problems.push("services.timeout_ms: must be greater than 0".into());
         }
-        if self.storage.backend == Backend::Mongodb && self.storage.mongodb_uri.is_empty() {
+        if self.storage.backend == Backend::Mongodb && self.storage.mongodb_uri.is_empty() && !self.keyvault.in_use() {
             problems.push("storage.mongodb_uri: required when storage.backend is `mongodb`".into());
         }
         let uri = self.storage.mongodb_uri.expose();
@@ -306,6 +409,69 @@ impl Config {
         }
         if self.storage.effective_backend() == Backend::Embedded && self.storage.data_dir.as_os_str().is_empty() {
             problems.push("storage.data_dir: must not be empty".into());
+        }
+        self.validate_keyvault(problems);
+    }
+
+    fn validate_keyvault(&self, problems: &mut Vec<String>) {
+        let kv = &self.keyvault;
+        let url = kv.url.trim();
+        if kv.in_use() {
+            if url.is_empty() {
+                problems.push("keyvault.url: required when Key Vault is enabled (set KEYVAULT_URL)".into());
+            }
+            if !self.storage.mongodb_uri.is_empty() {
+                problems.push(
+                    "storage.mongodb_uri: set while Key Vault is enabled; the connection string comes from one place \
+                     (unset MONGODB_CONNECTION_STRING/COSMOSDB_CONNECTION_STRING or set USE_KEYVAULT=false)"
+                        .into(),
+                );
+            }
+            if self.storage.backend == Backend::Embedded {
+                problems.push("storage.backend: `embedded` while Key Vault is enabled (Key Vault holds a MongoDB connection string)".into());
+            }
+        }
+        if !url.is_empty() {
+            match reqwest::Url::parse(url) {
+                Ok(u) if u.scheme() == "https" && u.host_str().is_some() && u.query().is_none() => {}
+                Ok(u) if u.scheme() == "http" => problems.push(format!(
+                    "keyvault.url: `{url}` must use https (the bearer token is never sent over plain HTTP)"
+                )),
+                _ => problems.push(format!(
+                    "keyvault.url: `{url}` is not an https URL such as https://<name>.vault.azure.net/"
+                )),
+            }
+        }
+        let name = &kv.secret_name;
+        if name.is_empty() || name.len() > 127 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            problems.push(format!(
+                "keyvault.secret_name: `{name}` is not a Key Vault secret name (1 to 127 letters, digits and dashes)"
+            ));
+        }
+        if !kv
+            .api_version
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+        {
+            problems.push(format!(
+                "keyvault.api_version: `{}` is not an API version such as 7.4 or 2025-07-01",
+                kv.api_version
+            ));
+        }
+        if kv.refresh_interval_ms < 1000 {
+            problems.push("keyvault.refresh_interval_ms: must be at least 1000".into());
+        }
+        for (key, v) in [
+            ("keyvault.timeout_ms", kv.timeout_ms),
+            ("keyvault.startup_deadline_ms", kv.startup_deadline_ms),
+            ("keyvault.retry_initial_ms", kv.retry_initial_ms),
+        ] {
+            if v == 0 {
+                problems.push(format!("{key}: must be greater than 0"));
+            }
+        }
+        if kv.retry_max_ms < kv.retry_initial_ms {
+            problems.push("keyvault.retry_max_ms: must not be shorter than keyvault.retry_initial_ms".into());
         }
     }
 
@@ -451,12 +617,14 @@ fn deserialize_sections(merged: Table, problems: &mut Vec<String>) -> Option<Con
     let log = section(&merged, "log", problems);
     let storage = section(&merged, "storage", problems);
     let services = section(&merged, "services", problems);
+    let keyvault = section(&merged, "keyvault", problems);
     Some(Config {
         server: server?,
         rate_limit: rate_limit?,
         log: log?,
         storage: storage?,
         services: services?,
+        keyvault: keyvault?,
     })
 }
 
@@ -582,5 +750,111 @@ mod tests {
         .expect_err("invalid");
         assert_eq!(err.problems.len(), 2, "{err}");
         assert!(!err.to_string().contains("secret-password"));
+    }
+
+    #[test]
+    fn key_vault_is_off_by_default_and_on_with_a_url() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = Config::load(&sources(&[], dir.path())).expect("valid");
+        assert!(!c.keyvault.in_use());
+        assert_eq!(c.keyvault.secret_name, "cosmosdb-connection-string");
+        assert!(c.keyvault.verify_challenge_resource);
+        let c = Config::load(&sources(
+            &[
+                ("KEYVAULT_URL", "https://my-keyvault.vault.azure.net/"),
+                ("KEYVAULT_SECRET_NAME", "db-uri"),
+                ("KEYVAULT_API_VERSION", "7.4"),
+                ("KEYVAULT_VERIFY_CHALLENGE_RESOURCE", "false"),
+                ("KEYVAULT_REFRESH_INTERVAL_MS", "1000"),
+                ("POLLVOTE__KEYVAULT__STARTUP_DEADLINE_MS", "5000"),
+            ],
+            dir.path(),
+        ))
+        .expect("valid");
+        assert!(c.keyvault.in_use(), "a URL alone turns it on");
+        assert_eq!(
+            c.storage.effective_backend(),
+            Backend::Mongodb,
+            "auto means MongoDB with Key Vault"
+        );
+        assert_eq!(
+            (c.keyvault.secret_name.as_str(), c.keyvault.api_version.as_str()),
+            ("db-uri", "7.4")
+        );
+        assert!(!c.keyvault.verify_challenge_resource);
+        assert_eq!(
+            (c.keyvault.refresh_interval_ms, c.keyvault.startup_deadline_ms),
+            (1000, 5000)
+        );
+    }
+
+    #[test]
+    fn use_keyvault_is_the_predecessors_switch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = ("KEYVAULT_URL", "https://kv.vault.azure.net/");
+        for (raw, on) in [
+            ("true", true),
+            ("True", true),
+            ("1", true),
+            ("false", false),
+            ("no", false),
+            ("", true),
+        ] {
+            let c = Config::load(&sources(&[("USE_KEYVAULT", raw), url], dir.path())).expect("valid");
+            assert_eq!(c.keyvault.in_use(), on, "USE_KEYVAULT={raw}");
+        }
+        // Off: the connection string comes from the environment as before.
+        let c = Config::load(&sources(
+            &[
+                ("USE_KEYVAULT", "false"),
+                url,
+                ("MONGODB_CONNECTION_STRING", "mongodb://db/"),
+            ],
+            dir.path(),
+        ))
+        .expect("valid");
+        assert_eq!(c.storage.mongodb_uri.expose(), "mongodb://db/");
+        let err = Config::load(&sources(&[("USE_KEYVAULT", "maybe")], dir.path())).expect_err("invalid");
+        assert!(err.to_string().contains("keyvault.enabled"), "{err}");
+    }
+
+    #[test]
+    fn key_vault_settings_are_validated_without_echoing_the_connection_string() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = Config::load(&sources(&[("USE_KEYVAULT", "true")], dir.path())).expect_err("no url");
+        assert!(err.to_string().contains("keyvault.url: required"), "{err}");
+        let err = Config::load(&sources(
+            &[
+                ("KEYVAULT_URL", "http://kv.vault.azure.net/"),
+                ("KEYVAULT_SECRET_NAME", "no_underscores"),
+                ("KEYVAULT_API_VERSION", "7.4; drop"),
+                ("KEYVAULT_VERIFY_CHALLENGE_RESOURCE", "perhaps"),
+                ("KEYVAULT_REFRESH_INTERVAL_MS", "10"),
+                ("MONGODB_CONNECTION_STRING", "mongodb://user:secret-password@db/"),
+                ("POLLVOTE__STORAGE__BACKEND", "embedded"),
+                ("POLLVOTE__KEYVAULT__RETRY_MAX_MS", "1"),
+            ],
+            dir.path(),
+        ))
+        .expect_err("invalid");
+        let text = err.to_string();
+        for needle in [
+            "KEYVAULT_VERIFY_CHALLENGE_RESOURCE: `perhaps` is not true or false",
+            "keyvault.url: `http://kv.vault.azure.net/` must use https",
+            "keyvault.secret_name: `no_underscores`",
+            "keyvault.api_version",
+            "keyvault.refresh_interval_ms",
+            "storage.mongodb_uri: set while Key Vault is enabled",
+            "storage.backend: `embedded` while Key Vault is enabled",
+            "keyvault.retry_max_ms",
+        ] {
+            assert!(text.contains(needle), "`{needle}` missing from:\n{text}");
+        }
+        assert!(
+            !text.contains("secret-password"),
+            "the connection string leaked:\n{text}"
+        );
+        let err = Config::load(&sources(&[("KEYVAULT_URL", "not a url")], dir.path())).expect_err("invalid");
+        assert!(err.to_string().contains("is not an https URL"), "{err}");
     }
 }

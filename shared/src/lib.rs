@@ -5,6 +5,7 @@ pub mod config;
 pub mod domain;
 pub mod http;
 pub mod internal;
+pub mod keyvault;
 pub mod metrics;
 pub mod problem;
 pub mod secret;

@@ -404,6 +404,7 @@ async fn throttling_is_retried_with_bounded_backoff_then_answered_503() {
         base_delay: Duration::from_millis(50),
         max_delay: Duration::from_millis(800),
         deadline: Duration::from_secs(10),
+        ..RetryPolicy::default()
     };
 
     // Classification of what Cosmos DB sends.

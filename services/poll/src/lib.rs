@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shared::Config;
-use shared::http::{Ops, Readiness, Server, assemble};
+use shared::http::{Dependency, Ops, Readiness, Server, assemble};
 use shared::internal::PeerClient;
 use shared::metrics::Metrics;
-use shared::store::{StoreHealth, configured_connection_string, open_poll_store};
+use shared::store::{StoreHealth, connection_source, open_poll_store};
 use tokio_util::sync::CancellationToken;
 use utoipa::openapi::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -26,7 +26,9 @@ pub const STREAM_INTERVAL: Duration = Duration::from_millis(250);
 pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Server, String> {
     let readiness = Arc::new(Readiness::default());
     let metrics = Arc::new(Metrics::new(SERVICE));
-    let store = open_poll_store(&config, &readiness, configured_connection_string(&config)).await?;
+    let source = connection_source(&config, &readiness)?;
+    let keyvault = source.health.clone();
+    let store = open_poll_store(&config, &readiness, source).await?;
     let peer = PeerClient::new(
         "vote service",
         &config.services.vote_url,
@@ -49,9 +51,12 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Server
             Arc::new(StoreHealth(move || {
                 let db = db.clone();
                 async move { db.ping().await }
-            })),
+            })) as Arc<dyn Dependency>,
             Arc::new(peer),
-        ],
+        ]
+        .into_iter()
+        .chain(keyvault)
+        .collect(),
     });
     let router = assemble(api::router(state), ops, &config, describe);
     let port = config.port_or(DEFAULT_PORT);

@@ -104,13 +104,15 @@ where
 pub async fn open_poll_store(
     config: &crate::Config,
     readiness: &Arc<crate::http::Readiness>,
-    uris: tokio::sync::watch::Receiver<Option<crate::Secret>>,
+    source: ConnectionSource,
 ) -> Result<DynPollStore, String> {
     match config.storage.effective_backend() {
         crate::config::Backend::Mongodb => {
             let config = config.clone();
-            let slot = slot::connect_in_background(readiness.clone(), uris, move |uri| {
-                let settings = config.mongo_settings(&uri, "poll");
+            let rejected = source.credentials_rejected;
+            let slot = slot::connect_in_background(readiness.clone(), source.uris, move |uri| {
+                let mut settings = config.mongo_settings(&uri, "poll");
+                settings.on_credentials_rejected = rejected.clone();
                 async move {
                     let client = mongo::build_client(&settings).await?;
                     let store = mongo::MongoPollStore::open(client, &settings.database, settings.tuning()).await?;
@@ -131,13 +133,15 @@ pub async fn open_poll_store(
 pub async fn open_ballot_store(
     config: &crate::Config,
     readiness: &Arc<crate::http::Readiness>,
-    uris: tokio::sync::watch::Receiver<Option<crate::Secret>>,
+    source: ConnectionSource,
 ) -> Result<DynBallotStore, String> {
     match config.storage.effective_backend() {
         crate::config::Backend::Mongodb => {
             let config = config.clone();
-            let slot = slot::connect_in_background(readiness.clone(), uris, move |uri| {
-                let settings = config.mongo_settings(&uri, "vote");
+            let rejected = source.credentials_rejected;
+            let slot = slot::connect_in_background(readiness.clone(), source.uris, move |uri| {
+                let mut settings = config.mongo_settings(&uri, "vote");
+                settings.on_credentials_rejected = rejected.clone();
                 async move {
                     let client = mongo::build_client(&settings).await?;
                     let store = mongo::MongoBallotStore::open(client, &settings.database, settings.tuning()).await?;
@@ -154,12 +158,34 @@ pub async fn open_ballot_store(
     }
 }
 
-/// Where the MongoDB connection string comes from: the configuration (a value that never changes).
-/// Key Vault, when configured, feeds the same channel with the secret and its rotations.
-pub fn configured_connection_string(config: &crate::Config) -> tokio::sync::watch::Receiver<Option<crate::Secret>> {
+/// Where the MongoDB connection string comes from, and where to report that the database refused it.
+#[derive(Clone)]
+pub struct ConnectionSource {
+    /// The current connection string (`None` until known); a new value is a rotation.
+    pub uris: tokio::sync::watch::Receiver<Option<crate::Secret>>,
+    /// Reported when the database refuses the credentials (Key Vault then reads the secret at once).
+    pub credentials_rejected: mongo::CredentialsRejected,
+    /// Key Vault's state for `/health/deep`, when the connection string comes from there.
+    pub health: Option<Arc<dyn crate::http::Dependency>>,
+}
+
+/// The connection string as configured: from Key Vault when `keyvault` is in use (fetched in the
+/// background, refreshed, readiness waiting for "secret" until loaded), else `storage.mongodb_uri`,
+/// a value that never changes. Errors are start-up errors (no usable Azure credential, …).
+pub fn connection_source(
+    config: &crate::Config,
+    readiness: &Arc<crate::http::Readiness>,
+) -> Result<ConnectionSource, String> {
+    if config.keyvault.in_use() {
+        return crate::keyvault::start(&config.keyvault, readiness);
+    }
     let uri = config.storage.mongodb_uri.clone();
     let (tx, rx) = tokio::sync::watch::channel((!uri.is_empty()).then_some(uri));
     // Keep the sender alive for the life of the process so receivers never see "closed".
     std::mem::forget(tx);
-    rx
+    Ok(ConnectionSource {
+        uris: rx,
+        credentials_rejected: mongo::CredentialsRejected::default(),
+        health: None,
+    })
 }

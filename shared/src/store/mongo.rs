@@ -106,6 +106,7 @@ const DUPLICATE_KEY: i32 = 11000;
 const DUPLICATE_KEY_LEGACY: i32 = 11001;
 const THROTTLED: i32 = 16500;
 const NAMESPACE_EXISTS: i32 = 48;
+const AUTHENTICATION_FAILED: i32 = 18;
 
 /// How to reach the database. `uri` is a secret: it is never logged, and `Debug` masks it.
 #[derive(Clone)]
@@ -129,6 +130,8 @@ pub struct MongoSettings {
     pub tally_cache_ttl: Duration,
     pub polls_collection: String,
     pub ballots_collection: String,
+    /// Told when the server refuses the URI's credentials (Key Vault then reads the secret again).
+    pub on_credentials_rejected: CredentialsRejected,
 }
 
 impl MongoSettings {
@@ -146,6 +149,7 @@ impl MongoSettings {
             tally_cache_ttl: Duration::from_secs(1),
             polls_collection: POLLS_COLLECTION.into(),
             ballots_collection: BALLOTS_COLLECTION.into(),
+            on_credentials_rejected: CredentialsRejected::default(),
         }
     }
 
@@ -154,6 +158,7 @@ impl MongoSettings {
         StoreTuning {
             retry: RetryPolicy {
                 deadline: self.operation_timeout,
+                on_credentials_rejected: self.on_credentials_rejected.clone(),
                 ..RetryPolicy::default()
             },
             tally_cache_ttl: self.tally_cache_ttl,
@@ -312,6 +317,8 @@ pub struct RetryPolicy {
     pub base_delay: Duration,
     pub max_delay: Duration,
     pub deadline: Duration,
+    /// Told about every failure that is the server refusing our credentials.
+    pub on_credentials_rejected: CredentialsRejected,
 }
 
 impl Default for RetryPolicy {
@@ -321,9 +328,51 @@ impl Default for RetryPolicy {
             base_delay: Duration::from_millis(50),
             max_delay: Duration::from_secs(1),
             deadline: Duration::from_secs(5),
+            on_credentials_rejected: CredentialsRejected::default(),
         }
     }
 }
+
+/// Where "the database refused our credentials" is reported: a rotated password then gets the
+/// connection string read again from Key Vault at once instead of at the next refresh. Does
+/// nothing unless made with [`CredentialsRejected::notifying`].
+#[derive(Clone, Default)]
+pub struct CredentialsRejected(Option<std::sync::Arc<tokio::sync::Notify>>);
+
+impl CredentialsRejected {
+    /// Reports to `notify` (one stored permit however many failures: the reader coalesces them).
+    pub fn notifying(notify: std::sync::Arc<tokio::sync::Notify>) -> Self {
+        Self(Some(notify))
+    }
+
+    pub fn report(&self) {
+        if let Some(n) = &self.0 {
+            n.notify_one();
+        }
+    }
+}
+
+impl std::fmt::Debug for CredentialsRejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "CredentialsRejected(reported)"
+        } else {
+            "CredentialsRejected(ignored)"
+        })
+    }
+}
+
+impl PartialEq for CredentialsRejected {
+    fn eq(&self, other: &Self) -> bool {
+        match (&self.0, &other.0) {
+            (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for CredentialsRejected {}
 
 impl RetryPolicy {
     /// The pure decision after a failure, given how many retries were already made and how much
@@ -376,7 +425,12 @@ impl RetryPolicy {
             let left = self.deadline.saturating_sub(elapsed(slept));
             let failure = match tokio::time::timeout(left, op().into_future()).await {
                 Ok(Ok(v)) => return Ok(v),
-                Ok(Err(e)) => classify(&e),
+                Ok(Err(e)) => {
+                    if credentials_rejected(&e) {
+                        self.on_credentials_rejected.report();
+                    }
+                    classify(&e)
+                }
                 Err(_) => Failure::Unreachable {
                     message: format!("database call timed out after {} ms", self.deadline.as_millis()),
                 },
@@ -420,6 +474,11 @@ pub fn is_duplicate_key(e: &MongoError) -> bool {
     codes(e)
         .iter()
         .any(|c| matches!(*c, DUPLICATE_KEY | DUPLICATE_KEY_LEGACY))
+}
+
+/// Whether the server refused the credentials (a failed handshake, or `AuthenticationFailed`, 18).
+pub fn credentials_rejected(e: &MongoError) -> bool {
+    matches!(e.kind.as_ref(), ErrorKind::Authentication { .. }) || codes(e).contains(&AUTHENTICATION_FAILED)
 }
 
 /// The error's kind and server message, without labels or the server's raw reply.
@@ -481,7 +540,8 @@ pub fn classify(e: &MongoError) -> Failure {
             | ErrorKind::DnsResolve { .. }
             | ErrorKind::Authentication { .. }
             | ErrorKind::Shutdown
-    ) || codes.iter().any(|c| UNREACHABLE_CODES.contains(c));
+    ) || codes.iter().any(|c| UNREACHABLE_CODES.contains(c))
+        || codes.contains(&AUTHENTICATION_FAILED);
     if unreachable {
         Failure::Unreachable { message }
     } else {
@@ -1157,6 +1217,45 @@ mod tests {
         assert_eq!(scrub("secret-part here", "secret-part"), "<redacted> here");
         let settings = MongoSettings::new("mongodb://user:hunter2@h/", "vote");
         assert!(!format!("{settings:?}").contains("hunter2"));
+    }
+
+    #[tokio::test]
+    async fn refused_credentials_are_reported_and_answered_503() {
+        let notify = std::sync::Arc::new(tokio::sync::Notify::new());
+        let policy = RetryPolicy {
+            on_credentials_rejected: CredentialsRejected::notifying(notify.clone()),
+            ..RetryPolicy::default()
+        };
+        // `AuthenticationFailed` (18), as a server answers a refused login (a failed handshake is
+        // `ErrorKind::Authentication`, which the driver alone can make).
+        let command: mongodb::error::CommandError = mongodb::bson::deserialize_from_document(doc! {
+            "code": 18, "codeName": "AuthenticationFailed", "errmsg": "Authentication failed.",
+        })
+        .expect("command error");
+        let refused = MongoError::from(ErrorKind::Command(command));
+        assert!(credentials_rejected(&refused));
+        let result = policy.run(|| async { Err::<(), _>(refused.clone()) }).await;
+        assert!(matches!(result, Err(StoreError::Unavailable { .. })), "{result:?}");
+        tokio::time::timeout(Duration::from_secs(1), notify.notified())
+            .await
+            .expect("a refused login is reported");
+        // Other failures are not reported.
+        let unreachable = MongoError::from(ErrorKind::Io(std::sync::Arc::new(
+            std::io::ErrorKind::ConnectionRefused.into(),
+        )));
+        assert!(!credentials_rejected(&unreachable));
+        let quiet = RetryPolicy {
+            on_credentials_rejected: CredentialsRejected::notifying(notify.clone()),
+            deadline: Duration::from_millis(100),
+            ..RetryPolicy::default()
+        };
+        let _ = quiet.run(|| async { Err::<(), _>(unreachable.clone()) }).await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), notify.notified())
+                .await
+                .is_err(),
+            "an unreachable server is not a refusal"
+        );
     }
 
     #[test]
