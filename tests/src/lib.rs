@@ -15,6 +15,8 @@ use serde_json::{Value, json};
 use shared::config::{Config, Sources};
 use tokio_util::sync::CancellationToken;
 
+pub mod azure;
+
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -289,6 +291,13 @@ impl Proc {
     /// Starts binary `name` with `env` (and nothing inherited but PATH/HOME) and waits for
     /// `/readyz` to answer 200.
     pub async fn start(name: &str, env: &[(&str, String)], log: PathBuf) -> Self {
+        let p = Self::spawn(name, env, log);
+        p.wait_ready(Duration::from_secs(20)).await;
+        p
+    }
+
+    /// Starts binary `name` like [`Proc::start`] without waiting for it to be ready.
+    pub fn spawn(name: &str, env: &[(&str, String)], log: PathBuf) -> Self {
         let port = env
             .iter()
             .find(|(k, _)| *k == "PORT")
@@ -305,9 +314,7 @@ impl Proc {
             .kill_on_drop(true);
         let child = cmd.spawn().expect("spawn service");
         let url = format!("http://127.0.0.1:{port}");
-        let p = Self { child, url, log };
-        p.wait_ready(Duration::from_secs(20)).await;
-        p
+        Self { child, url, log }
     }
 
     pub async fn wait_ready(&self, within: Duration) {
