@@ -14,8 +14,8 @@ use shared::internal::PeerClient;
 use shared::metrics::Metrics;
 use shared::store::{StoreHealth, connection_source, open_poll_store};
 use tokio_util::sync::CancellationToken;
-use utoipa::openapi::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{LicenseBuilder, OpenApi};
 
 pub const SERVICE: &str = "poll";
 pub const DEFAULT_PORT: u16 = 4000;
@@ -78,6 +78,9 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Server
 pub fn describe(doc: &mut OpenApi) {
     doc.info.title = "Poll service".into();
     doc.info.version = env!("CARGO_PKG_VERSION").into();
+    // Not utoipa's own contact and licence, which it fills in by default.
+    doc.info.contact = None;
+    doc.info.license = Some(LicenseBuilder::new().name("MIT").identifier(Some("MIT")).build());
     doc.info.description = Some(
         "Polls and their lifecycle. Errors are application/problem+json (RFC 9457). Changing, closing and \
          deleting a poll needs the admin token returned once at creation, as `Authorization: Bearer <token>`."

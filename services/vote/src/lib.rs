@@ -14,7 +14,7 @@ use shared::internal::PeerClient;
 use shared::metrics::Metrics;
 use shared::store::{StoreHealth, connection_source, open_ballot_store};
 use tokio_util::sync::CancellationToken;
-use utoipa::openapi::OpenApi;
+use utoipa::openapi::{LicenseBuilder, OpenApi};
 
 pub const SERVICE: &str = "vote";
 pub const DEFAULT_PORT: u16 = 5000;
@@ -79,6 +79,9 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Server
 pub fn describe(doc: &mut OpenApi) {
     doc.info.title = "Vote service".into();
     doc.info.version = env!("CARGO_PKG_VERSION").into();
+    // Not utoipa's own contact and licence, which it fills in by default.
+    doc.info.contact = None;
+    doc.info.license = Some(LicenseBuilder::new().name("MIT").identifier(Some("MIT")).build());
     doc.info.description = Some(
         "Ballots. One ballot per voter per poll (by client address, voter id, or none, as the poll says), \
          enforced by a unique key in the database. Errors are application/problem+json (RFC 9457)."
