@@ -990,3 +990,183 @@ async fn shutdown_turns_readiness_off_and_ends_streams() {
         .expect("join");
     assert!(r.is_ok());
 }
+
+// Found by the schemathesis fuzz (scripts/fuzz-api) or by making the OpenAPI document match
+// what the server does: each case is one the schema allows and the server refused, or the other
+// way round.
+
+#[tokio::test]
+async fn whole_numbers_may_be_written_as_floats_and_lengths_count_the_text_as_sent() {
+    let s = Stack::start().await;
+    let post = |body: Value| s.http.post(format!("{}/api/polls", s.poll)).json(&body).send();
+    let res = post(json!({"name": "n", "options": ["a", "b", "c"], "max_choices": 2.0}))
+        .await
+        .expect("post");
+    assert_eq!(res.status(), 201, "JSON Schema's `integer` admits 2.0");
+    let created: Value = res.json().await.expect("json");
+    assert_eq!(created["max_choices"], 2);
+    let (id, token) = (
+        created["id"].as_str().expect("id"),
+        created["admin_token"].as_str().expect("token"),
+    );
+    let res = s
+        .http
+        .patch(format!("{}/api/polls/{id}", s.poll))
+        .bearer_auth(token)
+        .json(&json!({"max_choices": 3.0}))
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.json::<Value>().await.expect("json")["max_choices"], 3);
+
+    for (body, field) in [
+        (
+            json!({"name": "n", "options": ["a", "b"], "max_choices": 1.5}),
+            "max_choices",
+        ),
+        (
+            json!({"name": "n", "options": ["a", "b"], "max_choices": -1}),
+            "max_choices",
+        ),
+        // 201 characters as sent, although only one is left after trimming: `maxLength: 200`.
+        (
+            json!({"name": format!("n{}", " ".repeat(200)), "options": ["a", "b"]}),
+            "name",
+        ),
+        (
+            json!({"name": "n", "options": ["a", format!("{}b", "\u{3000}".repeat(200))]}),
+            "options[1]",
+        ),
+        // Only white space as `str::trim` counts it (the schema's pattern spells the same set out).
+        (json!({"name": "\u{85}\u{a0}\u{2028}", "options": ["a", "b"]}), "name"),
+    ] {
+        let p = expect_problem(post(body.clone()).await.expect("post"), 400).await;
+        assert!(names_field(&p, field), "{body} should name {field}: {p}");
+    }
+    // Characters that are not white space to Rust (but are to some regex dialects) make a name.
+    let res = post(json!({"name": "\u{1c}\u{feff}", "options": ["a", "b"]}))
+        .await
+        .expect("post");
+    assert_eq!(res.status(), 201);
+}
+
+#[tokio::test]
+async fn every_well_formed_cursor_is_a_position_and_others_are_named() {
+    let s = Stack::start().await;
+    for _ in 0..3 {
+        s.simple_poll(json!({})).await;
+    }
+    let list = |q: String| s.http.get(format!("{}/api/polls?{q}", s.poll)).send();
+    let res = list("limit=1".into()).await.expect("list");
+    let link = res.headers()["link"].to_str().expect("link").to_owned();
+    let cursor = link
+        .split("cursor=")
+        .nth(1)
+        .and_then(|c| c.split(['&', '>']).next())
+        .expect("cursor")
+        .to_owned();
+    assert_eq!(cursor.len(), 27, "{cursor}");
+    let res = list(format!("limit=5&cursor={cursor}")).await.expect("list");
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.json::<Vec<Value>>().await.expect("json").len(), 2);
+
+    // Anything of the documented shape is a position: the epoch, just before it, beyond the last
+    // representable time (everything comes before) and before the first (nothing does).
+    for (c, n) in [
+        ("A".repeat(27), 0),
+        (format!("{}w", "_".repeat(26)), 0),
+        (format!("f{}w", "_".repeat(25)), 3),
+        (format!("g{}A", "A".repeat(25)), 0),
+    ] {
+        let res = list(format!("cursor={c}")).await.expect("list");
+        assert_eq!(res.status(), 200, "{c}");
+        assert_eq!(res.json::<Vec<Value>>().await.expect("json").len(), n, "{c}");
+    }
+    for bad in ["", "not-a-cursor", &format!("{}B", "A".repeat(26)), &"A".repeat(28)] {
+        let p = expect_problem(list(format!("cursor={bad}")).await.expect("list"), 400).await;
+        assert!(names_field(&p, "query.cursor"), "{bad}: {p}");
+    }
+}
+
+#[tokio::test]
+async fn voter_ids_in_the_query_are_checked_like_ballots_check_them() {
+    let s = Stack::start().await;
+    let (id, _) = s.simple_poll(json!({"results": "after_vote", "dedupe": "voter"})).await;
+    for path in [
+        "/api/polls".to_owned(),
+        format!("/api/polls/{id}"),
+        format!("/api/polls/{id}/results/stream"),
+    ] {
+        for bad in ["", "a%20b", "%C3%A9", &"x".repeat(129)] {
+            let res = s
+                .http
+                .get(format!("{}{path}?voter_id={bad}", s.poll))
+                .send()
+                .await
+                .expect("get");
+            let p = expect_problem(res, 400).await;
+            assert!(names_field(&p, "query.voter_id"), "{path} {bad}: {p}");
+        }
+    }
+    assert_eq!(
+        s.vote(json!({"poll_id": id, "option": "red", "voter_id": "v-1"}))
+            .await
+            .status(),
+        201
+    );
+    let res = s
+        .http
+        .get(format!("{}/api/polls/{id}?voter_id=v-1", s.poll))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.json::<Value>().await.expect("json")["votes"]["count"], 1);
+}
+
+#[tokio::test]
+async fn the_openapi_document_states_the_contract_the_server_enforces() {
+    let s = Stack::start().await;
+    let doc: Value = s
+        .http
+        .get(format!("{}/openapi.json", s.poll))
+        .send()
+        .await
+        .expect("doc")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(doc["info"]["license"]["identifier"], "MIT");
+    assert!(doc["info"].get("contact").is_none(), "not utoipa's own author");
+    // Every reference resolves (the listing's `status` filter once pointed nowhere).
+    let text = doc.to_string();
+    for r in text.split("\"$ref\":\"#/components/schemas/").skip(1) {
+        let name = r.split('"').next().expect("name");
+        assert!(doc["components"]["schemas"].get(name).is_some(), "dangling $ref {name}");
+    }
+    let schemas = &doc["components"]["schemas"];
+    assert_eq!(schemas["CreatePoll"]["additionalProperties"], false);
+    assert_eq!(schemas["UpdatePoll"]["additionalProperties"], false);
+    assert_eq!(schemas["OptionList"]["uniqueItems"], true);
+    let get = &doc["paths"]["/api/polls/{id}"]["get"];
+    let id = get["parameters"]
+        .as_array()
+        .expect("parameters")
+        .iter()
+        .find(|p| p["name"] == "id")
+        .expect("id");
+    assert_eq!(id["schema"]["pattern"], "^[0-9a-fA-F]{24}$");
+    let stream = &doc["paths"]["/api/polls/{id}/results/stream"]["get"]["responses"]["200"]["content"];
+    assert_eq!(
+        stream["text/event-stream"]["schema"]["$ref"],
+        "#/components/schemas/ResultsEvent"
+    );
+    let events = &schemas["ResultsEvent"]["oneOf"];
+    assert_eq!(events[0]["properties"]["event"]["enum"], json!(["results"]));
+    assert_eq!(
+        events[0]["properties"]["data"]["contentSchema"]["$ref"],
+        "#/components/schemas/PollView"
+    );
+    assert_eq!(events[1]["properties"]["event"]["enum"], json!(["deleted"]));
+}

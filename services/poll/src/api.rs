@@ -133,8 +133,8 @@ async fn create_poll(State(s): St, AppJson(body): AppJson<CreatePoll>) -> Result
     let mut errors = Vec::new();
     let name = check_name(&body.name, &mut errors);
     let desc = check_desc(body.desc.as_deref().unwrap_or(""), &mut errors);
-    let options = check_options(&body.options, &mut errors);
-    let max_choices = body.max_choices.unwrap_or(1);
+    let options = check_options(&body.options.0, &mut errors);
+    let max_choices = body.max_choices.map_or(1, |m| m.0);
     check_max_choices(max_choices, options.len(), &mut errors);
     if let Some(t) = body.closes_at {
         check_closes_at(t, now, &mut errors);
@@ -170,17 +170,36 @@ async fn create_poll(State(s): St, AppJson(body): AppJson<CreatePoll>) -> Result
     Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(created)).into_response())
 }
 
+/// A cursor is the position of the last poll of a page: its creation time (microseconds since the
+/// epoch, big-endian i64) and its id (12 bytes), base64url without padding — always 27 characters,
+/// the last one from the 16 whose trailing bits are zero (the pattern of [`ListParams::cursor`]).
+/// Every string of that shape is a position in the newest-first order, so every one is accepted.
 fn encode_cursor(p: &PollRecord) -> String {
-    URL_SAFE_NO_PAD.encode(format!("{}:{}", p.created_at.timestamp_micros(), p.id))
+    let mut bytes = [0u8; 20];
+    bytes[..8].copy_from_slice(&p.created_at.timestamp_micros().to_be_bytes());
+    // Ids are 24 hex characters, checked when parsed.
+    for (i, pair) in p.id.as_bytes().chunks(2).take(12).enumerate() {
+        bytes[8 + i] = std::str::from_utf8(pair)
+            .ok()
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+            .unwrap_or(0);
+    }
+    URL_SAFE_NO_PAD.encode(bytes)
 }
 
 fn decode_cursor(c: &str) -> Option<PollCursor> {
-    let raw = String::from_utf8(URL_SAFE_NO_PAD.decode(c).ok()?).ok()?;
-    let (t, id) = raw.split_once(':')?;
-    let created_at = DateTime::from_timestamp_micros(t.parse().ok()?)?;
+    let bytes: [u8; 20] = URL_SAFE_NO_PAD.decode(c).ok()?.try_into().ok()?;
+    let (micros, id) = bytes.split_at(8);
+    let micros = i64::from_be_bytes(micros.try_into().ok()?);
+    // Beyond the representable range, the position is before everything or after everything.
+    let created_at = DateTime::from_timestamp_micros(micros).unwrap_or(if micros < 0 {
+        DateTime::<Utc>::MIN_UTC
+    } else {
+        DateTime::<Utc>::MAX_UTC
+    });
     Some(PollCursor {
         created_at,
-        id: normalise_poll_id(id)?,
+        id: id.iter().map(|b| format!("{b:02x}")).collect(),
     })
 }
 
@@ -213,6 +232,10 @@ async fn list_polls(
             cursor
         }
     };
+    let voter_id = v.voter_id().unwrap_or_else(|p| {
+        errors.extend(p.errors);
+        None
+    });
     if !errors.is_empty() {
         return Err(Problem::validation(errors));
     }
@@ -230,7 +253,7 @@ async fn list_polls(
         polls.truncate(limit);
         polls.last().map(encode_cursor)
     });
-    let viewer = Viewer::new(addr, &headers, v.voter_id.as_deref());
+    let viewer = Viewer::new(addr, &headers, voter_id);
     let body = views(&s, &polls, &viewer, false).await?;
     let mut res = Json(body).into_response();
     if let Some(Some(cursor)) = next {
@@ -249,7 +272,7 @@ async fn list_polls(
 }
 
 /// Get one poll with its counts (or `votes: null` while hidden from this caller).
-#[utoipa::path(get, path = "/api/polls/{id}", tag = "polls", params(("id" = String, Path, description = "Poll id"), ViewerParams), responses(
+#[utoipa::path(get, path = "/api/polls/{id}", tag = "polls", params(PollIdPath, ViewerParams), responses(
     (status = 200, body = PollView),
     (status = 400, description = "Malformed id", body = ProblemBody, content_type = "application/problem+json"),
     (status = 404, description = "No such poll", body = ProblemBody, content_type = "application/problem+json"),
@@ -262,8 +285,9 @@ async fn get_poll(
     headers: HeaderMap,
     AppQuery(v): AppQuery<ViewerParams>,
 ) -> Result<Json<PollView>, Problem> {
+    let voter_id = v.voter_id()?;
     let poll = load(&s.store, &id).await?;
-    let viewer = Viewer::new(addr, &headers, v.voter_id.as_deref());
+    let viewer = Viewer::new(addr, &headers, voter_id);
     let admin = is_admin(&poll, &headers);
     let mut views = views(&s, std::slice::from_ref(&poll), &viewer, admin).await?;
     views.pop().map(Json).ok_or_else(Problem::internal)
@@ -271,7 +295,7 @@ async fn get_poll(
 
 /// Change a poll (admin only). Options and dedupe cannot change once a vote exists.
 #[utoipa::path(patch, path = "/api/polls/{id}", tag = "polls", request_body(content = UpdatePoll, content_type = "application/json"),
-    params(("id" = String, Path, description = "Poll id")), security(("admin_token" = [])), responses(
+    params(PollIdPath), security(("admin_token" = [])), responses(
     (status = 200, body = PollView),
     (status = 400, description = "Malformed JSON, id or fields", body = ProblemBody, content_type = "application/problem+json"),
     (status = 401, description = "Missing or wrong admin token", body = ProblemBody, content_type = "application/problem+json"),
@@ -307,10 +331,10 @@ async fn update_poll(
         next.desc = check_desc(desc, &mut errors);
     }
     if let Some(options) = &body.options {
-        next.options = check_options(options, &mut errors);
+        next.options = check_options(&options.0, &mut errors);
     }
     if let Some(m) = body.max_choices {
-        next.max_choices = m;
+        next.max_choices = m.0;
     }
     if body.max_choices.is_some() || body.options.is_some() {
         check_max_choices(next.max_choices, next.options.len(), &mut errors);
@@ -356,7 +380,7 @@ async fn update_poll(
 }
 
 /// Close a poll now (admin only). Closing a closed poll changes nothing and succeeds.
-#[utoipa::path(post, path = "/api/polls/{id}/close", tag = "polls", params(("id" = String, Path, description = "Poll id")),
+#[utoipa::path(post, path = "/api/polls/{id}/close", tag = "polls", params(PollIdPath),
     security(("admin_token" = [])), responses(
     (status = 200, body = PollView),
     (status = 400, description = "Malformed id", body = ProblemBody, content_type = "application/problem+json"),
@@ -405,7 +429,7 @@ async fn close_poll(State(s): St, Path(id): Path<String>, headers: HeaderMap) ->
 }
 
 /// Delete a poll and its ballots (admin only).
-#[utoipa::path(delete, path = "/api/polls/{id}", tag = "polls", params(("id" = String, Path, description = "Poll id")),
+#[utoipa::path(delete, path = "/api/polls/{id}", tag = "polls", params(PollIdPath),
     security(("admin_token" = [])), responses(
     (status = 204, description = "Deleted"),
     (status = 400, description = "Malformed id", body = ProblemBody, content_type = "application/problem+json"),

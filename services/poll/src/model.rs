@@ -4,32 +4,45 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 use shared::FieldError;
 use shared::domain::{DedupePolicy, PollRecord, PollStatus, ResultsVisibility, Tally};
-use utoipa::{IntoParams, ToSchema};
+use utoipa::openapi::RefOr;
+use utoipa::openapi::schema::{ArrayBuilder, Schema};
+use utoipa::{IntoParams, PartialSchema, ToSchema};
 
 pub const MAX_NAME: usize = 200;
 pub const MAX_DESC: usize = 2000;
 pub const MIN_OPTIONS: usize = 2;
 pub const MAX_OPTIONS: usize = 20;
 pub const MAX_OPTION_LEN: usize = 200;
+/// The schema's pattern for text that must not be only white space: one character that `str::trim`
+/// does not remove (the `#[schema(pattern = ...)]` attributes repeat it, as they take literals only).
+pub const NOT_BLANK: &str = r"[^\t\n\v\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]";
 
 /// A new poll.
+///
+/// Rules JSON Schema cannot state, answered with 400 naming the field all the same: options are
+/// distinct after trimming, case-insensitively; `max_choices` is at most the number of options;
+/// `closes_at` is in the future.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreatePoll {
-    /// 1–200 characters.
-    #[schema(min_length = 1, max_length = 200, pattern = r"\S", example = "Favourite colour")]
+    /// 1–200 characters, not only white space (surrounding white space is trimmed).
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"[^\t\n\v\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]",
+        example = "Favourite colour"
+    )]
     pub name: String,
     /// Up to 2000 characters.
     #[serde(default)]
     #[schema(max_length = 2000, example = "Pick one")]
     pub desc: Option<String>,
     /// 2–20 distinct non-empty options (distinct after trimming, case-insensitively).
-    #[schema(min_items = 2, max_items = 20, example = json!(["red", "green", "blue"]))]
-    pub options: Vec<OptionText>,
+    pub options: OptionList,
     /// How many options one ballot may choose: 1 to the number of options (default 1).
     #[serde(default)]
-    #[schema(minimum = 1, maximum = 20)]
-    pub max_choices: Option<u32>,
+    #[schema(value_type = Option<u32>, minimum = 1, maximum = 20)]
+    pub max_choices: Option<WholeNumber>,
     /// When voting stops (RFC 3339, in the future).
     #[serde(default)]
     pub closes_at: Option<DateTime<Utc>>,
@@ -39,29 +52,90 @@ pub struct CreatePoll {
     pub dedupe: Option<DedupePolicy>,
 }
 
-/// One option: 1–200 characters, not only white space.
+/// One option: 1–200 characters, not only white space (surrounding white space is trimmed).
+///
+/// "White space" is what `str::trim` removes (Unicode `White_Space`), spelt out in the pattern so
+/// that every regex dialect agrees with the server.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(transparent)]
-#[schema(value_type = String, min_length = 1, max_length = 200, pattern = r"\S")]
+#[schema(value_type = String, min_length = 1, max_length = 200, pattern = r"[^\t\n\v\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")]
 pub struct OptionText(pub String);
+
+/// A poll's options: 2–20 of them, distinct (after trimming, case-insensitively, which the schema
+/// can state only for exact duplicates: `uniqueItems`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(transparent)]
+pub struct OptionList(pub Vec<OptionText>);
+
+impl PartialSchema for OptionList {
+    fn schema() -> RefOr<Schema> {
+        ArrayBuilder::new()
+            .items(OptionText::schema())
+            .min_items(Some(MIN_OPTIONS))
+            .max_items(Some(MAX_OPTIONS))
+            .unique_items(true)
+            .examples([serde_json::json!(["red", "green", "blue"])])
+            .into()
+    }
+}
+
+impl ToSchema for OptionList {}
+
+/// A whole number as JSON Schema's `integer` means it: `8` and `8.0` are the same number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WholeNumber(pub u32);
+
+impl<'de> Deserialize<'de> for WholeNumber {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = WholeNumber;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a whole number")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<WholeNumber, E> {
+                u32::try_from(v)
+                    .map(WholeNumber)
+                    .map_err(|_| E::custom(format!("{v} is too large")))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<WholeNumber, E> {
+                u32::try_from(v)
+                    .map(WholeNumber)
+                    .map_err(|_| E::custom(format!("{v} is out of range")))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<WholeNumber, E> {
+                if v.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&v) {
+                    Ok(WholeNumber(v as u32))
+                } else {
+                    Err(E::custom(format!("expected a whole number, got {v}")))
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
 
 /// Changes to a poll (JSON merge patch: absent fields stay, `closes_at: null` removes the closing time).
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdatePoll {
     #[serde(default)]
-    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"[^\t\n\v\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+    )]
     pub name: Option<String>,
     #[serde(default)]
     #[schema(max_length = 2000)]
     pub desc: Option<String>,
     /// Only while the poll has no votes.
     #[serde(default)]
-    #[schema(min_items = 2, max_items = 20)]
-    pub options: Option<Vec<OptionText>>,
+    #[schema(value_type = Option<OptionList>)]
+    pub options: Option<OptionList>,
     #[serde(default)]
-    #[schema(minimum = 1, maximum = 20)]
-    pub max_choices: Option<u32>,
+    #[schema(value_type = Option<u32>, minimum = 1, maximum = 20)]
+    pub max_choices: Option<WholeNumber>,
     #[serde(default, deserialize_with = "double_option")]
     #[schema(value_type = Option<DateTime<Utc>>)]
     pub closes_at: Option<Option<DateTime<Utc>>>,
@@ -76,6 +150,15 @@ fn double_option<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result
     Option::<T>::deserialize(d).map(Some)
 }
 
+/// The poll in the path.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct PollIdPath {
+    /// Poll id: 24 hexadecimal characters (either case).
+    #[param(example = "6740a0c3f1e2d3c4b5a69788", pattern = "^[0-9a-fA-F]{24}$")]
+    pub id: String,
+}
+
 /// Listing parameters.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -84,8 +167,10 @@ pub struct ListParams {
     #[param(minimum = 1, maximum = 100)]
     pub limit: Option<u32>,
     /// Opaque cursor from a previous page's `Link: rel="next"`.
+    #[param(min_length = 27, max_length = 27, pattern = "^[A-Za-z0-9_-]{26}[AEIMQUYcgkosw048]$")]
     pub cursor: Option<String>,
     /// Only open or only closed polls.
+    #[param(inline)]
     pub status: Option<shared::domain::StatusFilter>,
 }
 
@@ -93,9 +178,22 @@ pub struct ListParams {
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ViewerParams {
-    /// The caller's voter id (for `after_vote` results on `voter`-deduplicated polls; the
-    /// `X-Voter-Id` header works too).
+    /// The caller's voter id, 1–128 visible ASCII characters (for `after_vote` results on
+    /// `voter`-deduplicated polls; the `X-Voter-Id` header works too).
+    #[param(min_length = 1, max_length = 128, pattern = "^[!-~]+$")]
     pub voter_id: Option<String>,
+}
+
+impl ViewerParams {
+    /// The voter id, checked like the vote service checks it.
+    pub fn voter_id(&self) -> Result<Option<&str>, shared::Problem> {
+        match self.voter_id.as_deref() {
+            None => Ok(None),
+            Some(v) => shared::domain::validate_voter_id(v)
+                .map(|()| Some(v))
+                .map_err(|msg| shared::Problem::invalid("query.voter_id", msg)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -172,11 +270,12 @@ impl PollView {
     }
 }
 
+/// Length limits apply to the text as sent (as the schema's `maxLength` does), before trimming.
 pub fn check_name(name: &str, errors: &mut Vec<FieldError>) -> String {
     let n = name.trim();
     if n.is_empty() {
         errors.push(FieldError::new("name", "must not be empty"));
-    } else if n.chars().count() > MAX_NAME {
+    } else if name.chars().count() > MAX_NAME {
         errors.push(FieldError::new(
             "name",
             format!("must be at most {MAX_NAME} characters"),
@@ -212,7 +311,7 @@ pub fn check_options(options: &[OptionText], errors: &mut Vec<FieldError>) -> Ve
         let t = o.trim();
         if t.is_empty() {
             errors.push(FieldError::new(format!("options[{i}]"), "must not be empty"));
-        } else if t.chars().count() > MAX_OPTION_LEN {
+        } else if o.chars().count() > MAX_OPTION_LEN {
             errors.push(FieldError::new(
                 format!("options[{i}]"),
                 format!("must be at most {MAX_OPTION_LEN} characters"),
@@ -267,6 +366,81 @@ mod tests {
         let mut e = Vec::new();
         check_options(&opts(&["only"]), &mut e);
         assert_eq!(e[0].field, "options");
+    }
+
+    /// The characters of `NOT_BLANK`'s class, read from its escapes.
+    fn blank_class() -> Vec<char> {
+        let class = NOT_BLANK.trim_start_matches("[^").trim_end_matches(']');
+        let mut out = Vec::new();
+        let mut rest = class;
+        let mut range_from = None;
+        while !rest.is_empty() {
+            let (c, tail) = match rest.strip_prefix('\\') {
+                Some(t) if t.starts_with('u') => (
+                    char::from_u32(u32::from_str_radix(&t[1..5], 16).expect("hex")).expect("char"),
+                    &t[5..],
+                ),
+                Some(t) => {
+                    let c = match t.chars().next() {
+                        Some('t') => '\t',
+                        Some('n') => '\n',
+                        Some('v') => '\u{b}',
+                        Some('f') => '\u{c}',
+                        Some('r') => '\r',
+                        other => panic!("unexpected escape {other:?}"),
+                    };
+                    (c, &t[1..])
+                }
+                None if rest.starts_with('-') => {
+                    range_from = out.pop();
+                    rest = &rest[1..];
+                    continue;
+                }
+                None => (rest.chars().next().expect("char"), &rest[1..]),
+            };
+            match range_from.take() {
+                Some(from) => out.extend(from..=c),
+                None => out.push(c),
+            }
+            rest = tail;
+        }
+        out
+    }
+
+    #[test]
+    fn the_not_blank_pattern_excludes_exactly_what_trim_removes() {
+        let whitespace: Vec<char> = (char::MIN..=char::MAX).filter(|c| c.is_whitespace()).collect();
+        let mut class = blank_class();
+        class.sort_unstable();
+        assert_eq!(class, whitespace);
+        let schema = serde_json::to_value(CreatePoll::schema()).expect("schema");
+        assert_eq!(schema["properties"]["name"]["pattern"], NOT_BLANK);
+        let schema = serde_json::to_value(UpdatePoll::schema()).expect("schema");
+        assert_eq!(schema["properties"]["name"]["pattern"], NOT_BLANK);
+        let schema = serde_json::to_value(OptionText::schema()).expect("schema");
+        assert_eq!(schema["pattern"], NOT_BLANK);
+    }
+
+    #[test]
+    fn whole_numbers_accept_integral_floats_only() {
+        let parse = |s: &str| serde_json::from_str::<WholeNumber>(s);
+        assert_eq!(parse("3").expect("int").0, 3);
+        assert_eq!(parse("3.0").expect("integral float").0, 3);
+        assert_eq!(parse("3e0").expect("exponent").0, 3);
+        for bad in ["3.5", "-1", "-1.0", "4294967296", "1e10", "\"3\"", "null"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn lengths_count_the_text_as_sent() {
+        let mut e = Vec::new();
+        assert_eq!(check_name(&format!(" {} ", "x".repeat(198)), &mut e).len(), 198);
+        assert!(e.is_empty(), "{e:?}");
+        check_name(&format!("x{}", " ".repeat(200)), &mut e);
+        check_options(&opts(&["a", &format!("{}b", " ".repeat(200))]), &mut e);
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert_eq!(e[1].field, "options[1]");
     }
 
     #[test]

@@ -23,9 +23,13 @@ use shared::problem::ProblemBody;
 use shared::store::DynPollStore;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use utoipa::openapi::RefOr;
+use utoipa::openapi::extensions::Extensions;
+use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, OneOfBuilder, Schema, Type};
+use utoipa::{PartialSchema, ToSchema};
 
 use crate::api::{St, load, results_visible};
-use crate::model::{PollView, ViewerParams};
+use crate::model::{PollIdPath, PollView, ViewerParams};
 use crate::votes::{Viewer, VoteClient};
 
 #[derive(Clone, Debug)]
@@ -140,11 +144,57 @@ impl Hub {
     }
 }
 
+/// One event of the results stream, as an OpenAPI 3.1 `text/event-stream` schema describes it: an
+/// object with the event's `event` and `data` fields. `data` is JSON: the poll (`results`) or `{}`
+/// (`deleted`).
+pub struct ResultsEvent;
+
+fn event_schema(name: &str, data: serde_json::Value, description: &str) -> Schema {
+    let content: Extensions = [("contentSchema", data)].into_iter().collect();
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .description(Some(description))
+        .property(
+            "event",
+            ObjectBuilder::new().schema_type(Type::String).enum_values(Some([name])),
+        )
+        .property(
+            "data",
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .content_media_type("application/json")
+                .extensions(Some(content)),
+        )
+        .required("event")
+        .required("data")
+        .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+        .into()
+}
+
+impl PartialSchema for ResultsEvent {
+    fn schema() -> RefOr<Schema> {
+        OneOfBuilder::new()
+            .item(event_schema(
+                "results",
+                serde_json::json!({"$ref": "#/components/schemas/PollView"}),
+                "The poll with its counts (or `votes: null`), now and after every change",
+            ))
+            .item(event_schema(
+                "deleted",
+                serde_json::json!({"type": "object", "maxProperties": 0}),
+                "The poll was deleted; the stream ends",
+            ))
+            .into()
+    }
+}
+
+impl ToSchema for ResultsEvent {}
+
 /// Live results: an event `results` with the poll (as `GET /api/polls/{id}` returns it) now and
 /// whenever the counts or the poll change; `deleted` if the poll is deleted.
 #[utoipa::path(get, path = "/api/polls/{id}/results/stream", tag = "polls",
-    params(("id" = String, Path, description = "Poll id"), ViewerParams), responses(
-    (status = 200, description = "An event stream (`event: results`, `data: <poll JSON>`)", body = String, content_type = "text/event-stream"),
+    params(PollIdPath, ViewerParams), responses(
+    (status = 200, description = "An event stream: `event: results` with the poll as `data`, now and after every change; `event: deleted` when the poll is deleted", body = ResultsEvent, content_type = "text/event-stream"),
     (status = 400, description = "Malformed id", body = ProblemBody, content_type = "application/problem+json"),
     (status = 404, description = "No such poll", body = ProblemBody, content_type = "application/problem+json"),
     (status = 503, description = "Database or vote service unavailable", body = ProblemBody, content_type = "application/problem+json"),
@@ -156,8 +206,9 @@ pub async fn results_stream(
     headers: HeaderMap,
     AppQuery(v): AppQuery<ViewerParams>,
 ) -> Result<Response, Problem> {
+    let voter_id = v.voter_id()?;
     let poll = load(&s.store, &id).await?;
-    let viewer = Viewer::new(addr, &headers, v.voter_id.as_deref());
+    let viewer = Viewer::new(addr, &headers, voter_id);
     // Visibility that does not depend on time is decided once, here.
     let voted = s
         .votes
