@@ -515,3 +515,64 @@ async fn the_internal_audit_compares_the_tally_with_the_stored_ballots() {
     assert_eq!(audit["stored"]["total"], 2);
     assert_eq!(audit["stored"]["by_option"], json!([2, 0, 1]));
 }
+
+// Found by the schemathesis fuzz (scripts/fuzz-api) or by making the OpenAPI document match
+// what the server does.
+
+#[tokio::test]
+async fn ballots_match_their_schema_nulls_lengths_and_one_of_each_pair() {
+    let s = Stack::start().await;
+    let (id, _) = s.simple_poll(json!({"dedupe": "none", "max_choices": 2})).await;
+    for (body, field) in [
+        // `null` is not "absent": the schema says string or array.
+        (json!({"poll_id": id, "option": "red", "options": null}), "options"),
+        (json!({"poll_id": id, "option": null, "options": ["red"]}), "option"),
+        (json!({"poll_id": id, "pool_id": null, "option": "red"}), "pool_id"),
+        (json!({"poll_id": id, "option": "red", "voter_id": null}), "voter_id"),
+        // 201 characters as sent: once matched `red` after trimming.
+        (
+            json!({"poll_id": id, "option": format!("red{}", " ".repeat(198))}),
+            "option",
+        ),
+        (json!({"poll_id": id, "options": ["green", ""]}), "options[1]"),
+    ] {
+        let p = expect_problem(s.vote(body.clone()).await, 400).await;
+        assert!(names_field(&p, field), "{body} should name {field}: {p}");
+    }
+    // An Idempotency-Key of two quotes is a key, not an empty quoted one (the schema's pattern).
+    let res = s
+        .http
+        .post(format!("{}/api/votes", s.vote))
+        .header("idempotency-key", "\"\"")
+        .json(&json!({"poll_id": id, "option": "red"}))
+        .send()
+        .await
+        .expect("vote");
+    assert_eq!(res.status(), 201);
+    assert_eq!(
+        s.get_poll(&id).await["votes"]["count"],
+        1,
+        "only the accepted ballot counts"
+    );
+
+    let doc: Value = s
+        .http
+        .get(format!("{}/openapi.json", s.vote))
+        .send()
+        .await
+        .expect("doc")
+        .json()
+        .await
+        .expect("json");
+    let ballot = &doc["components"]["schemas"]["CastBallot"]["allOf"];
+    assert_eq!(ballot[0]["additionalProperties"], false);
+    assert_eq!(ballot[0]["properties"]["pool_id"]["deprecated"], true);
+    assert_eq!(
+        ballot[1]["oneOf"],
+        json!([{"type": "object", "required": ["poll_id"]}, {"type": "object", "required": ["pool_id"]}])
+    );
+    assert_eq!(
+        ballot[2]["oneOf"],
+        json!([{"type": "object", "required": ["option"]}, {"type": "object", "required": ["options"]}])
+    );
+}

@@ -18,7 +18,12 @@ use shared::http::{AppJson, AppQuery, ClientAddr};
 use shared::internal::{PollDefinition, TalliesResponse, TallyView};
 use shared::problem::{FieldError, Problem, ProblemBody};
 use shared::store::DynBallotStore;
-use utoipa::ToSchema;
+use utoipa::openapi::Deprecated;
+use utoipa::openapi::RefOr;
+use utoipa::openapi::schema::{
+    AdditionalProperties, AllOfBuilder, ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, Type,
+};
+use utoipa::{PartialSchema, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -47,31 +52,109 @@ pub fn router(state: Arc<AppState>) -> OpenApiRouter {
 }
 
 /// A ballot. Give either `option` (one choice, as the predecessor's clients do) or `options`.
-#[derive(Debug, Deserialize, ToSchema)]
+/// Its schema is written out in [`CastBallot::schema`]: exactly one of `poll_id`/`pool_id` and
+/// exactly one of `option`/`options`, which the derive cannot say.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CastBallot {
     /// The poll (`pool_id` is accepted as an alias for the predecessor's clients).
-    #[serde(default)]
-    #[schema(required = true, example = "6740a0c3f1e2d3c4b5a69788", pattern = "^[0-9a-fA-F]{24}$")]
+    #[serde(default, deserialize_with = "present")]
     pub poll_id: Option<String>,
     /// The predecessor's misspelling of `poll_id`.
-    #[serde(default)]
-    #[schema(ignore)]
+    #[serde(default, deserialize_with = "present")]
     pub pool_id: Option<String>,
     /// One option's text.
-    #[serde(default)]
-    #[schema(min_length = 1, max_length = 200)]
+    #[serde(default, deserialize_with = "present")]
     pub option: Option<String>,
     /// Several options' texts, up to the poll's `max_choices`.
-    #[serde(default)]
-    #[schema(min_items = 1, max_items = 20)]
+    #[serde(default, deserialize_with = "present")]
     pub options: Option<Vec<String>>,
     /// The voter's opaque id (1–128 visible ASCII characters), for polls with `dedupe: voter`.
     /// The `X-Voter-Id` header works too.
-    #[serde(default)]
-    #[schema(min_length = 1, max_length = 128, pattern = "^[!-~]+$")]
+    #[serde(default, deserialize_with = "present")]
     pub voter_id: Option<String>,
 }
+
+/// A field that may be absent but, when present, is not `null`.
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+/// Longest option text a poll can have, in characters.
+const MAX_OPTION_LEN: usize = 200;
+/// Most options a poll can have.
+const MAX_OPTIONS: usize = 20;
+
+impl PartialSchema for CastBallot {
+    fn schema() -> RefOr<Schema> {
+        let poll_id = |description: &str| {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .description(Some(description))
+                .pattern(Some(POLL_ID_PATTERN))
+                .examples(["6740a0c3f1e2d3c4b5a69788"])
+        };
+        let text = || {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+                .max_length(Some(MAX_OPTION_LEN))
+        };
+        let fields = ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .property("poll_id", poll_id("The poll: 24 hexadecimal characters (either case)."))
+            .property(
+                "pool_id",
+                poll_id(
+                    "The predecessor's misspelling of `poll_id`, accepted from its clients; give one or the other.",
+                )
+                .deprecated(Some(Deprecated::True)),
+            )
+            .property("option", text().description(Some("One option's text.")))
+            .property(
+                "options",
+                ArrayBuilder::new()
+                    .items(text())
+                    .min_items(Some(1))
+                    .max_items(Some(MAX_OPTIONS))
+                    .unique_items(true)
+                    .description(Some("Several options' texts, up to the poll's `max_choices`.")),
+            )
+            .property(
+                "voter_id",
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .min_length(Some(1))
+                    .max_length(Some(128))
+                    .pattern(Some(VOTER_ID_PATTERN))
+                    .description(Some(
+                        "The voter's opaque id (1–128 visible ASCII characters), for polls with `dedupe: voter`. \
+                         The `X-Voter-Id` header works too; if both are given they must be equal.",
+                    )),
+            )
+            .additional_properties(Some(AdditionalProperties::FreeForm(false)));
+        let one_of = |a: &str, b: &str| {
+            OneOfBuilder::new()
+                .item(ObjectBuilder::new().schema_type(Type::Object).required(a))
+                .item(ObjectBuilder::new().schema_type(Type::Object).required(b))
+        };
+        AllOfBuilder::new()
+            .description(Some(
+                "A ballot: the poll (`poll_id`, or its old spelling `pool_id`) and either `option` (one choice, as \
+                 the predecessor's clients send it) or `options`.",
+            ))
+            .item(fields)
+            .item(one_of("poll_id", "pool_id"))
+            .item(one_of("option", "options"))
+            .examples([serde_json::json!({"poll_id": "6740a0c3f1e2d3c4b5a69788", "option": "red"})])
+            .into()
+    }
+}
+
+impl ToSchema for CastBallot {}
+
+const POLL_ID_PATTERN: &str = "^[0-9a-fA-F]{24}$";
+const VOTER_ID_PATTERN: &str = "^[!-~]+$";
 
 /// An accepted ballot.
 #[derive(Debug, Serialize, ToSchema)]
@@ -102,7 +185,11 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
     let bad = || Problem::invalid("header.Idempotency-Key", "must be 1 to 255 visible ASCII characters");
     let s = v.to_str().map_err(|_| bad())?.trim();
     // Drafts of the Idempotency-Key header quote the value as a structured-field string.
-    let s = s.strip_prefix('"').and_then(|x| x.strip_suffix('"')).unwrap_or(s);
+    let s = s
+        .strip_prefix('"')
+        .and_then(|x| x.strip_suffix('"'))
+        .filter(|x| !x.is_empty())
+        .unwrap_or(s);
     if s.is_empty() || s.len() > 255 || !s.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(bad());
     }
@@ -157,8 +244,10 @@ fn choices(def: &PollDefinition, chosen: &[String]) -> Result<Vec<u32>, Problem>
 /// Cast a ballot.
 #[utoipa::path(post, path = "/api/votes", tag = "votes", request_body = CastBallot,
     params(
-        ("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: the same key returns the first answer"),
-        ("X-Voter-Id" = Option<String>, Header, description = "The voter's id, for polls with `dedupe: voter`"),
+        ("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 257, pattern = r#"^(?:[!-~]{1,255}|"[!-~]{1,255}")$"#,
+            description = "Makes retries safe: the same key returns the first answer. 1–255 visible ASCII characters, optionally in double quotes"),
+        ("X-Voter-Id" = Option<String>, Header, min_length = 1, max_length = 128, pattern = "^[!-~]+$",
+            description = "The voter's id (1–128 visible ASCII characters), for polls with `dedupe: voter`; equal to the body's `voter_id` if both are given"),
     ),
     responses(
     (status = 201, description = "Stored durably and counted (or, with a repeated Idempotency-Key, the first answer again)", body = Ballot),
@@ -244,6 +333,20 @@ async fn cast(
             Vec::new()
         }
     };
+    for (i, text) in chosen.iter().enumerate() {
+        let n = text.chars().count();
+        if n == 0 || n > MAX_OPTION_LEN {
+            let field = if chosen.len() == 1 {
+                "option".to_owned()
+            } else {
+                format!("options[{i}]")
+            };
+            errors.push(FieldError::new(
+                field,
+                format!("must be 1 to {MAX_OPTION_LEN} characters"),
+            ));
+        }
+    }
     let header_voter = headers.get("x-voter-id").map(|v| v.to_str().map(str::trim));
     let voter_id = match (body.voter_id.as_deref(), header_voter) {
         (_, Some(Err(_))) => {
