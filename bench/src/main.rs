@@ -1,0 +1,797 @@
+//! `loadgen`: the load benchmark of the poll and vote services. `scripts/bench` builds the
+//! binaries and runs it; see `loadgen --help`.
+
+mod http;
+mod load;
+mod procs;
+mod report;
+mod scenarios;
+mod storage;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::load::{Latency, Mode, Plan, RunResult, Workload};
+use crate::procs::{Memory, Service, SpawnSpec};
+use crate::scenarios::{Ballots, GetRoot, Invariants};
+use crate::storage::{Backend, StoreReference};
+
+const HELP: &str = "\
+loadgen: load benchmark of the poll and vote services
+
+Start the services (fresh data directory, timed start-to-ready):
+  loadgen --poll-bin target/release/poll --vote-bin target/release/vote --data-dir DIR [options]
+or use running ones:
+  loadgen --poll-url 127.0.0.1:4000 --poll-pid PID --vote-url 127.0.0.1:5000 --vote-pid PID [options]
+  (started with RATE_LIMIT_PER_MINUTE=0; only loopback addresses are accepted)
+
+Options:
+  --backend embedded    storage backend, for the raw-store reference (mongodb: not built yet)
+  --scenarios LIST      comma-separated, default all: get-ceiling,store-raw,hot-poll,hot-poll-open,
+                        many-polls,duplicates,watchers
+  --duration SECS       per scenario (default 10; --smoke: 1.5)
+  --clients N           concurrent clients (default 64)
+  --polls N             polls of many-polls (default 1000)
+  --watchers N          SSE subscribers of watchers (default 1000)
+  --open-rate N         ballots/s of hot-poll-open (default: 70 % of the hot-poll rate)
+  --scratch DIR         where the raw-store reference puts its temp file (default: --data-dir)
+  --out PREFIX          write PREFIX.json and PREFIX.md
+  --label TEXT          recorded in the result (e.g. the git commit)
+  --smoke               short runs; only the invariants and error statuses decide the exit code
+Exit code: 0 when every invariant holds and no unexpected status was seen, 1 otherwise, 2 on bad usage.";
+
+struct Args {
+    backend: Backend,
+    scenarios: Vec<String>,
+    duration: Duration,
+    clients: usize,
+    polls: usize,
+    watchers: usize,
+    open_rate: Option<f64>,
+    scratch: PathBuf,
+    out: Option<PathBuf>,
+    label: String,
+    smoke: bool,
+    spawn: Option<(PathBuf, PathBuf, PathBuf)>,
+    attach: Option<((SocketAddr, u32), (SocketAddr, u32))>,
+}
+
+const ALL: [&str; 7] = [
+    "get-ceiling",
+    "store-raw",
+    "hot-poll",
+    "hot-poll-open",
+    "many-polls",
+    "duplicates",
+    "watchers",
+];
+
+fn parse_args() -> Result<Args, String> {
+    let mut kv: BTreeMap<String, String> = BTreeMap::new();
+    let mut smoke = false;
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--smoke" => smoke = true,
+            "-h" | "--help" => return Err(String::new()),
+            k if k.starts_with("--") => {
+                let v = it.next().ok_or(format!("{k} needs a value"))?;
+                kv.insert(k[2..].to_owned(), v);
+            }
+            other => return Err(format!("unexpected argument {other:?}")),
+        }
+    }
+    let mut take = |k: &str| kv.remove(k);
+    let num = |v: Option<String>, default: f64, name: &str| -> Result<f64, String> {
+        v.map_or(Ok(default), |s| {
+            s.parse().map_err(|_| format!("--{name}: not a number"))
+        })
+    };
+    let backend = take("backend").unwrap_or_else(|| "embedded".into()).parse()?;
+    let scenarios: Vec<String> = match take("scenarios") {
+        Some(s) => s.split(',').map(str::to_owned).collect(),
+        None => ALL.iter().map(|s| (*s).to_owned()).collect(),
+    };
+    if let Some(bad) = scenarios.iter().find(|s| !ALL.contains(&s.as_str())) {
+        return Err(format!("unknown scenario {bad:?}"));
+    }
+    let duration = Duration::from_secs_f64(num(take("duration"), if smoke { 1.5 } else { 10.0 }, "duration")?);
+    let clients = num(take("clients"), 64.0, "clients")? as usize;
+    let polls = num(take("polls"), 1000.0, "polls")? as usize;
+    let watchers = num(take("watchers"), 1000.0, "watchers")? as usize;
+    let open_rate = take("open-rate")
+        .map(|s| s.parse::<f64>())
+        .transpose()
+        .map_err(|_| "--open-rate")?;
+    let data_dir = take("data-dir").map(PathBuf::from);
+    let spawn = match (take("poll-bin"), take("vote-bin"), &data_dir) {
+        (Some(p), Some(v), Some(d)) => Some((p.into(), v.into(), d.clone())),
+        (None, None, _) => None,
+        _ => return Err("--poll-bin, --vote-bin and --data-dir go together".into()),
+    };
+    let loopback = |s: String| -> Result<SocketAddr, String> {
+        let a: SocketAddr = s
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .parse()
+            .map_err(|_| format!("{s}: expected host:port"))?;
+        if !a.ip().is_loopback() {
+            return Err(format!("{a}: the load only targets loopback addresses"));
+        }
+        Ok(a)
+    };
+    let attach = match (take("poll-url"), take("poll-pid"), take("vote-url"), take("vote-pid")) {
+        (Some(pu), Some(pp), Some(vu), Some(vp)) => Some((
+            (loopback(pu)?, pp.parse().map_err(|_| "--poll-pid")?),
+            (loopback(vu)?, vp.parse().map_err(|_| "--vote-pid")?),
+        )),
+        (None, None, None, None) => None,
+        _ => return Err("--poll-url, --poll-pid, --vote-url and --vote-pid go together".into()),
+    };
+    if spawn.is_some() == attach.is_some() {
+        return Err(
+            "give either --poll-bin/--vote-bin/--data-dir or --poll-url/--poll-pid/--vote-url/--vote-pid".into(),
+        );
+    }
+    let scratch = take("scratch")
+        .map(PathBuf::from)
+        .or(data_dir)
+        .unwrap_or_else(std::env::temp_dir);
+    let out = take("out").map(PathBuf::from);
+    let label = take("label").unwrap_or_default();
+    if let Some(k) = kv.keys().next() {
+        return Err(format!("unknown option --{k}"));
+    }
+    Ok(Args {
+        backend,
+        scenarios,
+        duration,
+        clients,
+        polls,
+        watchers,
+        open_rate,
+        scratch,
+        out,
+        label,
+        smoke,
+        spawn,
+        attach,
+    })
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceInfo {
+    pub name: &'static str,
+    /// From spawning the process to the first 200 from `/readyz` (when the benchmark started it).
+    pub ready_ms: Option<f64>,
+    /// One second after ready.
+    pub idle: Memory,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct ServiceMemory {
+    /// Largest VmRSS sampled every 50 ms during the scenario.
+    pub peak_rss_kib: u64,
+    /// VmHWM (peak since start) after the scenario.
+    pub hwm_kib: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Cpu {
+    pub poll_s: f64,
+    pub vote_s: f64,
+    pub loadgen_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Watchers {
+    pub subscribers: usize,
+    /// Subscribers that received the first event before the load started.
+    pub connected: usize,
+    /// Subscribers that saw the final tally.
+    pub saw_final: usize,
+    pub final_count: u64,
+    /// From the last acknowledged ballot to a subscriber seeing the final tally.
+    pub lateness: Latency,
+    pub failures: BTreeMap<String, u64>,
+    pub events: u64,
+    /// Poll-service CPU from the start of the load until every subscriber saw the final tally.
+    pub poll_cpu_s: f64,
+    pub poll_cpu_s_per_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Scenario {
+    pub name: String,
+    pub target: &'static str,
+    pub mode: Mode,
+    pub duration_s: f64,
+    pub requests: u64,
+    /// 200 for `GET /`; for ballots 201 without `Idempotent-Replayed`.
+    pub ok: u64,
+    pub replayed: u64,
+    pub conflicts: u64,
+    pub errors: BTreeMap<String, u64>,
+    pub missed: u64,
+    pub ok_per_s: f64,
+    pub requests_per_s: f64,
+    pub latency: Latency,
+    pub poll_memory: ServiceMemory,
+    pub vote_memory: ServiceMemory,
+    pub cpu: Cpu,
+    pub invariants: Option<Invariants>,
+    pub watchers: Option<Watchers>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub backend: &'static str,
+    pub label: String,
+    pub smoke: bool,
+    pub started_at: String,
+    pub machine: procs::Machine,
+    pub clients: usize,
+    pub duration_s: f64,
+    pub services: Vec<ServiceInfo>,
+    pub fsync_per_s: Option<f64>,
+    pub store_reference: Option<StoreReference>,
+    pub scenarios: Vec<Scenario>,
+    pub failures: Vec<String>,
+}
+
+impl Report {
+    pub fn scenario(&self, name: &str) -> Option<&Scenario> {
+        self.scenarios.iter().find(|s| s.name == name)
+    }
+}
+
+/// Memory and CPU of both services (and this process) around a scenario.
+struct Probe {
+    cpu0: Cpu,
+    stop: watch::Sender<bool>,
+    sampler: tokio::task::JoinHandle<(u64, u64)>,
+    pids: (u32, u32),
+}
+
+fn cpu_now(poll: u32, vote: u32) -> Cpu {
+    Cpu {
+        poll_s: procs::cpu_seconds(poll),
+        vote_s: procs::cpu_seconds(vote),
+        loadgen_s: procs::cpu_seconds(0),
+    }
+}
+
+impl Probe {
+    fn start(poll: &Service, vote: &Service) -> Self {
+        let pids = (poll.pid, vote.pid);
+        let (stop, mut stopped) = watch::channel(false);
+        let sampler = tokio::spawn(async move {
+            let (mut p, mut v) = (0, 0);
+            // Bounded: stops when told, or after an hour at the latest.
+            for _ in 0..72_000 {
+                p = p.max(procs::memory(pids.0).rss_kib);
+                v = v.max(procs::memory(pids.1).rss_kib);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    _ = stopped.changed() => break,
+                }
+            }
+            p = p.max(procs::memory(pids.0).rss_kib);
+            v = v.max(procs::memory(pids.1).rss_kib);
+            (p, v)
+        });
+        Self {
+            cpu0: cpu_now(pids.0, pids.1),
+            stop,
+            sampler,
+            pids,
+        }
+    }
+
+    async fn finish(self) -> (Cpu, ServiceMemory, ServiceMemory) {
+        let c = cpu_now(self.pids.0, self.pids.1);
+        let _ = self.stop.send(true);
+        let (p, v) = self.sampler.await.unwrap_or_default();
+        let cpu = Cpu {
+            poll_s: c.poll_s - self.cpu0.poll_s,
+            vote_s: c.vote_s - self.cpu0.vote_s,
+            loadgen_s: c.loadgen_s - self.cpu0.loadgen_s,
+        };
+        let mem = |peak, pid| ServiceMemory {
+            peak_rss_kib: peak,
+            hwm_kib: procs::memory(pid).hwm_kib,
+        };
+        (cpu, mem(p, self.pids.0), mem(v, self.pids.1))
+    }
+}
+
+struct Bench {
+    args: Args,
+    poll: Service,
+    vote: Service,
+    report: Report,
+    run_id: String,
+}
+
+impl Bench {
+    fn plan(&self, mode: Mode) -> Plan {
+        Plan {
+            mode,
+            duration: self.args.duration,
+            max_requests: 50_000_000,
+            addr: self.vote.addr,
+        }
+    }
+
+    fn closed(&self) -> Mode {
+        Mode::Closed {
+            clients: self.args.clients,
+        }
+    }
+
+    async fn measure(
+        &self,
+        name: &str,
+        target: &'static str,
+        mode: Mode,
+        workload: Arc<dyn Workload>,
+        polls: &[String],
+    ) -> Result<Scenario, String> {
+        eprintln!(
+            "== {name}: {} for {:.1} s",
+            mode.describe(),
+            self.args.duration.as_secs_f64()
+        );
+        let probe = Probe::start(&self.poll, &self.vote);
+        let mut plan = self.plan(mode);
+        if target == "poll" {
+            plan.addr = self.poll.addr;
+        }
+        let run = load::run(&plan, workload).await;
+        let (cpu, poll_memory, vote_memory) = probe.finish().await;
+        let invariants = if polls.is_empty() {
+            None
+        } else {
+            Some(scenarios::audit(self.vote.addr, polls, &run.tallies.accepted, run.tallies.ambiguous).await?)
+        };
+        Ok(scenario(
+            name,
+            target,
+            mode,
+            &run,
+            cpu,
+            poll_memory,
+            vote_memory,
+            invariants,
+        ))
+    }
+
+    fn add(&mut self, s: Scenario) {
+        let t = &s;
+        eprintln!(
+            "   {:.0} ok/s ({} ok, {} replayed, {} conflicts, {} errors), p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            t.ok_per_s,
+            t.ok,
+            t.replayed,
+            t.conflicts,
+            t.errors.values().sum::<u64>(),
+            t.latency.p50_ms,
+            t.latency.p99_ms,
+            t.latency.max_ms
+        );
+        if !s.errors.is_empty() {
+            self.report
+                .failures
+                .push(format!("{}: unexpected answers {:?}", s.name, s.errors));
+        }
+        if s.missed > 0 {
+            self.report
+                .failures
+                .push(format!("{}: {} scheduled requests never sent", s.name, s.missed));
+        }
+        if let Some(inv) = &s.invariants
+            && !inv.ok
+        {
+            self.report
+                .failures
+                .push(format!("{}: invariants violated: {}", s.name, inv.problems.join("; ")));
+        }
+        self.report.scenarios.push(s);
+    }
+
+    async fn hot_poll(&mut self, name: &str, mode: Mode) -> Result<(), String> {
+        let polls = scenarios::create_polls(self.poll.addr, 1, &format!("bench {name}"), 1).await?;
+        let w = Ballots::new(self.vote.addr, polls.clone(), &format!("{}-{name}", self.run_id), 0);
+        let s = self.measure(name, "vote", mode, Arc::new(w), &polls).await?;
+        self.add(s);
+        Ok(())
+    }
+
+    async fn watchers(&mut self) -> Result<(), String> {
+        let name = "watchers";
+        let polls = scenarios::create_polls(self.poll.addr, 1, "bench watchers", 1).await?;
+        let n = self.args.watchers;
+        eprintln!("== {name}: {n} subscribers");
+        let ready = Arc::new(AtomicUsize::new(0));
+        let (target_tx, target_rx) = watch::channel(None);
+        // Subscribers give up 30 s after the load ends at the latest (see the deadline below).
+        let until = Instant::now() + self.args.duration + Duration::from_secs(60);
+        let mut subs = Vec::with_capacity(n);
+        for _ in 0..n {
+            subs.push(tokio::spawn(scenarios::subscribe(
+                self.poll.addr,
+                polls[0].clone(),
+                ready.clone(),
+                target_rx.clone(),
+                until,
+            )));
+        }
+        let connect_deadline = Instant::now() + Duration::from_secs(30);
+        while ready.load(std::sync::atomic::Ordering::Relaxed) < n
+            && Instant::now() < connect_deadline
+            && subs.iter().any(|s| !s.is_finished())
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let connected = ready.load(std::sync::atomic::Ordering::Relaxed);
+        eprintln!("   {connected} subscribers receiving");
+        let w = Ballots::new(self.vote.addr, polls.clone(), &format!("{}-{name}", self.run_id), 0);
+        let probe = Probe::start(&self.poll, &self.vote);
+        let poll_cpu0 = self.poll.cpu_seconds();
+        let load_start = Instant::now();
+        let mode = self.closed();
+        eprintln!(
+            "   load: {} for {:.1} s",
+            mode.describe(),
+            self.args.duration.as_secs_f64()
+        );
+        let run = load::run(&self.plan(mode), Arc::new(w)).await;
+        let final_count = run.tallies.ok;
+        let last_ack = run.tallies.last_ok.unwrap_or_else(Instant::now);
+        let _ = target_tx.send(Some(final_count));
+        let mut lateness = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("valid bounds");
+        let mut failures: BTreeMap<String, u64> = BTreeMap::new();
+        let (mut saw_final, mut events) = (0, 0);
+        let wait_deadline = Instant::now() + Duration::from_secs(30);
+        for s in subs {
+            let left = wait_deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, s).await {
+                Ok(Ok(sub)) => {
+                    events += sub.events;
+                    if let Some(at) = sub.saw_final {
+                        saw_final += 1;
+                        let _ = lateness.record(at.saturating_duration_since(last_ack).as_micros().max(1) as u64);
+                    } else {
+                        *failures.entry(sub.error.unwrap_or_default()).or_default() += 1;
+                    }
+                }
+                Ok(Err(e)) => *failures.entry(e.to_string()).or_default() += 1,
+                Err(_) => *failures.entry("no answer in time".into()).or_default() += 1,
+            }
+        }
+        let poll_cpu_s = self.poll.cpu_seconds() - poll_cpu0;
+        let busy = load_start.elapsed().as_secs_f64();
+        let (cpu, poll_memory, vote_memory) = probe.finish().await;
+        let invariants = scenarios::audit(self.vote.addr, &polls, &run.tallies.accepted, run.tallies.ambiguous).await?;
+        let mut s = scenario(
+            name,
+            "vote",
+            mode,
+            &run,
+            cpu,
+            poll_memory,
+            vote_memory,
+            Some(invariants),
+        );
+        let lat = Latency::of(&lateness);
+        eprintln!(
+            "   {saw_final}/{n} saw the final tally {final_count}; lateness p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; poll CPU {poll_cpu_s:.2} s",
+            lat.p50_ms, lat.p99_ms, lat.max_ms
+        );
+        if saw_final < n {
+            self.report.failures.push(format!(
+                "watchers: {} of {n} subscribers did not see the final tally: {failures:?}",
+                n - saw_final
+            ));
+        }
+        s.watchers = Some(Watchers {
+            subscribers: n,
+            connected,
+            saw_final,
+            final_count,
+            lateness: lat,
+            failures,
+            events,
+            poll_cpu_s,
+            poll_cpu_s_per_s: poll_cpu_s / busy,
+        });
+        self.add(s);
+        Ok(())
+    }
+
+    async fn run_all(&mut self) -> Result<(), String> {
+        let want = |s: &str| self.args.scenarios.iter().any(|x| x == s);
+        let (want_get, want_store, want_hot, want_open, want_many, want_dup, want_watch) = (
+            want("get-ceiling"),
+            want("store-raw"),
+            want("hot-poll"),
+            want("hot-poll-open"),
+            want("many-polls"),
+            want("duplicates"),
+            want("watchers"),
+        );
+        if want_store {
+            eprintln!("== fsync rate (write + fdatasync, 1 thread)");
+            let r = storage::fsync_rate(&self.args.scratch, self.args.duration.min(Duration::from_secs(3))).await?;
+            eprintln!("   {r:.0}/s");
+            self.report.fsync_per_s = Some(r);
+            eprintln!(
+                "== store-raw: {} cast, {} tasks for {:.1} s",
+                self.args.backend.name(),
+                self.args.clients,
+                self.args.duration.as_secs_f64()
+            );
+            let r = storage::raw_write_rate(
+                self.args.backend,
+                &self.args.scratch,
+                self.args.clients,
+                self.args.duration,
+            )
+            .await?;
+            eprintln!(
+                "   {:.0} writes/s, p50 {:.2} ms, p99 {:.2} ms",
+                r.writes_per_s, r.latency.p50_ms, r.latency.p99_ms
+            );
+            if !r.consistent {
+                self.report
+                    .failures
+                    .push("store-raw: the store's tally differs from the writes".into());
+            }
+            self.report.store_reference = Some(r);
+        }
+        if want_get {
+            let w = Arc::new(GetRoot::new(self.vote.addr));
+            let s = self.measure("get-ceiling", "vote", self.closed(), w, &[]).await?;
+            self.add(s);
+        }
+        if want_hot {
+            self.hot_poll("hot-poll", self.closed()).await?;
+        }
+        if want_open {
+            let rate = self.args.open_rate.or_else(|| {
+                self.report
+                    .scenario("hot-poll")
+                    .map(|s| (s.ok_per_s * 0.7 / 100.0).round().max(1.0) * 100.0)
+            });
+            let rate = rate.unwrap_or(1000.0);
+            let mode = Mode::Open {
+                rate,
+                clients: self.args.clients,
+            };
+            self.hot_poll("hot-poll-open", mode).await?;
+        }
+        if want_many {
+            let n = self.args.polls;
+            eprintln!("== many-polls: creating {n} polls");
+            let polls = scenarios::create_polls(self.poll.addr, n, "bench many-polls", 8).await?;
+            let w = Ballots::new(self.vote.addr, polls.clone(), &format!("{}-many", self.run_id), 0);
+            let s = self
+                .measure("many-polls", "vote", self.closed(), Arc::new(w), &polls)
+                .await?;
+            self.add(s);
+        }
+        if want_dup {
+            let polls = scenarios::create_polls(self.poll.addr, 1, "bench duplicates", 1).await?;
+            let w = Ballots::new(self.vote.addr, polls.clone(), &format!("{}-dup", self.run_id), 30);
+            let s = self
+                .measure("duplicates", "vote", self.closed(), Arc::new(w), &polls)
+                .await?;
+            if s.conflicts + s.replayed == 0 && s.ok > 100 {
+                self.report
+                    .failures
+                    .push("duplicates: no 409 and no replay seen: the workload did not repeat ballots".into());
+            }
+            self.add(s);
+        }
+        if want_watch {
+            self.watchers().await?;
+        }
+        Ok(())
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn scenario(
+    name: &str,
+    target: &'static str,
+    mode: Mode,
+    run: &RunResult,
+    cpu: Cpu,
+    poll_memory: ServiceMemory,
+    vote_memory: ServiceMemory,
+    invariants: Option<Invariants>,
+) -> Scenario {
+    let t = &run.tallies;
+    let secs = run.elapsed.as_secs_f64().max(1e-9);
+    Scenario {
+        name: name.to_owned(),
+        target,
+        mode,
+        duration_s: secs,
+        requests: t.sent,
+        ok: t.ok,
+        replayed: t.replayed,
+        conflicts: t.conflicts,
+        errors: t.errors.clone(),
+        missed: run.missed,
+        ok_per_s: t.ok as f64 / secs,
+        requests_per_s: t.sent as f64 / secs,
+        latency: Latency::of(&t.hist),
+        poll_memory,
+        vote_memory,
+        cpu,
+        invariants,
+        watchers: None,
+    }
+}
+
+async fn start_services(args: &Args) -> Result<(Service, Service, Vec<ServiceInfo>), String> {
+    match (&args.spawn, &args.attach) {
+        (Some((poll_bin, vote_bin, data_dir)), _) => {
+            std::fs::create_dir_all(data_dir).map_err(|e| e.to_string())?;
+            let (pp, vp) = procs::two_ports().map_err(|e| e.to_string())?;
+            let (poll, poll_ready) = Service::spawn(SpawnSpec {
+                name: "poll",
+                bin: poll_bin,
+                port: pp,
+                data_dir,
+                env: vec![("VOTE_API".into(), format!("http://127.0.0.1:{vp}"))],
+            })
+            .await?;
+            let (vote, vote_ready) = Service::spawn(SpawnSpec {
+                name: "vote",
+                bin: vote_bin,
+                port: vp,
+                data_dir,
+                env: vec![("POLL_API".into(), format!("http://127.0.0.1:{pp}"))],
+            })
+            .await?;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let info = vec![
+                ServiceInfo {
+                    name: "poll",
+                    ready_ms: Some(poll_ready.as_secs_f64() * 1000.0),
+                    idle: poll.memory(),
+                },
+                ServiceInfo {
+                    name: "vote",
+                    ready_ms: Some(vote_ready.as_secs_f64() * 1000.0),
+                    idle: vote.memory(),
+                },
+            ];
+            Ok((poll, vote, info))
+        }
+        (None, Some(((pa, pp), (va, vp)))) => {
+            let poll = Service::attach("poll", *pa, *pp);
+            let vote = Service::attach("vote", *va, *vp);
+            let info = vec![
+                ServiceInfo {
+                    name: "poll",
+                    ready_ms: None,
+                    idle: poll.memory(),
+                },
+                ServiceInfo {
+                    name: "vote",
+                    ready_ms: None,
+                    idle: vote.memory(),
+                },
+            ];
+            Ok((poll, vote, info))
+        }
+        (None, None) => Err("no services".into()),
+    }
+}
+
+async fn main_async(args: Args) -> Result<Report, String> {
+    let (poll, vote, services) = start_services(&args).await?;
+    for s in &services {
+        eprintln!(
+            "{}: ready in {} ms, idle RSS {:.1} MiB",
+            s.name,
+            s.ready_ms.map_or("?".into(), |m| format!("{m:.1}")),
+            s.idle.rss_kib as f64 / 1024.0
+        );
+    }
+    let report = Report {
+        backend: args.backend.name(),
+        label: args.label.clone(),
+        smoke: args.smoke,
+        started_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        machine: procs::machine(),
+        clients: args.clients,
+        duration_s: args.duration.as_secs_f64(),
+        services,
+        fsync_per_s: None,
+        store_reference: None,
+        scenarios: Vec::new(),
+        failures: Vec::new(),
+    };
+    let run_id = format!("{:x}", chrono::Utc::now().timestamp_micros());
+    let mut bench = Bench {
+        args,
+        poll,
+        vote,
+        report,
+        run_id,
+    };
+    let outcome = bench.run_all().await;
+    for s in [&bench.poll, &bench.vote] {
+        if s.log_lines() > 0 {
+            eprintln!("{} logged warnings or errors; last lines:\n{}", s.name, s.log_tail());
+        }
+    }
+    bench.poll.stop().await;
+    bench.vote.stop().await;
+    bench.report.machine.loadavg_after = procs::loadavg();
+    if let Err(e) = outcome {
+        bench.report.failures.push(format!("aborted: {e}"));
+    }
+    Ok(bench.report)
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            if !e.is_empty() {
+                eprintln!("loadgen: {e}\n");
+            }
+            eprintln!("{HELP}");
+            return ExitCode::from(2);
+        }
+    };
+    let out = args.out.clone();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("loadgen: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = match rt.block_on(main_async(args)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("loadgen: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let md = report::markdown(&report);
+    if let Some(prefix) = out {
+        let json = serde_json::to_string_pretty(&report).unwrap_or_default();
+        for (ext, text) in [("json", json + "\n"), ("md", md.clone())] {
+            let path = prefix.with_extension(ext);
+            if let Err(e) = std::fs::write(&path, text) {
+                eprintln!("loadgen: cannot write {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    println!("{md}");
+    if report.failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("loadgen: FAILED:");
+        for f in &report.failures {
+            eprintln!("  - {f}");
+        }
+        ExitCode::FAILURE
+    }
+}

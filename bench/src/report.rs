@@ -1,0 +1,299 @@
+//! The markdown table of a run (the JSON is the `Report` itself).
+
+use std::fmt::Write;
+
+use crate::{Report, Scenario};
+
+fn mib(kib: u64) -> String {
+    format!("{:.1}", kib as f64 / 1024.0)
+}
+
+fn ms(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn errors(s: &Scenario) -> String {
+    if s.errors.is_empty() {
+        "0".into()
+    } else {
+        s.errors
+            .iter()
+            .map(|(k, v)| format!("{v}×{k}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+struct Target {
+    what: &'static str,
+    goal: String,
+    measured: String,
+    met: Option<bool>,
+}
+
+fn targets(r: &Report) -> Vec<Target> {
+    let mut out = Vec::new();
+    let hot = r.scenario("hot-poll");
+    let ceiling = r.scenario("get-ceiling");
+    if let Some(h) = hot {
+        out.push(Target {
+            what: "hot-poll accepted votes/s",
+            goal: "≥ 10,000".into(),
+            measured: format!("{:.0}", h.ok_per_s),
+            met: Some(h.ok_per_s >= 10_000.0),
+        });
+        out.push(Target {
+            what: "hot-poll p99",
+            goal: "≤ 25 ms".into(),
+            measured: format!("{} ms", ms(h.latency.p99_ms)),
+            met: Some(h.latency.p99_ms <= 25.0),
+        });
+        if let Some(c) = ceiling {
+            let ratio = h.ok_per_s / c.ok_per_s.max(1e-9);
+            out.push(Target {
+                what: "hot-poll / GET / ceiling",
+                goal: "≥ 30 %".into(),
+                measured: format!("{:.0} %", ratio * 100.0),
+                met: Some(ratio >= 0.30),
+            });
+        }
+        let rss = h.poll_memory.peak_rss_kib.max(h.vote_memory.peak_rss_kib);
+        out.push(Target {
+            what: "RSS under hot-poll (larger service)",
+            goal: "≤ 64 MB".into(),
+            measured: format!("{} MiB", mib(rss)),
+            met: Some(rss <= 64 * 1024),
+        });
+    }
+    if let Some(w) = r.scenario("watchers").and_then(|s| s.watchers.as_ref()) {
+        out.push(Target {
+            what: "watchers see the final tally (max lateness)",
+            goal: "≤ 1 s".into(),
+            measured: format!("{} ms ({} of {})", ms(w.lateness.max_ms), w.saw_final, w.subscribers),
+            met: Some(w.lateness.max_ms <= 1000.0 && w.saw_final == w.subscribers),
+        });
+    }
+    for s in &r.services {
+        out.push(Target {
+            what: if s.name == "poll" {
+                "poll idle RSS"
+            } else {
+                "vote idle RSS"
+            },
+            goal: "≤ 20 MB".into(),
+            measured: format!("{} MiB", mib(s.idle.rss_kib)),
+            met: Some(s.idle.rss_kib <= 20 * 1024),
+        });
+        if let Some(ready) = s.ready_ms {
+            out.push(Target {
+                what: if s.name == "poll" {
+                    "poll start to ready"
+                } else {
+                    "vote start to ready"
+                },
+                goal: "≤ 200 ms".into(),
+                measured: format!("{} ms", ms(ready)),
+                met: Some(ready <= 200.0),
+            });
+        }
+    }
+    out
+}
+
+pub fn markdown(r: &Report) -> String {
+    let mut o = String::new();
+    let m = &r.machine;
+    let _ = writeln!(
+        o,
+        "### Benchmark: {} store{}\n",
+        r.backend,
+        if r.smoke {
+            " (smoke run: speeds mean nothing)"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(
+        o,
+        "{} · {} CPUs ({}) · {} MiB · Linux {} · load average before {} / after {} · {}{}\n",
+        r.started_at,
+        m.cpus,
+        m.cpu_model,
+        m.memory_mib,
+        m.kernel,
+        m.loadavg_before,
+        m.loadavg_after,
+        if r.label.is_empty() { "" } else { "commit " },
+        r.label
+    );
+    let _ = writeln!(
+        o,
+        "Each scenario: {:.1} s, {} concurrent clients on one keep-alive connection each (closed loop) unless noted; \
+         latency in ms, from send (closed loop) or from the scheduled send time (open loop).\n",
+        r.duration_s, r.clients
+    );
+    let _ = writeln!(
+        o,
+        "| scenario | load | accepted/s | p50 | p90 | p99 | max | 409 / replays (expected) | errors | poll RSS peak MiB | vote RSS peak MiB | CPU s poll / vote / loadgen | invariants |"
+    );
+    let _ = writeln!(o, "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---|");
+    for s in &r.scenarios {
+        let inv = match &s.invariants {
+            None => "–".to_owned(),
+            Some(i) if i.ok => format!(
+                "ok: {} accepted = {} stored = {} tallied ({} poll{})",
+                i.accepted,
+                i.stored,
+                i.tallied,
+                i.polls_checked,
+                if i.polls_checked == 1 { "" } else { "s" }
+            ),
+            Some(i) => format!("**VIOLATED**: {}", i.problems.join("; ")),
+        };
+        let rate = if s.name == "get-ceiling" {
+            format!("{:.0} req/s", s.ok_per_s)
+        } else {
+            format!("{:.0}", s.ok_per_s)
+        };
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} | {} | {} | {} | {} | {} / {} | {}{} | {} | {} | {:.1} / {:.1} / {:.1} | {} |",
+            s.name,
+            s.mode.describe(),
+            rate,
+            ms(s.latency.p50_ms),
+            ms(s.latency.p90_ms),
+            ms(s.latency.p99_ms),
+            ms(s.latency.max_ms),
+            s.conflicts,
+            s.replayed,
+            errors(s),
+            if s.missed > 0 {
+                format!(", {} never sent", s.missed)
+            } else {
+                String::new()
+            },
+            mib(s.poll_memory.peak_rss_kib),
+            mib(s.vote_memory.peak_rss_kib),
+            s.cpu.poll_s,
+            s.cpu.vote_s,
+            s.cpu.loadgen_s,
+            inv
+        );
+    }
+    let _ = writeln!(o, "\nReference points and ratios (same run):\n");
+    let _ = writeln!(o, "| reference | rate | p50 | p99 | hot-poll ÷ reference |");
+    let _ = writeln!(o, "|---|---:|---:|---:|---:|");
+    let hot = r.scenario("hot-poll").map(|s| s.ok_per_s);
+    let ratio = |base: f64| hot.map_or("–".into(), |h| format!("{:.2}", h / base.max(1e-9)));
+    if let Some(c) = r.scenario("get-ceiling") {
+        let _ = writeln!(
+            o,
+            "| `GET /` of the vote service, {} clients (HTTP ceiling) | {:.0}/s | {} | {} | {} |",
+            c.mode.clients(),
+            c.ok_per_s,
+            ms(c.latency.p50_ms),
+            ms(c.latency.p99_ms),
+            ratio(c.ok_per_s)
+        );
+    }
+    if let Some(s) = &r.store_reference {
+        let _ = writeln!(
+            o,
+            "| raw store: {}, {} tasks, one ballot per call | {:.0}/s | {} | {} | {} |",
+            s.what,
+            s.clients,
+            s.writes_per_s,
+            ms(s.latency.p50_ms),
+            ms(s.latency.p99_ms),
+            ratio(s.writes_per_s)
+        );
+    }
+    if let Some(f) = r.fsync_per_s {
+        let _ = writeln!(
+            o,
+            "| disk: write + fdatasync, 1 thread (one durable commit) | {f:.0}/s | | | {} |",
+            ratio(f)
+        );
+    }
+    if let Some(s) = r.scenario("watchers")
+        && let Some(w) = &s.watchers
+    {
+        let hot_cpu = r.scenario("hot-poll").map(|h| h.cpu.poll_s / h.duration_s);
+        let _ = writeln!(
+            o,
+            "\nWatchers: {} of {} subscribers saw the final tally ({}); lateness after the last acknowledged ballot \
+             p50 {} ms, p99 {} ms, max {} ms; {} events received. Poll-service CPU while streaming: {:.2} s \
+             ({:.2} CPU-s per s{}).",
+            w.saw_final,
+            w.subscribers,
+            w.final_count,
+            ms(w.lateness.p50_ms),
+            ms(w.lateness.p99_ms),
+            ms(w.lateness.max_ms),
+            w.events,
+            w.poll_cpu_s,
+            w.poll_cpu_s_per_s,
+            hot_cpu.map_or(String::new(), |c| format!(
+                "; {c:.2} CPU-s per s during hot-poll without watchers"
+            ))
+        );
+    }
+    let _ = writeln!(
+        o,
+        "\n| service | start to ready | idle RSS MiB | peak RSS (VmHWM) after the run MiB |"
+    );
+    let _ = writeln!(o, "|---|---:|---:|---:|");
+    for s in &r.services {
+        let hwm = r
+            .scenarios
+            .last()
+            .map(|x| {
+                if s.name == "poll" {
+                    x.poll_memory.hwm_kib
+                } else {
+                    x.vote_memory.hwm_kib
+                }
+            })
+            .unwrap_or(0);
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} | {} |",
+            s.name,
+            s.ready_ms.map_or("–".into(), |m| format!("{} ms", ms(m))),
+            mib(s.idle.rss_kib),
+            mib(hwm)
+        );
+    }
+    if !r.smoke {
+        let _ = writeln!(o, "\n| target | goal | measured | |");
+        let _ = writeln!(o, "|---|---|---|---|");
+        for t in targets(r) {
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} |",
+                t.what,
+                t.goal,
+                t.measured,
+                match t.met {
+                    Some(true) => "met",
+                    Some(false) => "**missed**",
+                    None => "–",
+                }
+            );
+        }
+    }
+    if !r.failures.is_empty() {
+        let _ = writeln!(o, "\nFailures:\n");
+        for f in &r.failures {
+            let _ = writeln!(o, "- {f}");
+        }
+    }
+    o
+}

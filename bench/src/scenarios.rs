@@ -1,0 +1,392 @@
+//! The scenarios' workloads, their setup (polls) and the invariant check after each run.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::http::{Conn, request, write_request};
+use crate::load::{Tag, Workload};
+
+pub const OPTIONS: [&str; 3] = ["a", "b", "c"];
+
+/// splitmix64: a cheap, well-mixed hash for deterministic per-request choices.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// `GET /`: the HTTP ceiling of a service.
+pub struct GetRoot {
+    req: Vec<u8>,
+}
+
+impl GetRoot {
+    pub fn new(addr: SocketAddr) -> Self {
+        Self {
+            req: request("GET", addr, "/", &[], None),
+        }
+    }
+}
+
+impl Workload for GetRoot {
+    fn build(&self, _i: u64, buf: &mut Vec<u8>) -> Tag {
+        buf.clear();
+        buf.extend_from_slice(&self.req);
+        Tag::default()
+    }
+    fn polls(&self) -> usize {
+        0
+    }
+    fn options(&self) -> usize {
+        0
+    }
+    fn conflicts_expected(&self) -> bool {
+        false
+    }
+    fn success(&self) -> u16 {
+        200
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Fresh,
+    /// Same voter as an earlier ballot, another option, no idempotency key: 409.
+    Repeat(u64),
+    /// The earlier request again, byte for byte, with its idempotency key: a replay.
+    Retry(u64),
+}
+
+/// Ballots (`POST /api/votes`), each from a distinct voter (`dedupe: voter`), over one or many
+/// polls; optionally a share of them repeats or retries an earlier ballot.
+pub struct Ballots {
+    addr: SocketAddr,
+    polls: Vec<String>,
+    /// Distinguishes voter ids of different runs.
+    run: String,
+    /// Percentage of ballots that repeat or retry an earlier one (half each).
+    duplicate_pct: u64,
+}
+
+impl Ballots {
+    pub fn new(addr: SocketAddr, polls: Vec<String>, run: &str, duplicate_pct: u64) -> Self {
+        Self {
+            addr,
+            polls,
+            run: run.to_owned(),
+            duplicate_pct,
+        }
+    }
+
+    fn kind(&self, i: u64) -> Kind {
+        if self.duplicate_pct == 0 || i == 0 {
+            return Kind::Fresh;
+        }
+        let roll = mix(i ^ 0x5555) % 100;
+        if roll >= self.duplicate_pct {
+            return Kind::Fresh;
+        }
+        // An earlier fresh ballot: usually a recent one (a client retrying), sometimes any.
+        let back = 1 + mix(i ^ 0xaaaa) % i.min(256);
+        let mut j = i - back;
+        for _ in 0..64 {
+            if self.fresh(j) {
+                return if roll < self.duplicate_pct / 2 {
+                    Kind::Repeat(j)
+                } else {
+                    Kind::Retry(j)
+                };
+            }
+            if j == 0 {
+                break;
+            }
+            j -= 1;
+        }
+        Kind::Fresh
+    }
+
+    fn fresh(&self, j: u64) -> bool {
+        j == 0 || self.duplicate_pct == 0 || mix(j ^ 0x5555) % 100 >= self.duplicate_pct
+    }
+
+    fn poll_of(&self, i: u64) -> usize {
+        if self.polls.len() <= 1 {
+            0
+        } else {
+            (mix(i) % self.polls.len() as u64) as usize
+        }
+    }
+}
+
+impl Workload for Ballots {
+    fn build(&self, i: u64, buf: &mut Vec<u8>) -> Tag {
+        let (voter, option, idem) = match self.kind(i) {
+            Kind::Fresh => (i, (i % 3) as usize, self.duplicate_pct > 0),
+            Kind::Repeat(j) => (j, ((j + 1) % 3) as usize, false),
+            Kind::Retry(j) => (j, (j % 3) as usize, true),
+        };
+        let poll = self.poll_of(voter);
+        let mut body = Vec::with_capacity(128);
+        let _ = write!(
+            body,
+            r#"{{"poll_id":"{}","option":"{}","voter_id":"{}-{voter}"}}"#,
+            self.polls[poll], OPTIONS[option], self.run
+        );
+        let key = format!("{}-k{voter}", self.run);
+        let headers: &[(&str, &str)] = if idem { &[("idempotency-key", &key)] } else { &[] };
+        write_request(buf, "POST", self.addr, "/api/votes", headers, Some(&body));
+        Tag {
+            poll: poll as u32,
+            option: option as u8,
+        }
+    }
+    fn polls(&self) -> usize {
+        self.polls.len()
+    }
+    fn options(&self) -> usize {
+        OPTIONS.len()
+    }
+    fn conflicts_expected(&self) -> bool {
+        self.duplicate_pct > 0
+    }
+    fn success(&self) -> u16 {
+        201
+    }
+}
+
+async fn json_call(conn: &mut Conn, req: &[u8]) -> Result<(u16, Value), String> {
+    let res = conn.send(req).await.map_err(|e| e.to_string())?;
+    let v = serde_json::from_slice(&res.body).unwrap_or(Value::Null);
+    Ok((res.status, v))
+}
+
+/// Creates `n` polls (options a, b, c; `dedupe: voter`) over `parallel` connections.
+pub async fn create_polls(poll: SocketAddr, n: usize, label: &str, parallel: usize) -> Result<Vec<String>, String> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..parallel.clamp(1, n.max(1)) {
+        let (next, label) = (next.clone(), label.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let mut conn = Conn::connect(poll).await.map_err(|e| e.to_string())?;
+            let mut made = Vec::new();
+            loop {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                if k >= n {
+                    return Ok::<_, String>(made);
+                }
+                let body = serde_json::json!({
+                    "name": format!("{label} {k}"),
+                    "options": OPTIONS,
+                    "dedupe": "voter",
+                });
+                let req = request("POST", poll, "/api/polls", &[], Some(body.to_string().as_bytes()));
+                let (status, v) = json_call(&mut conn, &req).await?;
+                if status != 201 {
+                    return Err(format!("creating a poll: {status} {v}"));
+                }
+                let id = v["id"].as_str().ok_or("created poll without id")?.to_owned();
+                made.push((k, id));
+            }
+        }));
+    }
+    let mut all = Vec::with_capacity(n);
+    for t in tasks {
+        all.extend(t.await.map_err(|e| e.to_string())??);
+    }
+    all.sort();
+    Ok(all.into_iter().map(|(_, id)| id).collect())
+}
+
+/// Invariant check of one run: for every poll, the maintained tally equals the recount of stored
+/// ballots (the vote service's audit), and both equal the ballots the load generator saw
+/// accepted.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Invariants {
+    pub polls_checked: usize,
+    pub accepted: u64,
+    pub stored: u64,
+    pub tallied: u64,
+    pub ok: bool,
+    pub problems: Vec<String>,
+}
+
+pub async fn audit(
+    vote: SocketAddr,
+    polls: &[String],
+    accepted: &[Vec<u64>],
+    ambiguous: u64,
+) -> Result<Invariants, String> {
+    let mut conn = Conn::connect(vote).await.map_err(|e| e.to_string())?;
+    let mut inv = Invariants {
+        polls_checked: polls.len(),
+        ok: true,
+        ..Invariants::default()
+    };
+    let counts = |v: &Value| -> (u64, Vec<u64>) {
+        let total = v["total"].as_u64().unwrap_or(u64::MAX);
+        let by: Vec<u64> = v["by_option"]
+            .as_array()
+            .map(|a| a.iter().map(|x| x.as_u64().unwrap_or(u64::MAX)).collect())
+            .unwrap_or_default();
+        (total, by)
+    };
+    for (poll, expected) in polls.iter().zip(accepted) {
+        let req = request("GET", vote, &format!("/internal/polls/{poll}/audit"), &[], None);
+        let (status, v) = json_call(&mut conn, &req).await?;
+        if status != 200 {
+            return Err(format!("audit of {poll}: {status} {v}"));
+        }
+        let (tally_total, mut tally_by) = counts(&v["tally"]);
+        let (stored_total, mut stored_by) = counts(&v["stored"]);
+        let mut expected_by = expected.clone();
+        let n = tally_by.len().max(stored_by.len()).max(expected_by.len());
+        for by in [&mut tally_by, &mut stored_by, &mut expected_by] {
+            by.resize(n, 0);
+        }
+        let expected_total: u64 = expected.iter().sum();
+        inv.accepted += expected_total;
+        inv.stored += stored_total;
+        inv.tallied += tally_total;
+        if v["consistent"] != Value::Bool(true) || tally_total != stored_total || tally_by != stored_by {
+            inv.problems.push(format!(
+                "poll {poll}: tally {tally_total} {tally_by:?} != stored {stored_total} {stored_by:?}"
+            ));
+        }
+        // With requests that got no answer, each may or may not have been stored.
+        if ambiguous == 0 && (stored_total != expected_total || stored_by != expected_by) {
+            inv.problems.push(format!(
+                "poll {poll}: stored {stored_total} {stored_by:?} != accepted {expected_total} {expected_by:?}"
+            ));
+        }
+    }
+    if ambiguous > 0 && (inv.stored < inv.accepted || inv.stored > inv.accepted + ambiguous) {
+        inv.problems.push(format!(
+            "stored {} is outside accepted {} + up to {ambiguous} unanswered",
+            inv.stored, inv.accepted
+        ));
+    }
+    inv.problems.truncate(20);
+    inv.ok = inv.problems.is_empty();
+    Ok(inv)
+}
+
+/// One live-results subscriber: how late it saw the final tally.
+pub struct Subscriber {
+    /// When the subscriber first saw a count at least the target.
+    pub saw_final: Option<Instant>,
+    pub events: u64,
+    pub error: Option<String>,
+}
+
+/// `"votes":{"count":N` in a poll's JSON.
+fn count_in(data: &[u8]) -> Option<u64> {
+    const NEEDLE: &[u8] = br#""votes":{"count":"#;
+    let at = data.windows(NEEDLE.len()).position(|w| w == NEEDLE)? + NEEDLE.len();
+    let digits: &[u8] = &data[at..];
+    let end = digits.iter().position(|b| !b.is_ascii_digit()).unwrap_or(digits.len());
+    std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
+}
+
+/// Subscribes to the poll's results stream; counts in `ready` once the first event arrived; then
+/// reads until it has seen a count of at least the target (once the target is known) or `until`.
+pub async fn subscribe(
+    poll: SocketAddr,
+    id: String,
+    ready: Arc<AtomicUsize>,
+    mut target: watch::Receiver<Option<u64>>,
+    until: Instant,
+) -> Subscriber {
+    let mut out = Subscriber {
+        saw_final: None,
+        events: 0,
+        error: None,
+    };
+    let fail = |mut out: Subscriber, e: String| {
+        out.error = Some(e);
+        out
+    };
+    let req = request(
+        "GET",
+        poll,
+        &format!("/api/polls/{id}/results/stream"),
+        &[("accept", "text/event-stream")],
+        None,
+    );
+    let conn = match Conn::connect(poll).await {
+        Ok(c) => c,
+        Err(e) => return fail(out, format!("connect: {e}")),
+    };
+    let mut stream = match conn.open_stream(&req).await {
+        Ok((200, s)) => s,
+        Ok((status, _)) => return fail(out, format!("status {status}")),
+        Err(e) => return fail(out, format!("open: {e}")),
+    };
+    // Counts seen, with when they were first seen (monotonic, so a short list).
+    let mut seen: Vec<(u64, Instant)> = Vec::new();
+    loop {
+        if let Some(t) = *target.borrow_and_update()
+            && let Some(&(_, at)) = seen.iter().find(|(c, _)| *c >= t)
+        {
+            out.saw_final = Some(at);
+            return out;
+        }
+        if Instant::now() >= until {
+            return fail(out, "did not see the final tally in time".into());
+        }
+        let line = match tokio::time::timeout(Duration::from_millis(50), stream.next_line()).await {
+            Err(_) => continue,
+            Ok(Ok(Some(line))) => line,
+            Ok(Ok(None)) => return fail(out, "stream ended".into()),
+            Ok(Err(e)) => return fail(out, format!("read: {e}")),
+        };
+        let Some(data) = line.strip_prefix(b"data:") else {
+            continue;
+        };
+        if let Some(count) = count_in(data) {
+            out.events += 1;
+            if out.events == 1 {
+                ready.fetch_add(1, Ordering::Relaxed);
+            }
+            if seen.last().is_none_or(|&(c, _)| count > c) {
+                seen.push((count, Instant::now()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_count() {
+        let d = br#" {"id":"x","votes":{"count":1234,"by_option":[]}}"#;
+        assert_eq!(count_in(d), Some(1234));
+        assert_eq!(count_in(br#"{"votes":null}"#), None);
+    }
+
+    #[test]
+    fn duplicates_refer_to_earlier_fresh_ballots() {
+        let addr: SocketAddr = ([127, 0, 0, 1], 1).into();
+        let b = Ballots::new(addr, vec!["p".into()], "r", 30);
+        let mut dup = 0;
+        for i in 0..10_000u64 {
+            match b.kind(i) {
+                Kind::Fresh => assert!(b.fresh(i)),
+                Kind::Repeat(j) | Kind::Retry(j) => {
+                    dup += 1;
+                    assert!(j < i && b.fresh(j));
+                }
+            }
+        }
+        assert!((2_700..3_300).contains(&dup), "{dup}");
+    }
+}
