@@ -116,6 +116,9 @@ impl<'de> Deserialize<'de> for WholeNumber {
 }
 
 /// Changes to a poll (JSON merge patch: absent fields stay, `closes_at: null` removes the closing time).
+///
+/// The rules of a new poll that JSON Schema cannot state (see `CreatePoll`) apply to the changed
+/// poll, answered with 400 naming the field.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdatePoll {
