@@ -45,6 +45,7 @@ Options:
   --scratch DIR         where the raw-store reference puts its temp file (default: --data-dir)
   --out PREFIX          write PREFIX.json and PREFIX.md
   --label TEXT          recorded in the result (e.g. the git commit)
+  --service-env LIST    extra environment of started services, KEY=VALUE[,KEY=VALUE...]
   --smoke               short runs; only the invariants and error statuses decide the exit code
 Exit code: 0 when every invariant holds and no unexpected status was seen, 1 otherwise, 2 on bad usage.";
 
@@ -61,6 +62,7 @@ struct Args {
     label: String,
     smoke: bool,
     spawn: Option<(PathBuf, PathBuf, PathBuf)>,
+    service_env: Vec<(String, String)>,
     attach: Option<((SocketAddr, u32), (SocketAddr, u32))>,
 }
 
@@ -147,6 +149,17 @@ fn parse_args() -> Result<Args, String> {
         .unwrap_or_else(std::env::temp_dir);
     let out = take("out").map(PathBuf::from);
     let label = take("label").unwrap_or_default();
+    let service_env = match take("service-env") {
+        None => Vec::new(),
+        Some(list) => list
+            .split(',')
+            .map(|kv| {
+                kv.split_once('=')
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .ok_or(format!("--service-env: {kv:?} is not KEY=VALUE"))
+            })
+            .collect::<Result<_, _>>()?,
+    };
     if let Some(k) = kv.keys().next() {
         return Err(format!("unknown option --{k}"));
     }
@@ -163,6 +176,7 @@ fn parse_args() -> Result<Args, String> {
         label,
         smoke,
         spawn,
+        service_env,
         attach,
     })
 }
@@ -653,7 +667,10 @@ async fn start_services(args: &Args) -> Result<(Service, Service, Vec<ServiceInf
                 bin: poll_bin,
                 port: pp,
                 data_dir,
-                env: vec![("VOTE_API".into(), format!("http://127.0.0.1:{vp}"))],
+                env: [("VOTE_API".to_owned(), format!("http://127.0.0.1:{vp}"))]
+                    .into_iter()
+                    .chain(args.service_env.iter().cloned())
+                    .collect(),
             })
             .await?;
             let (vote, vote_ready) = Service::spawn(SpawnSpec {
@@ -661,7 +678,10 @@ async fn start_services(args: &Args) -> Result<(Service, Service, Vec<ServiceInf
                 bin: vote_bin,
                 port: vp,
                 data_dir,
-                env: vec![("POLL_API".into(), format!("http://127.0.0.1:{pp}"))],
+                env: [("POLL_API".to_owned(), format!("http://127.0.0.1:{pp}"))]
+                    .into_iter()
+                    .chain(args.service_env.iter().cloned())
+                    .collect(),
             })
             .await?;
             tokio::time::sleep(Duration::from_secs(1)).await;
