@@ -182,6 +182,11 @@ impl Stack {
         res.json().await.expect("json")
     }
 
+    /// The poll service's MongoDB database, when the stack runs on MongoDB.
+    pub fn poll_database(&self) -> Option<&str> {
+        self.databases.first().map(String::as_str)
+    }
+
     /// Stops both services and waits for them.
     pub async fn stop(mut self) {
         self.poll_shutdown.cancel();

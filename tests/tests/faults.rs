@@ -181,3 +181,64 @@ async fn a_database_outage_gives_fast_503s_and_recovers_without_restart() {
     drop(s);
     ferretdb(&["kill", dir.to_str().expect("path")]);
 }
+
+#[tokio::test]
+async fn a_poll_written_by_the_predecessor_is_served_by_the_api() {
+    if !enabled() {
+        return;
+    }
+    let s = Stack::start().await;
+    let database = s.poll_database().expect("a MongoDB stack").to_owned();
+    let client = mongodb::Client::with_uri_str(s.config.storage.mongodb_uri.expose())
+        .await
+        .expect("client");
+    let oid = mongodb::bson::oid::ObjectId::new();
+    // Exactly what the predecessor's Flask service wrote.
+    client
+        .database(&database)
+        .collection::<mongodb::bson::Document>("polls")
+        .insert_one(mongodb::bson::doc! {
+            "_id": oid,
+            "name": "Old poll",
+            "desc": "from the Flask service",
+            "options": ["yes", "no"],
+            "votes": { "count": 5 },
+        })
+        .await
+        .expect("insert with the driver");
+    let id = oid.to_hex();
+    let p = s.get_poll(&id).await;
+    assert_eq!(p["id"], id.as_str());
+    assert_eq!(p["name"], "Old poll");
+    assert_eq!(p["desc"], "from the Flask service");
+    assert_eq!(p["options"], json!(["yes", "no"]));
+    assert_eq!(p["status"], "open");
+    assert_eq!(p["votes"]["count"], 5, "the predecessor's count is kept");
+    let listed: Value = s
+        .http
+        .get(format!("{}/api/polls", s.poll))
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    assert!(
+        listed.as_array().expect("array").iter().any(|p| p["id"] == id.as_str()),
+        "listed too"
+    );
+
+    // New ballots add to the old count; the old poll cannot be administered (it has no token).
+    assert_eq!(s.vote(json!({"poll_id": id, "option": "no"})).await.status(), 201);
+    let p = s.get_poll(&id).await;
+    assert_eq!(p["votes"]["count"], 6);
+    assert_eq!(p["votes"]["by_option"][1]["count"], 1);
+    let res = s
+        .http
+        .post(format!("{}/api/polls/{id}/close", s.poll))
+        .bearer_auth("anything")
+        .send()
+        .await
+        .expect("close");
+    assert_eq!(res.status(), 403);
+}
