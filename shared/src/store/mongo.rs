@@ -87,7 +87,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, SecondsFormat, Utc};
 use mongodb::bson::{Bson, Document, doc, oid::ObjectId};
 use mongodb::error::{Error as MongoError, ErrorKind, WriteFailure};
 use mongodb::options::{Acknowledgment, ClientOptions, DatabaseOptions, IndexOptions, WriteConcern};
@@ -552,8 +552,15 @@ pub fn classify(e: &MongoError) -> Failure {
 // ---------------------------------------------------------------------------------------------
 // Documents
 
+/// Times are stored as fixed-width RFC 3339 strings so that they sort as strings. Only years
+/// 0–9999 have that shape; a listing cursor beyond them (any well-formed cursor is a position)
+/// compares after (`~`) or before (empty) every stored time.
 fn fmt_time(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Nanos, true)
+    match t.year() {
+        y if y > 9999 => "~".to_owned(),
+        y if y < 0 => String::new(),
+        _ => t.to_rfc3339_opts(SecondsFormat::Nanos, true),
+    }
 }
 
 fn bad(what: &str) -> StoreError {
