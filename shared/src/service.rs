@@ -77,3 +77,66 @@ async fn health_probe(port: u16) -> ExitCode {
         }
     }
 }
+
+/// What a service brings to [`bind_service`]: its name and default port, the readiness and metrics
+/// its parts already use, and the dependencies `/health/deep` checks.
+pub struct ServiceParts {
+    pub service: &'static str,
+    pub default_port: u16,
+    pub readiness: std::sync::Arc<crate::http::Readiness>,
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+    pub dependencies: Vec<std::sync::Arc<dyn crate::http::Dependency>>,
+}
+
+/// The start-up steps both services share: ops routes, the shared middleware and docs around the
+/// service's API routes, binding the configured address, and marking the server initialised.
+pub async fn bind_service(
+    config: &Config,
+    parts: ServiceParts,
+    api: utoipa_axum::router::OpenApiRouter,
+    shutdown: CancellationToken,
+    describe: impl FnOnce(&mut utoipa::openapi::OpenApi),
+) -> Result<Server, String> {
+    let ServiceParts {
+        service,
+        default_port,
+        readiness,
+        metrics,
+        dependencies,
+    } = parts;
+    let ops = std::sync::Arc::new(crate::http::Ops {
+        service,
+        readiness: readiness.clone(),
+        metrics,
+        dependencies,
+    });
+    let router = crate::http::assemble(api, ops, config, describe);
+    let port = config.port_or(default_port);
+    let server = Server::bind(
+        &config.server.host,
+        port,
+        router,
+        readiness.clone(),
+        shutdown,
+        Duration::from_millis(config.server.drain_timeout_ms),
+    )
+    .await
+    .map_err(|e| format!("cannot listen on {}:{port}: {e}", config.server.host))?;
+    readiness.set_initialised();
+    Ok(server)
+}
+
+/// The OpenAPI info both services share: title, version, the project's licence (not utoipa's
+/// own contact and licence, which it fills in by default) and a description.
+pub fn describe_service(doc: &mut utoipa::openapi::OpenApi, title: &str, description: &str) {
+    doc.info.title = title.into();
+    doc.info.version = env!("CARGO_PKG_VERSION").into();
+    doc.info.contact = None;
+    doc.info.license = Some(
+        utoipa::openapi::LicenseBuilder::new()
+            .name("MIT")
+            .identifier(Some("MIT"))
+            .build(),
+    );
+    doc.info.description = Some(description.into());
+}

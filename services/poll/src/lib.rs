@@ -9,13 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shared::Config;
-use shared::http::{Dependency, Ops, Readiness, Server, assemble};
+use shared::http::{Dependency, Readiness, Server};
 use shared::internal::PeerClient;
 use shared::metrics::Metrics;
+use shared::service::{ServiceParts, bind_service, describe_service};
 use shared::store::{StoreHealth, connection_source, open_poll_store};
 use tokio_util::sync::CancellationToken;
+use utoipa::openapi::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::openapi::{LicenseBuilder, OpenApi};
 
 pub const SERVICE: &str = "poll";
 pub const DEFAULT_PORT: u16 = 4000;
@@ -43,48 +44,27 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Server
         shutdown: shutdown.clone(),
     });
     let db = store.clone();
-    let ops = Arc::new(Ops {
+    let database: Arc<dyn Dependency> = Arc::new(StoreHealth(move || {
+        let db = db.clone();
+        async move { db.ping().await }
+    }));
+    let parts = ServiceParts {
         service: SERVICE,
-        readiness: readiness.clone(),
+        default_port: DEFAULT_PORT,
+        readiness,
         metrics,
-        dependencies: vec![
-            Arc::new(StoreHealth(move || {
-                let db = db.clone();
-                async move { db.ping().await }
-            })) as Arc<dyn Dependency>,
-            Arc::new(peer),
-        ]
-        .into_iter()
-        .chain(keyvault)
-        .collect(),
-    });
-    let router = assemble(api::router(state), ops, &config, describe);
-    let port = config.port_or(DEFAULT_PORT);
-    let server = Server::bind(
-        &config.server.host,
-        port,
-        router,
-        readiness.clone(),
-        shutdown,
-        Duration::from_millis(config.server.drain_timeout_ms),
-    )
-    .await
-    .map_err(|e| format!("cannot listen on {}:{port}: {e}", config.server.host))?;
-    readiness.set_initialised();
-    Ok(server)
+        dependencies: [database, Arc::new(peer)].into_iter().chain(keyvault).collect(),
+    };
+    bind_service(&config, parts, api::router(state), shutdown, describe).await
 }
 
 /// The OpenAPI document's description.
 pub fn describe(doc: &mut OpenApi) {
-    doc.info.title = "Poll service".into();
-    doc.info.version = env!("CARGO_PKG_VERSION").into();
-    // Not utoipa's own contact and licence, which it fills in by default.
-    doc.info.contact = None;
-    doc.info.license = Some(LicenseBuilder::new().name("MIT").identifier(Some("MIT")).build());
-    doc.info.description = Some(
+    describe_service(
+        doc,
+        "Poll service",
         "Polls and their lifecycle. Errors are application/problem+json (RFC 9457). Changing, closing and \
-         deleting a poll needs the admin token returned once at creation, as `Authorization: Bearer <token>`."
-            .into(),
+         deleting a poll needs the admin token returned once at creation, as `Authorization: Bearer <token>`.",
     );
     let components = doc.components.get_or_insert_with(Default::default);
     components.add_security_scheme(
