@@ -381,7 +381,7 @@ def test_azure_application_gateway_ingress(azure) -> None:
 
 
 def test_placeholders_are_all_in_the_settings_files() -> None:
-    """Everything an operator must edit lives in the two .env files."""
+    """Everything an operator must edit lives in the two settings files (*.properties)."""
     overlay_dir = dl.KUBERNETES / "overlays" / "azure"
     for path in overlay_dir.glob("*.yaml"):
         text = path.read_text()
