@@ -728,7 +728,9 @@ fn ballot_id(poll_id: &str, key: &str) -> String {
     format!("{poll_id}:{key}")
 }
 
-fn ballot_to_doc(b: &BallotRecord) -> Document {
+/// The stored document of a ballot (public so the load benchmark's raw-driver reference writes
+/// exactly what the store writes).
+pub fn ballot_to_doc(b: &BallotRecord) -> Document {
     doc! {
         "_id": ballot_id(&b.poll_id, &b.key),
         "poll_id": &b.poll_id,
