@@ -88,6 +88,7 @@ pub struct StorageConfig {
     pub server_selection_timeout_ms: u64,
     pub operation_timeout_ms: u64,
     pub tally_cache_ttl_ms: u64,
+    pub write_batches_in_flight: u32,
 }
 
 impl StorageConfig {
@@ -396,6 +397,7 @@ impl Config {
             ("storage.connect_timeout_ms", st.connect_timeout_ms),
             ("storage.server_selection_timeout_ms", st.server_selection_timeout_ms),
             ("storage.operation_timeout_ms", st.operation_timeout_ms),
+            ("storage.write_batches_in_flight", u64::from(st.write_batches_in_flight)),
         ] {
             if v == 0 {
                 problems.push(format!("{key}: must be greater than 0"));
@@ -491,6 +493,7 @@ impl Config {
         s.server_selection_timeout = std::time::Duration::from_millis(st.server_selection_timeout_ms);
         s.operation_timeout = std::time::Duration::from_millis(st.operation_timeout_ms);
         s.tally_cache_ttl = std::time::Duration::from_millis(st.tally_cache_ttl_ms);
+        s.write_batches_in_flight = st.write_batches_in_flight as usize;
         s
     }
 

@@ -345,6 +345,91 @@ async fn duplicates_are_refused_by_the_database() {
     .await;
 }
 
+/// Group commit: concurrent ballots share `insertMany` commands (counted with the driver's command
+/// monitoring), every one is acknowledged and counted once, and a batch holding the same identity
+/// twice stores it once and answers the other caller with the stored ballot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_ballots_share_insert_commands() {
+    with_database(|_, s| async move {
+        let inserts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut options = mongodb::options::ClientOptions::parse(&s.uri).await.expect("options");
+        let seen = inserts.clone();
+        options.command_event_handler = Some(mongodb::event::EventHandler::callback(move |ev| {
+            if let mongodb::event::command::CommandEvent::Started(started) = ev
+                && started.command_name == "insert"
+            {
+                seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }));
+        let client = Client::with_options(options).expect("client");
+        let ballots = Arc::new(ballot_store(&client, &s).await);
+        let poll_id = new_poll_id(Utc::now());
+
+        const TASKS: usize = 64;
+        const EACH: usize = 10;
+        let mut tasks = Vec::new();
+        for t in 0..TASKS {
+            let (ballots, poll_id) = (ballots.clone(), poll_id.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut accepted = 0;
+                for n in 0..EACH {
+                    let b = sample_ballot(&poll_id, &format!("ip:{t}-{n}"), &[(n % 2) as u32]);
+                    if matches!(ballots.cast(b).await.expect("cast"), CastOutcome::Accepted(_)) {
+                        accepted += 1;
+                    }
+                }
+                accepted
+            }));
+        }
+        let mut accepted = 0;
+        for t in tasks {
+            accepted += t.await.expect("task");
+        }
+        assert_eq!(accepted, TASKS * EACH);
+        let commands = inserts.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            commands * 2 <= TASKS * EACH,
+            "{commands} insert commands for {} ballots: concurrent ballots were not batched",
+            TASKS * EACH
+        );
+        let tally = ballots.tally(&poll_id).await.expect("tally");
+        assert_eq!(tally.total, (TASKS * EACH) as u64);
+        assert_eq!(tally, ballots.recount(&poll_id).await.expect("recount"));
+
+        // 32 concurrent ballots of one voter (different requests): batched together or not, one
+        // is stored and every other caller gets that one back.
+        let mut tasks = Vec::new();
+        for _ in 0..32 {
+            let (ballots, poll_id) = (ballots.clone(), poll_id.clone());
+            tasks.push(tokio::spawn(async move {
+                ballots
+                    .cast(sample_ballot(&poll_id, "ip:same", &[1]))
+                    .await
+                    .expect("cast")
+            }));
+        }
+        let mut outcomes = Vec::new();
+        for t in tasks {
+            outcomes.push(t.await.expect("task"));
+        }
+        let stored: Vec<_> = outcomes
+            .iter()
+            .filter_map(|o| match o {
+                CastOutcome::Accepted(b) => Some(b.clone()),
+                CastOutcome::Duplicate(_) => None,
+            })
+            .collect();
+        assert_eq!(stored.len(), 1, "exactly one of 32 identical ballots is accepted");
+        assert!(outcomes.iter().all(|o| match o {
+            CastOutcome::Accepted(b) | CastOutcome::Duplicate(b) => b == &stored[0],
+        }));
+        let tally = ballots.tally(&poll_id).await.expect("tally");
+        assert_eq!(tally.total, (TASKS * EACH) as u64 + 1);
+        assert_eq!(tally, ballots.recount(&poll_id).await.expect("recount"));
+    })
+    .await;
+}
+
 /// A server error as the driver reports it.
 fn server_error(code: i32, name: &str, message: &str) -> MongoError {
     let err: CommandError = mongodb::bson::deserialize_from_document(doc! {

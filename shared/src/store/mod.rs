@@ -14,7 +14,7 @@ pub mod mongo;
 pub mod slot;
 
 /// Why a storage call failed. Messages are for logs only: they never reach clients.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached or is throttling; the caller should answer 503 with
     /// `Retry-After`.

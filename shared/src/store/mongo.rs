@@ -28,6 +28,8 @@
 //! read back and returned as [`CastOutcome::Duplicate`] (or as `Accepted` when it is this very
 //! ballot, same ballot id, e.g. after the driver retried an insert whose first reply was lost).
 //! The insert uses write concern `{w: "majority", j: true}`, so `Accepted` means durable.
+//! Concurrent ballots share one unordered `insertMany` (group commit, see [`writer`]); a
+//! duplicate in a batch fails alone, with the same 11000.
 //!
 //! # Tallies: derived from the ballots, never maintained beside them
 //!
@@ -92,6 +94,7 @@ use mongodb::bson::{Bson, Document, doc, oid::ObjectId};
 use mongodb::error::{Error as MongoError, ErrorKind, WriteFailure};
 use mongodb::options::{Acknowledgment, ClientOptions, DatabaseOptions, IndexOptions, WriteConcern};
 use mongodb::{Client, Collection, Database, IndexModel};
+use tokio::sync::{mpsc, oneshot};
 
 use super::{BallotStore, PollStore, StoreError, StoreResult};
 use crate::domain::{
@@ -128,6 +131,8 @@ pub struct MongoSettings {
     pub operation_timeout: Duration,
     /// How long a computed tally may be served from this process's cache; zero disables it.
     pub tally_cache_ttl: Duration,
+    /// Ballot batches (`insertMany`) in flight at once (see [`MongoBallotStore`]'s writer).
+    pub write_batches_in_flight: usize,
     pub polls_collection: String,
     pub ballots_collection: String,
     /// Told when the server refuses the URI's credentials (Key Vault then reads the secret again).
@@ -147,6 +152,7 @@ impl MongoSettings {
             server_selection_timeout: Duration::from_secs(3),
             operation_timeout: Duration::from_secs(5),
             tally_cache_ttl: Duration::from_secs(1),
+            write_batches_in_flight: 2,
             polls_collection: POLLS_COLLECTION.into(),
             ballots_collection: BALLOTS_COLLECTION.into(),
             on_credentials_rejected: CredentialsRejected::default(),
@@ -164,6 +170,7 @@ impl MongoSettings {
             tally_cache_ttl: self.tally_cache_ttl,
             polls_collection: self.polls_collection.clone(),
             ballots_collection: self.ballots_collection.clone(),
+            batches_in_flight: self.write_batches_in_flight,
         }
     }
 }
@@ -180,6 +187,7 @@ impl std::fmt::Debug for MongoSettings {
             .field("server_selection_timeout", &self.server_selection_timeout)
             .field("operation_timeout", &self.operation_timeout)
             .field("tally_cache_ttl", &self.tally_cache_ttl)
+            .field("write_batches_in_flight", &self.write_batches_in_flight)
             .field("polls_collection", &self.polls_collection)
             .field("ballots_collection", &self.ballots_collection)
             .finish()
@@ -226,6 +234,8 @@ pub struct StoreTuning {
     pub tally_cache_ttl: Duration,
     pub polls_collection: String,
     pub ballots_collection: String,
+    /// Ballot batches (`insertMany`) in flight at once; see [`MongoBallotStore`]'s writer.
+    pub batches_in_flight: usize,
 }
 
 impl Default for StoreTuning {
@@ -958,21 +968,46 @@ pub struct MongoBallotStore {
     ballots: Collection<Document>,
     retry: RetryPolicy,
     cache: TallyCache,
+    /// The group-commit writer's queue (see [`writer`]).
+    inserts: mpsc::Sender<InsertJob>,
 }
 
 impl MongoBallotStore {
     /// Opens the store on `database` (usually `vote`) and creates its collection and indexes.
+    /// Starts the store's writer task, so it must be called inside a tokio runtime.
     pub async fn open(client: Client, database_name: &str, tuning: StoreTuning) -> StoreResult<Self> {
         let db = database(&client, database_name, &tuning.retry);
         let poll_voter = index("poll_voter", doc! { "poll_id": 1, "voter": 1 });
         ensure_collection(&db, &tuning.ballots_collection, vec![poll_voter], &tuning.retry).await?;
         let ballots = db.collection(&tuning.ballots_collection);
+        let (inserts, queue) = mpsc::channel(INSERT_QUEUE);
+        tokio::spawn(writer(
+            ballots.clone(),
+            tuning.retry.clone(),
+            queue,
+            tuning.batches_in_flight.max(1),
+        ));
         Ok(Self {
             db,
             ballots,
             retry: tuning.retry,
             cache: TallyCache::new(tuning.tally_cache_ttl),
+            inserts,
         })
+    }
+
+    /// Inserts one ballot document through the writer: `true` when stored now, `false` when its
+    /// `_id` already existed. Returns once the insert is acknowledged with the store's write
+    /// concern (durable).
+    async fn insert(&self, doc: Document) -> StoreResult<bool> {
+        let (reply, answer) = oneshot::channel();
+        self.inserts
+            .send(InsertJob { doc, reply })
+            .await
+            .map_err(|_| StoreError::Internal("the ballot writer has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Internal("the ballot writer dropped a ballot".into()))?
     }
 
     async fn find_ballot(&self, id: &str) -> StoreResult<Option<BallotRecord>> {
@@ -1021,25 +1056,16 @@ impl MongoBallotStore {
 impl BallotStore for MongoBallotStore {
     async fn cast(&self, ballot: BallotRecord) -> StoreResult<CastOutcome> {
         let id = ballot_id(&ballot.poll_id, &ballot.key);
-        let doc = &ballot_to_doc(&ballot);
+        let doc = ballot_to_doc(&ballot);
         // A duplicate whose original vanished (purged meanwhile) is tried again, a few times.
         for _ in 0..3 {
-            let inserted = self
-                .retry
-                .run(|| async move {
-                    match self.ballots.insert_one(doc.clone()).await {
-                        Ok(_) => Ok(true),
-                        Err(e) if is_duplicate_key(&e) => Ok(false),
-                        Err(e) => Err(e),
-                    }
-                })
-                .await?;
+            let inserted = self.insert(doc.clone()).await?;
             if inserted {
                 self.cache.invalidate(&ballot.poll_id);
                 return Ok(CastOutcome::Accepted(ballot));
             }
             match self.find_ballot(&id).await? {
-                // This very ballot (an insert the driver retried after a lost reply).
+                // This very ballot (an insert repeated after a lost reply, by the driver or the writer).
                 Some(stored) if stored.id == ballot.id => {
                     self.cache.invalidate(&ballot.poll_id);
                     return Ok(CastOutcome::Accepted(stored));
@@ -1125,6 +1151,178 @@ impl BallotStore for MongoBallotStore {
     async fn ping(&self) -> StoreResult<()> {
         ping(&self.db, &self.retry).await
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Group commit of ballots
+
+/// Ballots waiting for the writer at most; `cast` waits for room beyond that (back-pressure).
+const INSERT_QUEUE: usize = 8192;
+/// Most ballots in one `insertMany` (far below the server's 100,000 and 48 MB limits).
+const MAX_BATCH: usize = 1000;
+
+struct InsertJob {
+    doc: Document,
+    reply: oneshot::Sender<StoreResult<bool>>,
+}
+
+/// The group-commit writer. It takes the first waiting ballot, waits for one of `in_flight`
+/// slots, then takes every other ballot already waiting (up to [`MAX_BATCH`]) and stores them
+/// all with one unordered `insertMany` under the store's write concern (`{w: "majority",
+/// j: true}`): one round trip and one journal commit for the whole batch. While a batch is in
+/// flight, the next one gathers, so under load batches grow by themselves and at rest a lone
+/// ballot goes out at once. Each caller is answered only when its batch is acknowledged, so
+/// `Accepted` still means durable.
+///
+/// Unordered means every document is tried: a duplicate `_id` (11000) fails that document alone,
+/// and its caller gets `false` (then reads the stored ballot, as for a single insert). Nothing
+/// else changes about exactly-once: the uniqueness is still the `_id` index's, and retrying a
+/// batch after a lost reply is safe because the documents already stored come back as 11000,
+/// which `cast` recognises by the ballot id as its own.
+async fn writer(
+    ballots: Collection<Document>,
+    retry: RetryPolicy,
+    mut queue: mpsc::Receiver<InsertJob>,
+    in_flight: usize,
+) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(in_flight));
+    while let Some(first) = queue.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let (ballots, retry) = (ballots.clone(), retry.clone());
+        tokio::spawn(async move {
+            let (docs, replies): (Vec<Document>, Vec<_>) = batch.into_iter().map(|j| (j.doc, j.reply)).unzip();
+            let outcomes = insert_batch(&ballots, &retry, docs).await;
+            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                let _ = reply.send(outcome);
+            }
+            drop(slot);
+        });
+    }
+}
+
+/// What the server said about one document of an `insertMany`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DocOutcome {
+    Stored,
+    /// Its `_id` exists.
+    Duplicate,
+    /// Throttled (16500): worth sending again.
+    Throttled,
+    /// Refused for another reason (the server's code).
+    Refused(i32),
+}
+
+/// The per-document outcome of an unordered `insertMany` of `n` documents, from its error (a
+/// batch with write errors); `None` when the command as a whole failed (network, write concern,
+/// throttling of the whole command, ...), which the retry policy handles.
+fn doc_outcomes(n: usize, result: &Result<(), MongoError>) -> Option<Vec<DocOutcome>> {
+    let e = match result {
+        Ok(()) => return Some(vec![DocOutcome::Stored; n]),
+        Err(e) => e,
+    };
+    let ErrorKind::InsertMany(m) = e.kind.as_ref() else {
+        return None;
+    };
+    if m.write_concern_error.is_some() {
+        return None;
+    }
+    let mut out = vec![DocOutcome::Stored; n];
+    for w in m.write_errors.as_deref()? {
+        let slot = out.get_mut(w.index)?;
+        *slot = match w.code {
+            DUPLICATE_KEY | DUPLICATE_KEY_LEGACY => DocOutcome::Duplicate,
+            THROTTLED => DocOutcome::Throttled,
+            code => DocOutcome::Refused(code),
+        };
+    }
+    Some(out)
+}
+
+/// Stores `docs` with unordered `insertMany`s: whole-command failures go through the retry
+/// policy (deadline, backoff, 16500); documents throttled one by one are sent again with the same
+/// backoff, within the same deadline. One answer per document, in order: `true` stored, `false`
+/// duplicate `_id`.
+async fn insert_batch(
+    ballots: &Collection<Document>,
+    retry: &RetryPolicy,
+    docs: Vec<Document>,
+) -> Vec<StoreResult<bool>> {
+    let start = Instant::now();
+    let mut answers: Vec<Option<StoreResult<bool>>> = docs.iter().map(|_| None).collect();
+    let mut pending: Vec<usize> = (0..docs.len()).collect();
+    let mut retries = 0;
+    while !pending.is_empty() {
+        let chunk: Vec<&Document> = pending.iter().map(|&i| &docs[i]).collect();
+        let sent = retry
+            .run(|| async {
+                let result = ballots
+                    .insert_many(chunk.iter().copied())
+                    .ordered(false)
+                    .await
+                    .map(|_| ());
+                match doc_outcomes(chunk.len(), &result) {
+                    Some(outcomes) => Ok(outcomes),
+                    None => Err(result.expect_err("a whole-command failure is an error")),
+                }
+            })
+            .await;
+        let outcomes = match sent {
+            Ok(o) => o,
+            Err(e) => {
+                for &i in &pending {
+                    answers[i] = Some(Err(e.clone()));
+                }
+                break;
+            }
+        };
+        let mut again = Vec::new();
+        for (&i, outcome) in pending.iter().zip(outcomes) {
+            answers[i] = match outcome {
+                DocOutcome::Stored => Some(Ok(true)),
+                DocOutcome::Duplicate => Some(Ok(false)),
+                DocOutcome::Throttled => {
+                    again.push(i);
+                    None
+                }
+                DocOutcome::Refused(code) => Some(Err(StoreError::Internal(format!(
+                    "the database refused a ballot (error {code})"
+                )))),
+            };
+        }
+        if again.is_empty() {
+            break;
+        }
+        let failure = Failure::Throttled {
+            retry_after: None,
+            message: format!("{} of {} ballots throttled", again.len(), pending.len()),
+        };
+        match retry.decide(failure, retries, start.elapsed()) {
+            Decision::Retry(delay) => {
+                tokio::time::sleep(delay).await;
+                retries += 1;
+                pending = again;
+            }
+            Decision::GiveUp(e) => {
+                for &i in &again {
+                    answers[i] = Some(Err(e.clone()));
+                }
+                break;
+            }
+        }
+    }
+    answers
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|| Err(StoreError::Internal("ballot left unanswered".into()))))
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1264,6 +1462,52 @@ mod tests {
                 .await
                 .is_err(),
             "an unreachable server is not a refusal"
+        );
+    }
+
+    #[test]
+    fn batch_errors_are_read_document_by_document() {
+        assert_eq!(doc_outcomes(2, &Ok(())), Some(vec![DocOutcome::Stored; 2]));
+        let partial: mongodb::error::InsertManyError = mongodb::bson::deserialize_from_document(doc! {
+            "writeErrors": [
+                { "index": 1, "code": 11000, "errmsg": "E11000 duplicate key" },
+                { "index": 2, "code": 16500, "errmsg": "Error=16500, RetryAfterMs=5" },
+                { "index": 3, "code": 121, "errmsg": "Document failed validation" },
+            ],
+        })
+        .expect("insert many error");
+        let err = MongoError::from(ErrorKind::InsertMany(partial));
+        assert_eq!(
+            doc_outcomes(5, &Err(err)),
+            Some(vec![
+                DocOutcome::Stored,
+                DocOutcome::Duplicate,
+                DocOutcome::Throttled,
+                DocOutcome::Refused(121),
+                DocOutcome::Stored,
+            ])
+        );
+        // A write-concern failure leaves durability unknown: the whole batch is retried.
+        let unsure: mongodb::error::InsertManyError = mongodb::bson::deserialize_from_document(doc! {
+            "writeConcernError": { "code": 64, "errmsg": "waiting for replication timed out" },
+        })
+        .expect("insert many error");
+        assert_eq!(
+            doc_outcomes(1, &Err(MongoError::from(ErrorKind::InsertMany(unsure)))),
+            None
+        );
+        // So is a command that failed as a whole, and an index the batch does not have.
+        let unreachable = MongoError::from(ErrorKind::Io(std::sync::Arc::new(
+            std::io::ErrorKind::ConnectionReset.into(),
+        )));
+        assert_eq!(doc_outcomes(1, &Err(unreachable)), None);
+        let odd: mongodb::error::InsertManyError = mongodb::bson::deserialize_from_document(doc! {
+            "writeErrors": [{ "index": 9, "code": 11000, "errmsg": "dup" }],
+        })
+        .expect("insert many error");
+        assert_eq!(
+            doc_outcomes(1, &Err(MongoError::from(ErrorKind::InsertMany(odd)))),
+            None
         );
     }
 
