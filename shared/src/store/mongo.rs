@@ -46,12 +46,17 @@
 //! that every later tally counts. Tally equals recount at rest by construction, and even in
 //! flight. `recount` reads the ballots one by one (a different code path) as the ground truth.
 //!
-//! Cost: one aggregation per tally read, proportional to the poll's ballots (served by the
-//! `{poll_id, voter}` index). A small in-process cache (`tally_cache_ttl`, default 1 s) collapses
-//! repeated reads (result streams, listings); a ballot accepted by this process invalidates its
-//! poll's entry (with a generation check, so an aggregation that started before the insert cannot
-//! re-cache the old count), so a replica reads its own writes exactly; other replicas see a new
-//! ballot within the TTL. `tally_cache_ttl = 0` turns the cache off.
+//! Cost: an aggregation is proportional to the poll's ballots (served by the `{poll_id, voter}`
+//! index), so it is not repeated per read. Each batch of ballots this process writes carries a
+//! sequence number and the store's writer id (`s`, `w`); an aggregation excludes this writer's
+//! batches after a cutoff below every batch in flight, and the ballots of later batches are added
+//! from memory when their batch is acknowledged (the `tallies` module). A kept tally is therefore
+//! exact for this process's own ballots at every instant (a replica reads its own writes, with no
+//! aggregation per ballot), and other replicas' ballots show up when it is refreshed: once older
+//! than `tally_cache_ttl` (default 1 s) it is served while one background aggregation refreshes it;
+//! past 5 TTLs without a read, a read aggregates at once. A batch whose outcome is unclear (a
+//! command that failed or timed out as a whole) is left to plain aggregations until a cutoff can
+//! cover it. `tally_cache_ttl = 0` keeps nothing: every read aggregates.
 //!
 //! # Shard keys (MongoDB sharded clusters, Cosmos DB partition keys)
 //!
@@ -84,8 +89,8 @@
 
 use std::collections::HashMap;
 use std::future::{Future, IntoFuture};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -95,6 +100,9 @@ use mongodb::error::{Error as MongoError, ErrorKind, WriteFailure};
 use mongodb::options::{Acknowledgment, ClientOptions, DatabaseOptions, IndexOptions, WriteConcern};
 use mongodb::{Client, Collection, Database, IndexModel};
 use tokio::sync::{mpsc, oneshot};
+
+mod tallies;
+use tallies::{Plan, Read, Tallies};
 
 use super::{BallotStore, PollStore, StoreError, StoreResult};
 use crate::domain::{
@@ -967,9 +975,16 @@ pub struct MongoBallotStore {
     db: Database,
     ballots: Collection<Document>,
     retry: RetryPolicy,
-    cache: TallyCache,
+    /// What the kept tallies cover of this process's ballots (see the `tallies` module).
+    tallies: Arc<Mutex<Tallies>>,
+    /// This store's writer id, the `w` of the documents it writes.
+    writer_id: i64,
     /// The group-commit writer's queue (see [`writer`]).
     inserts: mpsc::Sender<InsertJob>,
+}
+
+fn lock(tallies: &Mutex<Tallies>) -> MutexGuard<'_, Tallies> {
+    tallies.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl MongoBallotStore {
@@ -981,9 +996,15 @@ impl MongoBallotStore {
         ensure_collection(&db, &tuning.ballots_collection, vec![poll_voter], &tuning.retry).await?;
         let ballots = db.collection(&tuning.ballots_collection);
         let (inserts, queue) = mpsc::channel(INSERT_QUEUE);
+        let tallies = Arc::new(Mutex::new(Tallies::new(tuning.tally_cache_ttl)));
+        let writer_id = rand::random::<i64>();
         tokio::spawn(writer(
-            ballots.clone(),
-            tuning.retry.clone(),
+            Writer {
+                ballots: ballots.clone(),
+                retry: tuning.retry.clone(),
+                tallies: tallies.clone(),
+                writer_id,
+            },
             queue,
             tuning.batches_in_flight.max(1),
         ));
@@ -991,7 +1012,8 @@ impl MongoBallotStore {
             db,
             ballots,
             retry: tuning.retry,
-            cache: TallyCache::new(tuning.tally_cache_ttl),
+            tallies,
+            writer_id,
             inserts,
         })
     }
@@ -999,10 +1021,16 @@ impl MongoBallotStore {
     /// Inserts one ballot document through the writer: `true` when stored now, `false` when its
     /// `_id` already existed. Returns once the insert is acknowledged with the store's write
     /// concern (durable).
-    async fn insert(&self, doc: Document) -> StoreResult<bool> {
+    async fn insert(&self, doc: Document, ballot: &BallotRecord) -> StoreResult<bool> {
         let (reply, answer) = oneshot::channel();
+        let job = InsertJob {
+            doc,
+            poll_id: ballot.poll_id.clone(),
+            choices: ballot.choices.clone(),
+            reply,
+        };
         self.inserts
-            .send(InsertJob { doc, reply })
+            .send(job)
             .await
             .map_err(|_| StoreError::Internal("the ballot writer has stopped".into()))?;
         answer
@@ -1014,42 +1042,6 @@ impl MongoBallotStore {
         let found = self.retry.run(|| self.ballots.find_one(doc! { "_id": id })).await?;
         found.as_ref().map(doc_to_ballot).transpose()
     }
-
-    /// Tallies of `poll_ids` computed by the database, in one aggregation.
-    async fn aggregate(&self, poll_ids: &[String]) -> StoreResult<HashMap<String, Tally>> {
-        let pipeline = &vec![
-            doc! { "$match": { "poll_id": { "$in": poll_ids } } },
-            doc! { "$group": { "_id": { "p": "$poll_id", "c": "$choices" }, "n": { "$sum": 1 } } },
-        ];
-        let groups = self
-            .retry
-            .run(|| async move {
-                let mut cursor = self.ballots.aggregate(pipeline.clone()).await?;
-                let mut out = Vec::new();
-                while cursor.advance().await? {
-                    out.push(cursor.deserialize_current()?);
-                }
-                Ok(out)
-            })
-            .await?;
-        let mut tallies: HashMap<String, Tally> = HashMap::new();
-        for g in &groups {
-            let key = g.get_document("_id").map_err(|_| bad("tally group"))?;
-            let poll = req_str(key, "p")?;
-            let choices = choices_of(&doc! { "choices": key.get("c").cloned().unwrap_or(Bson::Null) })?;
-            let n = g.get("n").and_then(uint_of).ok_or_else(|| bad("tally count"))?;
-            let tally = tallies.entry(poll).or_default();
-            tally.total += n;
-            for c in choices {
-                let i = c as usize;
-                if tally.by_option.len() <= i {
-                    tally.by_option.resize(i + 1, 0);
-                }
-                tally.by_option[i] += n;
-            }
-        }
-        Ok(tallies)
-    }
 }
 
 #[async_trait]
@@ -1059,17 +1051,13 @@ impl BallotStore for MongoBallotStore {
         let doc = ballot_to_doc(&ballot);
         // A duplicate whose original vanished (purged meanwhile) is tried again, a few times.
         for _ in 0..3 {
-            let inserted = self.insert(doc.clone()).await?;
+            let inserted = self.insert(doc.clone(), &ballot).await?;
             if inserted {
-                self.cache.invalidate(&ballot.poll_id);
                 return Ok(CastOutcome::Accepted(ballot));
             }
             match self.find_ballot(&id).await? {
                 // This very ballot (an insert repeated after a lost reply, by the driver or the writer).
-                Some(stored) if stored.id == ballot.id => {
-                    self.cache.invalidate(&ballot.poll_id);
-                    return Ok(CastOutcome::Accepted(stored));
-                }
+                Some(stored) if stored.id == ballot.id => return Ok(CastOutcome::Accepted(stored)),
                 Some(stored) => return Ok(CastOutcome::Duplicate(stored)),
                 None => continue,
             }
@@ -1085,24 +1073,55 @@ impl BallotStore for MongoBallotStore {
     }
 
     async fn tallies(&self, poll_ids: &[String]) -> StoreResult<Vec<Tally>> {
-        let mut out: Vec<Option<Tally>> = poll_ids.iter().map(|id| self.cache.get(id)).collect();
-        let missing: Vec<String> = poll_ids
-            .iter()
-            .zip(&out)
-            .filter(|(_, t)| t.is_none())
-            .map(|(id, _)| id.clone())
-            .collect();
-        if !missing.is_empty() {
-            let generations: Vec<u64> = missing.iter().map(|id| self.cache.begin(id)).collect();
-            let fresh = self.aggregate(&missing).await?;
-            for (id, generation) in missing.iter().zip(generations) {
-                self.cache
-                    .fill(id, generation, fresh.get(id).cloned().unwrap_or_default());
+        let now = Instant::now();
+        let mut out: Vec<Option<Tally>> = Vec::with_capacity(poll_ids.len());
+        let (mut missing, mut stale) = (Vec::new(), Vec::new());
+        let (missing_plan, stale_plan) = {
+            let mut t = lock(&self.tallies);
+            for id in poll_ids {
+                out.push(match t.read(id, now) {
+                    Read::Fresh(tally) | Read::Refreshing(tally) => Some(tally),
+                    Read::Stale(tally) => {
+                        stale.push(id.clone());
+                        Some(tally)
+                    }
+                    Read::Missing => {
+                        missing.push(id.clone());
+                        None
+                    }
+                });
             }
-            for (slot, id) in out.iter_mut().zip(poll_ids) {
-                if slot.is_none() {
-                    *slot = Some(fresh.get(id).cloned().unwrap_or_default());
+            let mut plan = |ids: &[String]| (!ids.is_empty()).then(|| t.plan(ids.iter().map(String::as_str)));
+            (plan(&missing), plan(&stale))
+        };
+        // Stale tallies are served as they are (exact for this process's own ballots) while one
+        // aggregation refreshes them in the background; a plain one would not be kept, so none.
+        if let Some(plan @ Plan::Cutoff { .. }) = stale_plan {
+            let (ballots, retry, tallies, writer_id) = (
+                self.ballots.clone(),
+                self.retry.clone(),
+                self.tallies.clone(),
+                self.writer_id,
+            );
+            tokio::spawn(async move {
+                if let Err(e) = aggregate_planned(&ballots, &retry, &tallies, writer_id, &stale, plan).await {
+                    tracing::warn!(error = %e, "tally refresh failed");
                 }
+            });
+        }
+        if let Some(plan) = missing_plan {
+            let fresh = aggregate_planned(
+                &self.ballots,
+                &self.retry,
+                &self.tallies,
+                self.writer_id,
+                &missing,
+                plan,
+            )
+            .await?;
+            let mut fresh = fresh.into_iter();
+            for slot in out.iter_mut().filter(|t| t.is_none()) {
+                *slot = fresh.next();
             }
         }
         Ok(out.into_iter().map(Option::unwrap_or_default).collect())
@@ -1144,12 +1163,86 @@ impl BallotStore for MongoBallotStore {
             .retry
             .run(|| self.ballots.delete_many(doc! { "poll_id": poll_id }))
             .await?;
-        self.cache.invalidate(poll_id);
+        lock(&self.tallies).purged(poll_id);
         Ok(res.deleted_count)
     }
 
     async fn ping(&self) -> StoreResult<()> {
         ping(&self.db, &self.retry).await
+    }
+}
+
+/// Tallies of `poll_ids` computed by the database, in one aggregation; with `exclude = (w, c)`,
+/// without the documents of writer `w` in batches after `c` (see the `tallies` module).
+async fn aggregate(
+    ballots: &Collection<Document>,
+    retry: &RetryPolicy,
+    poll_ids: &[String],
+    exclude: Option<(i64, u64)>,
+) -> StoreResult<HashMap<String, Tally>> {
+    let mut matching = doc! { "poll_id": { "$in": poll_ids } };
+    if let Some((writer, cutoff)) = exclude {
+        matching.insert("$nor", vec![doc! { "w": writer, "s": { "$gt": to_i64(cutoff) } }]);
+    }
+    let pipeline = &vec![
+        doc! { "$match": matching },
+        doc! { "$group": { "_id": { "p": "$poll_id", "c": "$choices" }, "n": { "$sum": 1 } } },
+    ];
+    let groups = retry
+        .run(|| async move {
+            let mut cursor = ballots.aggregate(pipeline.clone()).await?;
+            let mut out = Vec::new();
+            while cursor.advance().await? {
+                out.push(cursor.deserialize_current()?);
+            }
+            Ok(out)
+        })
+        .await?;
+    let mut tallies: HashMap<String, Tally> = HashMap::new();
+    for g in &groups {
+        let key = g.get_document("_id").map_err(|_| bad("tally group"))?;
+        let poll = req_str(key, "p")?;
+        let choices = choices_of(&doc! { "choices": key.get("c").cloned().unwrap_or(Bson::Null) })?;
+        let n = g.get("n").and_then(uint_of).ok_or_else(|| bad("tally count"))?;
+        let tally = tallies.entry(poll).or_default();
+        tally.total += n;
+        for c in choices {
+            let i = c as usize;
+            if tally.by_option.len() <= i {
+                tally.by_option.resize(i + 1, 0);
+            }
+            tally.by_option[i] += n;
+        }
+    }
+    Ok(tallies)
+}
+
+/// Aggregates `poll_ids` as `plan` says and records the result; the tallies to serve, in order.
+async fn aggregate_planned(
+    ballots: &Collection<Document>,
+    retry: &RetryPolicy,
+    tallies: &Mutex<Tallies>,
+    writer_id: i64,
+    poll_ids: &[String],
+    plan: Plan,
+) -> StoreResult<Vec<Tally>> {
+    let exclude = match plan {
+        Plan::Cutoff { cutoff, .. } => Some((writer_id, cutoff)),
+        Plan::Plain => None,
+    };
+    match aggregate(ballots, retry, poll_ids, exclude).await {
+        Ok(mut counted) => {
+            let now = Instant::now();
+            let mut t = lock(tallies);
+            Ok(poll_ids
+                .iter()
+                .map(|id| t.fill(id, plan, counted.remove(id).unwrap_or_default(), now))
+                .collect())
+        }
+        Err(e) => {
+            lock(tallies).abandon(poll_ids.iter().map(String::as_str), plan);
+            Err(e)
+        }
     }
 }
 
@@ -1163,7 +1256,18 @@ const MAX_BATCH: usize = 1000;
 
 struct InsertJob {
     doc: Document,
+    poll_id: String,
+    choices: Vec<u32>,
     reply: oneshot::Sender<StoreResult<bool>>,
+}
+
+/// What the writer's batches need.
+#[derive(Clone)]
+struct Writer {
+    ballots: Collection<Document>,
+    retry: RetryPolicy,
+    tallies: Arc<Mutex<Tallies>>,
+    writer_id: i64,
 }
 
 /// The group-commit writer. It takes the first waiting ballot, waits for one of `in_flight`
@@ -1179,13 +1283,12 @@ struct InsertJob {
 /// else changes about exactly-once: the uniqueness is still the `_id` index's, and retrying a
 /// batch after a lost reply is safe because the documents already stored come back as 11000,
 /// which `cast` recognises by the ballot id as its own.
-async fn writer(
-    ballots: Collection<Document>,
-    retry: RetryPolicy,
-    mut queue: mpsc::Receiver<InsertJob>,
-    in_flight: usize,
-) {
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(in_flight));
+///
+/// Each batch gets a sequence number, written into its documents with the writer id (`s`, `w`),
+/// and its stored ballots are added to the kept tallies before any caller is answered (so a
+/// replica reads its own writes at once; see the `tallies` module).
+async fn writer(w: Writer, mut queue: mpsc::Receiver<InsertJob>, in_flight: usize) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(in_flight));
     while let Some(first) = queue.recv().await {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
@@ -1197,12 +1300,31 @@ async fn writer(
                 Err(_) => break,
             }
         }
-        let (ballots, retry) = (ballots.clone(), retry.clone());
+        let w = w.clone();
         tokio::spawn(async move {
-            let (docs, replies): (Vec<Document>, Vec<_>) = batch.into_iter().map(|j| (j.doc, j.reply)).unzip();
-            let outcomes = insert_batch(&ballots, &retry, docs).await;
-            for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                let _ = reply.send(outcome);
+            let seq = lock(&w.tallies).begin_batch();
+            let docs: Vec<Document> = batch
+                .iter_mut()
+                .map(|j| {
+                    let mut d = std::mem::take(&mut j.doc);
+                    d.insert("w", w.writer_id);
+                    d.insert("s", to_i64(seq));
+                    d
+                })
+                .collect();
+            let (outcomes, clear) = insert_batch(&w.ballots, &w.retry, docs).await;
+            {
+                let stored: Vec<(&str, &[u32])> = batch
+                    .iter()
+                    .zip(&outcomes)
+                    .filter(|(_, o)| matches!(o, Ok(true)))
+                    .map(|(j, _)| (j.poll_id.as_str(), j.choices.as_slice()))
+                    .collect();
+                let polls = batch.iter().map(|j| j.poll_id.as_str());
+                lock(&w.tallies).finish_batch(seq, clear.then_some(stored.as_slice()), polls);
+            }
+            for (job, outcome) in batch.into_iter().zip(outcomes) {
+                let _ = job.reply.send(outcome);
             }
             drop(slot);
         });
@@ -1250,12 +1372,15 @@ fn doc_outcomes(n: usize, result: &Result<(), MongoError>) -> Option<Vec<DocOutc
 /// Stores `docs` with unordered `insertMany`s: whole-command failures go through the retry
 /// policy (deadline, backoff, 16500); documents throttled one by one are sent again with the same
 /// backoff, within the same deadline. One answer per document, in order: `true` stored, `false`
-/// duplicate `_id`.
+/// duplicate `_id`; and whether every document's outcome is known (no command failed or timed
+/// out as a whole, which may have stored documents nobody was told about).
 async fn insert_batch(
     ballots: &Collection<Document>,
     retry: &RetryPolicy,
     docs: Vec<Document>,
-) -> Vec<StoreResult<bool>> {
+) -> (Vec<StoreResult<bool>>, bool) {
+    // Attempts sent, and attempts whose every document's outcome came back.
+    let (sent_attempts, known_attempts) = (AtomicU32::new(0), AtomicU32::new(0));
     let start = Instant::now();
     let mut answers: Vec<Option<StoreResult<bool>>> = docs.iter().map(|_| None).collect();
     let mut pending: Vec<usize> = (0..docs.len()).collect();
@@ -1264,13 +1389,18 @@ async fn insert_batch(
         let chunk: Vec<&Document> = pending.iter().map(|&i| &docs[i]).collect();
         let sent = retry
             .run(|| async {
+                // Counted before sending: an attempt cut short by the deadline is unclear too.
+                sent_attempts.fetch_add(1, Ordering::Relaxed);
                 let result = ballots
                     .insert_many(chunk.iter().copied())
                     .ordered(false)
                     .await
                     .map(|_| ());
                 match doc_outcomes(chunk.len(), &result) {
-                    Some(outcomes) => Ok(outcomes),
+                    Some(outcomes) => {
+                        known_attempts.fetch_add(1, Ordering::Relaxed);
+                        Ok(outcomes)
+                    }
                     None => Err(result.expect_err("a whole-command failure is an error")),
                 }
             })
@@ -1319,97 +1449,12 @@ async fn insert_batch(
             }
         }
     }
-    answers
+    let answers = answers
         .into_iter()
         .map(|a| a.unwrap_or_else(|| Err(StoreError::Internal("ballot left unanswered".into()))))
-        .collect()
-}
-
-// ---------------------------------------------------------------------------------------------
-// Tally cache
-
-/// Computed tallies, per poll, for `ttl`. Every entry carries a generation: `invalidate` gives it
-/// a new one, and a computation started under an older generation is not cached, so a count read
-/// before a ballot was stored never outlives the ballot's insert in this process.
-struct TallyCache {
-    ttl: Duration,
-    next_generation: AtomicU64,
-    entries: Mutex<HashMap<String, CacheEntry>>,
-}
-
-struct CacheEntry {
-    generation: u64,
-    value: Option<(Tally, Instant)>,
-}
-
-/// Polls remembered at most; past this the cache starts over.
-const CACHE_CAPACITY: usize = 10_000;
-
-impl TallyCache {
-    fn new(ttl: Duration) -> Self {
-        Self {
-            ttl,
-            next_generation: AtomicU64::new(1),
-            entries: Mutex::new(HashMap::new()),
-        }
-    }
-
-    fn enabled(&self) -> bool {
-        !self.ttl.is_zero()
-    }
-
-    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, CacheEntry>> {
-        self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn get(&self, poll_id: &str) -> Option<Tally> {
-        if !self.enabled() {
-            return None;
-        }
-        let entries = self.entries();
-        let (tally, at) = entries.get(poll_id)?.value.as_ref()?;
-        (at.elapsed() < self.ttl).then(|| tally.clone())
-    }
-
-    /// Notes that a computation of `poll_id` starts; returns the generation to hand to `fill`.
-    fn begin(&self, poll_id: &str) -> u64 {
-        if !self.enabled() {
-            return 0;
-        }
-        let mut entries = self.entries();
-        if entries.len() >= CACHE_CAPACITY && !entries.contains_key(poll_id) {
-            entries.clear();
-        }
-        let next = &self.next_generation;
-        entries
-            .entry(poll_id.to_owned())
-            .or_insert_with(|| CacheEntry {
-                generation: next.fetch_add(1, Ordering::Relaxed),
-                value: None,
-            })
-            .generation
-    }
-
-    fn fill(&self, poll_id: &str, generation: u64, tally: Tally) {
-        if !self.enabled() {
-            return;
-        }
-        if let Some(e) = self.entries().get_mut(poll_id).filter(|e| e.generation == generation) {
-            e.value = Some((tally, Instant::now()));
-        }
-    }
-
-    fn invalidate(&self, poll_id: &str) {
-        if !self.enabled() {
-            return;
-        }
-        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        let mut entries = self.entries();
-        if let Some(e) = entries.get_mut(poll_id) {
-            e.generation = generation;
-            e.value = None;
-        }
-    }
+        .collect();
+    let clear = sent_attempts.load(Ordering::Relaxed) == known_attempts.load(Ordering::Relaxed);
+    (answers, clear)
 }
 
 #[cfg(test)]
@@ -1528,25 +1573,5 @@ mod tests {
         assert_eq!((p.max_choices, p.legacy_votes, p.revision), (1, 7, 0));
         assert_eq!(p.options, vec!["a".to_owned(), "b".to_owned()]);
         assert!(p.admin_token_hash.is_none());
-    }
-
-    #[test]
-    fn tally_cache_does_not_keep_counts_read_before_an_insert() {
-        let cache = TallyCache::new(Duration::from_secs(60));
-        let g = cache.begin("p");
-        cache.invalidate("p"); // a ballot was stored while the count was being read
-        cache.fill("p", g, Tally::default());
-        assert_eq!(cache.get("p"), None);
-        let g = cache.begin("p");
-        cache.fill(
-            "p",
-            g,
-            Tally {
-                total: 1,
-                by_option: vec![1],
-            },
-        );
-        assert_eq!(cache.get("p").map(|t| t.total), Some(1));
-        assert_eq!(TallyCache::new(Duration::ZERO).get("p"), None);
     }
 }
