@@ -467,8 +467,15 @@ async fn tallies(State(s): St, AppQuery(q): AppQuery<TalliesQuery>) -> Result<Js
     let mut out = Vec::with_capacity(ids.len());
     for (id, t) in ids.into_iter().zip(counts) {
         let mut voted = false;
+        // Ballots of `ip`/`voter` dedupe polls are keyed by the voter key, which the store can
+        // look up by identity; unknown (poll service unreachable): the general lookup.
+        let keyed_by_voter = if voters.is_empty() {
+            false
+        } else {
+            matches!(s.catalog.get(&id).await, Ok(Some(def)) if def.dedupe != DedupePolicy::None)
+        };
         for v in &voters {
-            if s.store.has_voted(&id, v).await? {
+            if s.store.has_voted(&id, v, keyed_by_voter).await? {
                 voted = true;
                 break;
             }

@@ -230,13 +230,30 @@ pub async fn ballot_store_contract(store: DynBallotStore) {
     assert_eq!(both[0].total, 100, "tallies come back in the order asked");
     assert_eq!(both[1].total, 201);
 
-    assert!(store.has_voted(&poll, "ip:same").await.expect("has_voted"));
-    assert!(store.has_voted(&poll, "id:voter-1").await.expect("has_voted"));
+    assert!(store.has_voted(&poll, "ip:same", true).await.expect("has_voted"));
+    assert!(store.has_voted(&poll, "id:voter-1", false).await.expect("has_voted"));
     assert!(
-        !store.has_voted(&poll, "id:voter-0").await.expect("has_voted"),
+        !store.has_voted(&poll, "id:voter-0", false).await.expect("has_voted"),
         "voter-0 voted on the other poll"
     );
-    assert!(!store.has_voted(&poll, "id:nobody").await.expect("has_voted"));
+    assert!(!store.has_voted(&poll, "id:nobody", false).await.expect("has_voted"));
+    // Keyed by voter (`ip`/`voter` dedupe): the same answers, looked up by identity.
+    assert!(store.has_voted(&poll, "id:voter-1", true).await.expect("has_voted"));
+    assert!(!store.has_voted(&poll, "id:nobody", true).await.expect("has_voted"));
+    // `none` dedupe: a random key, the voter only in the ballot.
+    let mut unkeyed = sample_ballot(&poll, "r:0123456789abcdef", &[0]);
+    unkeyed.voter = Some("ip:unkeyed".into());
+    assert!(matches!(
+        store.cast(unkeyed).await.expect("cast"),
+        CastOutcome::Accepted(_)
+    ));
+    assert!(store.has_voted(&poll, "ip:unkeyed", false).await.expect("has_voted"));
+    assert!(
+        !store
+            .has_voted(&poll, "r:0123456789abcdef", false)
+            .await
+            .expect("has_voted")
+    );
 
     assert_eq!(store.purge(&other).await.expect("purge"), 100);
     assert_eq!(
@@ -245,10 +262,10 @@ pub async fn ballot_store_contract(store: DynBallotStore) {
         "purge resets the tally"
     );
     assert_eq!(store.recount(&other).await.expect("recount"), Tally::default());
-    assert!(!store.has_voted(&other, "id:voter-0").await.expect("has_voted"));
+    assert!(!store.has_voted(&other, "id:voter-0", false).await.expect("has_voted"));
     assert_eq!(
         store.tally(&poll).await.expect("tally").total,
-        201,
+        202,
         "purge touches only its poll"
     );
 }

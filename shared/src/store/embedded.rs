@@ -376,7 +376,8 @@ impl BallotStore for EmbeddedBallotStore {
             .collect()
     }
 
-    async fn has_voted(&self, poll_id: &str, voter: &str) -> StoreResult<bool> {
+    /// Both lookups are by key here, so the hint is not needed.
+    async fn has_voted(&self, poll_id: &str, voter: &str, _keyed_by_voter: bool) -> StoreResult<bool> {
         let tx = self.db.begin_read().map_err(internal)?;
         // A ballot keyed by the voter key itself (`ip` and `voter` dedupe) has no voter row.
         let ballots = tx.open_table(BALLOTS).map_err(internal)?;
@@ -470,14 +471,18 @@ mod tests {
             ("r:0001", false),
             ("ip:nobody", false),
         ] {
-            assert_eq!(store.has_voted(poll, voter).await.expect("has_voted"), voted, "{voter}");
+            assert_eq!(
+                store.has_voted(poll, voter, false).await.expect("has_voted"),
+                voted,
+                "{voter}"
+            );
         }
         let tally = store.tally(poll).await.expect("tally");
         assert_eq!(tally, store.recount(poll).await.expect("recount"));
         assert_eq!(tally.total, 3);
         assert_eq!(store.purge(poll).await.expect("purge"), 3);
-        assert!(!store.has_voted(poll, "ip:two").await.expect("has_voted"));
-        assert!(!store.has_voted(poll, "ip:one").await.expect("has_voted"));
+        assert!(!store.has_voted(poll, "ip:two", false).await.expect("has_voted"));
+        assert!(!store.has_voted(poll, "ip:one", true).await.expect("has_voted"));
     }
 
     #[tokio::test]

@@ -65,8 +65,10 @@ pub trait BallotStore: Send + Sync + 'static {
     async fn tally(&self, poll_id: &str) -> StoreResult<Tally>;
     /// Tallies for several polls, in the order asked.
     async fn tallies(&self, poll_ids: &[String]) -> StoreResult<Vec<Tally>>;
-    /// Whether a ballot with this voter key exists for the poll.
-    async fn has_voted(&self, poll_id: &str, voter: &str) -> StoreResult<bool>;
+    /// Whether a ballot with this voter key exists for the poll. `keyed_by_voter` says the poll's
+    /// ballots are keyed by their voter key (`ip` and `voter` dedupe), so this voter's ballot, if
+    /// any, is the one with the key `voter`: a store may then look it up by its identity alone.
+    async fn has_voted(&self, poll_id: &str, voter: &str, keyed_by_voter: bool) -> StoreResult<bool>;
     /// Counts the stored ballots of the poll one by one (the ground truth the tally must equal).
     async fn recount(&self, poll_id: &str) -> StoreResult<Tally>;
     /// Deletes every ballot and the tally of the poll; returns how many ballots were deleted.

@@ -981,6 +981,8 @@ pub struct MongoBallotStore {
     writer_id: i64,
     /// The group-commit writer's queue (see [`writer`]).
     inserts: mpsc::Sender<InsertJob>,
+    /// Held while a read aggregates tallies nothing was kept for.
+    inline: tokio::sync::Mutex<()>,
 }
 
 fn lock(tallies: &Mutex<Tallies>) -> MutexGuard<'_, Tallies> {
@@ -1015,6 +1017,7 @@ impl MongoBallotStore {
             tallies,
             writer_id,
             inserts,
+            inline: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -1036,6 +1039,46 @@ impl MongoBallotStore {
         answer
             .await
             .map_err(|_| StoreError::Internal("the ballot writer dropped a ballot".into()))?
+    }
+
+    /// The kept tallies of `poll_ids` (`None` where nothing usable is kept) and the ids without
+    /// one. Stale ones are served as they are (exact for this process's own ballots) while one
+    /// background aggregation refreshes them (a plain one would not be kept, so none then).
+    fn read_kept(&self, poll_ids: &[String]) -> (Vec<Option<Tally>>, Vec<String>) {
+        let now = Instant::now();
+        let mut out = Vec::with_capacity(poll_ids.len());
+        let (mut missing, mut stale) = (Vec::new(), Vec::new());
+        let refresh = {
+            let mut t = lock(&self.tallies);
+            for id in poll_ids {
+                out.push(match t.read(id, now) {
+                    Read::Fresh(tally) | Read::Refreshing(tally) => Some(tally),
+                    Read::Stale(tally) => {
+                        stale.push(id.clone());
+                        Some(tally)
+                    }
+                    Read::Missing => {
+                        missing.push(id.clone());
+                        None
+                    }
+                });
+            }
+            (!stale.is_empty()).then(|| t.plan(stale.iter().map(String::as_str)))
+        };
+        if let Some(plan @ Plan::Cutoff { .. }) = refresh {
+            let (ballots, retry, tallies, writer_id) = (
+                self.ballots.clone(),
+                self.retry.clone(),
+                self.tallies.clone(),
+                self.writer_id,
+            );
+            tokio::spawn(async move {
+                if let Err(e) = aggregate_planned(&ballots, &retry, &tallies, writer_id, &stale, plan).await {
+                    tracing::warn!(error = %e, "tally refresh failed");
+                }
+            });
+        }
+        (out, missing)
     }
 
     async fn find_ballot(&self, id: &str) -> StoreResult<Option<BallotRecord>> {
@@ -1073,61 +1116,52 @@ impl BallotStore for MongoBallotStore {
     }
 
     async fn tallies(&self, poll_ids: &[String]) -> StoreResult<Vec<Tally>> {
-        let now = Instant::now();
-        let mut out: Vec<Option<Tally>> = Vec::with_capacity(poll_ids.len());
-        let (mut missing, mut stale) = (Vec::new(), Vec::new());
-        let (missing_plan, stale_plan) = {
-            let mut t = lock(&self.tallies);
-            for id in poll_ids {
-                out.push(match t.read(id, now) {
-                    Read::Fresh(tally) | Read::Refreshing(tally) => Some(tally),
-                    Read::Stale(tally) => {
-                        stale.push(id.clone());
-                        Some(tally)
-                    }
-                    Read::Missing => {
-                        missing.push(id.clone());
-                        None
-                    }
-                });
-            }
-            let mut plan = |ids: &[String]| (!ids.is_empty()).then(|| t.plan(ids.iter().map(String::as_str)));
-            (plan(&missing), plan(&stale))
-        };
-        // Stale tallies are served as they are (exact for this process's own ballots) while one
-        // aggregation refreshes them in the background; a plain one would not be kept, so none.
-        if let Some(plan @ Plan::Cutoff { .. }) = stale_plan {
-            let (ballots, retry, tallies, writer_id) = (
-                self.ballots.clone(),
-                self.retry.clone(),
-                self.tallies.clone(),
-                self.writer_id,
-            );
-            tokio::spawn(async move {
-                if let Err(e) = aggregate_planned(&ballots, &retry, &tallies, writer_id, &stale, plan).await {
-                    tracing::warn!(error = %e, "tally refresh failed");
-                }
-            });
-        }
-        if let Some(plan) = missing_plan {
-            let fresh = aggregate_planned(
-                &self.ballots,
-                &self.retry,
-                &self.tallies,
-                self.writer_id,
-                &missing,
-                plan,
-            )
-            .await?;
-            let mut fresh = fresh.into_iter();
+        let (mut out, missing) = self.read_kept(poll_ids);
+        if !missing.is_empty() {
+            // One inline aggregation at a time: a crowd of first reads of one poll (a thousand
+            // result streams opening) makes one aggregation, not a thousand.
+            let keeps = lock(&self.tallies).keeps();
+            let _gate = if keeps { Some(self.inline.lock().await) } else { None };
+            let (filled, missing) = self.read_kept(&missing);
+            let mut filled = filled.into_iter();
             for slot in out.iter_mut().filter(|t| t.is_none()) {
-                *slot = fresh.next();
+                *slot = filled.next().flatten();
+            }
+            if !missing.is_empty() {
+                let plan = lock(&self.tallies).plan(missing.iter().map(String::as_str));
+                let fresh = aggregate_planned(
+                    &self.ballots,
+                    &self.retry,
+                    &self.tallies,
+                    self.writer_id,
+                    &missing,
+                    plan,
+                )
+                .await?;
+                let mut fresh = fresh.into_iter();
+                for slot in out.iter_mut().filter(|t| t.is_none()) {
+                    *slot = fresh.next();
+                }
             }
         }
         Ok(out.into_iter().map(Option::unwrap_or_default).collect())
     }
 
-    async fn has_voted(&self, poll_id: &str, voter: &str) -> StoreResult<bool> {
+    /// By the ballot's identity first (`_id` lookups are cheap on every server, FerretDB's
+    /// SQLite backend included, which scans a collection for any other filter); then, unless the
+    /// poll's ballots are keyed by voter, by the `{poll_id, voter}` index.
+    async fn has_voted(&self, poll_id: &str, voter: &str, keyed_by_voter: bool) -> StoreResult<bool> {
+        let by_id = doc! { "_id": ballot_id(poll_id, voter) };
+        let found = self
+            .retry
+            .run(|| self.ballots.find_one(by_id.clone()).projection(doc! { "voter": 1 }))
+            .await?;
+        if found.is_some_and(|d| d.get_str("voter").ok() == Some(voter)) {
+            return Ok(true);
+        }
+        if keyed_by_voter {
+            return Ok(false);
+        }
         let filter = doc! { "poll_id": poll_id, "voter": voter };
         let found = self
             .retry

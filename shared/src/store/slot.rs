@@ -147,8 +147,8 @@ impl BallotStore for Slot<dyn BallotStore> {
     async fn tallies(&self, poll_ids: &[String]) -> StoreResult<Vec<Tally>> {
         self.get()?.tallies(poll_ids).await
     }
-    async fn has_voted(&self, poll_id: &str, voter: &str) -> StoreResult<bool> {
-        self.get()?.has_voted(poll_id, voter).await
+    async fn has_voted(&self, poll_id: &str, voter: &str, keyed_by_voter: bool) -> StoreResult<bool> {
+        self.get()?.has_voted(poll_id, voter, keyed_by_voter).await
     }
     async fn recount(&self, poll_id: &str) -> StoreResult<Tally> {
         self.get()?.recount(poll_id).await

@@ -134,7 +134,8 @@ impl Tallies {
         }
     }
 
-    fn keeps(&self) -> bool {
+    /// Whether tallies are kept at all (a non-zero TTL).
+    pub(super) fn keeps(&self) -> bool {
         !self.ttl.is_zero()
     }
 
