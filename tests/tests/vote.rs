@@ -514,6 +514,48 @@ async fn the_internal_audit_compares_the_tally_with_the_stored_ballots() {
     assert_eq!(audit["consistent"], true, "{audit}");
     assert_eq!(audit["stored"]["total"], 2);
     assert_eq!(audit["stored"]["by_option"], json!([2, 0, 1]));
+
+    // Several polls at once, in the order asked; a poll without ballots counts zero.
+    let (other, _) = s.simple_poll(json!({})).await;
+    assert_eq!(s.vote(json!({"poll_id": other, "option": "blue"})).await.status(), 201);
+    let nobody = "0123456789abcdef0123ffff";
+    let many: Value = s
+        .http
+        .get(format!("{}/internal/audit?ids={other},{nobody},{id}", s.vote))
+        .send()
+        .await
+        .expect("audit")
+        .json()
+        .await
+        .expect("json");
+    let audits = many["audits"].as_array().expect("audits");
+    let got: Vec<(&str, &Value, &Value, &Value)> = audits
+        .iter()
+        .map(|a| {
+            (
+                a["poll_id"].as_str().unwrap_or(""),
+                &a["consistent"],
+                &a["stored"]["total"],
+                &a["tally"]["total"],
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (other.as_str(), &json!(true), &json!(1), &json!(1)),
+            (nobody, &json!(true), &json!(0), &json!(0)),
+            (id.as_str(), &json!(true), &json!(2), &json!(2)),
+        ],
+        "{many}"
+    );
+    let bad = s
+        .http
+        .get(format!("{}/internal/audit?ids={id},nope", s.vote))
+        .send()
+        .await
+        .expect("audit");
+    assert_eq!(bad.status(), 400);
 }
 
 // Found by the schemathesis fuzz (scripts/fuzz-api) or by making the OpenAPI document match

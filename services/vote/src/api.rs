@@ -48,6 +48,7 @@ pub fn router(state: Arc<AppState>) -> OpenApiRouter {
         .route("/internal/tallies", axum::routing::get(tallies))
         .route("/internal/polls/{id}/ballots", axum::routing::delete(purge))
         .route("/internal/polls/{id}/audit", axum::routing::get(audit))
+        .route("/internal/audit", axum::routing::get(audit_many))
         .with_state(state)
 }
 
@@ -508,18 +509,55 @@ struct Audit {
     consistent: bool,
 }
 
+impl Audit {
+    fn new(poll_id: String, tally: shared::domain::Tally, stored: shared::domain::Tally) -> Self {
+        let n = tally.by_option.len().max(stored.by_option.len());
+        let (tally, stored) = (tally.padded(n), stored.padded(n));
+        Self {
+            consistent: tally == stored,
+            poll_id,
+            tally,
+            stored,
+        }
+    }
+}
+
 /// Internal: the maintained tally next to a recount of the stored ballots (used by the load
 /// benchmark and by operators to check invariant 3). Reads every ballot of the poll.
 async fn audit(State(s): St, Path(id): Path<String>) -> Result<Json<Audit>, Problem> {
     let id = normalise_poll_id(&id).ok_or_else(|| Problem::invalid("id", "must be a poll id"))?;
     let tally = s.store.tally(&id).await?;
     let stored = s.store.recount(&id).await?;
-    let n = tally.by_option.len().max(stored.by_option.len());
-    let (tally, stored) = (tally.padded(n), stored.padded(n));
-    Ok(Json(Audit {
-        consistent: tally == stored,
-        poll_id: id,
-        tally,
-        stored,
-    }))
+    Ok(Json(Audit::new(id, tally, stored)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    ids: String,
+}
+
+#[derive(Debug, Serialize)]
+struct Audits {
+    audits: Vec<Audit>,
+}
+
+/// Internal: [`audit`] of up to 200 polls (`?ids=a,b,...`), the ballots read in one pass.
+async fn audit_many(State(s): St, AppQuery(q): AppQuery<AuditQuery>) -> Result<Json<Audits>, Problem> {
+    let ids: Vec<String> = q
+        .ids
+        .split(',')
+        .map(|id| normalise_poll_id(id).ok_or_else(|| Problem::invalid("query.ids", "must be poll ids")))
+        .collect::<Result<_, _>>()?;
+    if ids.len() > 200 {
+        return Err(Problem::invalid("query.ids", "at most 200 ids"));
+    }
+    let tallies = s.store.tallies(&ids).await?;
+    let stored = s.store.recount_many(&ids).await?;
+    let audits = ids
+        .into_iter()
+        .zip(tallies.into_iter().zip(stored))
+        .map(|(id, (tally, stored))| Audit::new(id, tally, stored))
+        .collect();
+    Ok(Json(Audits { audits }))
 }

@@ -229,6 +229,20 @@ pub async fn ballot_store_contract(store: DynBallotStore) {
     let both = store.tallies(&[other.clone(), poll.clone()]).await.expect("tallies");
     assert_eq!(both[0].total, 100, "tallies come back in the order asked");
     assert_eq!(both[1].total, 201);
+    let nobody = "0123456789abcdef0123ffff".to_owned();
+    let recounted = store
+        .recount_many(&[other.clone(), nobody, poll.clone()])
+        .await
+        .expect("recount_many");
+    assert_eq!(
+        recounted,
+        vec![
+            store.recount(&other).await.expect("recount"),
+            Tally::default(),
+            store.recount(&poll).await.expect("recount"),
+        ],
+        "recount_many is recount of each, in the order asked"
+    );
 
     assert!(store.has_voted(&poll, "ip:same", true).await.expect("has_voted"));
     assert!(store.has_voted(&poll, "id:voter-1", false).await.expect("has_voted"));

@@ -71,6 +71,15 @@ pub trait BallotStore: Send + Sync + 'static {
     async fn has_voted(&self, poll_id: &str, voter: &str, keyed_by_voter: bool) -> StoreResult<bool>;
     /// Counts the stored ballots of the poll one by one (the ground truth the tally must equal).
     async fn recount(&self, poll_id: &str) -> StoreResult<Tally>;
+    /// [`recount`](Self::recount) of several polls, in the order asked (a store may read them all
+    /// in one pass).
+    async fn recount_many(&self, poll_ids: &[String]) -> StoreResult<Vec<Tally>> {
+        let mut out = Vec::with_capacity(poll_ids.len());
+        for id in poll_ids {
+            out.push(self.recount(id).await?);
+        }
+        Ok(out)
+    }
     /// Deletes every ballot and the tally of the poll; returns how many ballots were deleted.
     async fn purge(&self, poll_id: &str) -> StoreResult<u64>;
     async fn ping(&self) -> StoreResult<()>;

@@ -1192,6 +1192,35 @@ impl BallotStore for MongoBallotStore {
             .await?
     }
 
+    /// One pass over the ballots of all the polls (one scan on servers without the index).
+    async fn recount_many(&self, poll_ids: &[String]) -> StoreResult<Vec<Tally>> {
+        let filter = &doc! { "poll_id": { "$in": poll_ids } };
+        let counted = self
+            .retry
+            .run(|| async move {
+                let mut cursor = self
+                    .ballots
+                    .find(filter.clone())
+                    .projection(doc! { "poll_id": 1, "choices": 1 })
+                    .await?;
+                let mut counted: HashMap<String, Tally> = HashMap::new();
+                while cursor.advance().await? {
+                    let d: Document = cursor.deserialize_current()?;
+                    match (req_str(&d, "poll_id"), choices_of(&d)) {
+                        (Ok(poll), Ok(c)) => counted.entry(poll).or_default().add(&c),
+                        (Err(e), _) | (_, Err(e)) => return Ok(Err(e)),
+                    }
+                }
+                Ok(Ok(counted))
+            })
+            .await??;
+        let mut counted = counted;
+        Ok(poll_ids
+            .iter()
+            .map(|id| counted.remove(id).unwrap_or_default())
+            .collect())
+    }
+
     async fn purge(&self, poll_id: &str) -> StoreResult<u64> {
         let res = self
             .retry

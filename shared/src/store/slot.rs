@@ -153,6 +153,10 @@ impl BallotStore for Slot<dyn BallotStore> {
     async fn recount(&self, poll_id: &str) -> StoreResult<Tally> {
         self.get()?.recount(poll_id).await
     }
+
+    async fn recount_many(&self, poll_ids: &[String]) -> StoreResult<Vec<Tally>> {
+        self.get()?.recount_many(poll_ids).await
+    }
     async fn purge(&self, poll_id: &str) -> StoreResult<u64> {
         self.get()?.purge(poll_id).await
     }
