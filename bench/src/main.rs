@@ -34,7 +34,12 @@ or use running ones:
   (started with RATE_LIMIT_PER_MINUTE=0; only loopback addresses are accepted)
 
 Options:
-  --backend embedded    storage backend, for the raw-store reference (mongodb: not built yet)
+  --backend NAME        storage backend: embedded (default) or mongodb. With mongodb, started services
+                        get MONGODB_CONNECTION_STRING and a fresh database bench_<run id> (dropped at
+                        the end), and store-raw measures the driver's insert_one (scratch database
+                        bench_reference_<run id>) and MongoBallotStore::cast (bench_store_<run id>)
+  --mongodb-uri URI     the MongoDB server (required with --backend mongodb); or set LOADGEN_MONGODB_URI,
+                        which keeps the URI (and any password in it) out of the process list
   --scenarios LIST      comma-separated, default all: get-ceiling,store-raw,hot-poll,hot-poll-open,
                         many-polls,duplicates,watchers
   --duration SECS       per scenario (default 10; --smoke: 1.5)
@@ -42,7 +47,7 @@ Options:
   --polls N             polls of many-polls (default 1000)
   --watchers N          SSE subscribers of watchers (default 1000)
   --open-rate N         ballots/s of hot-poll-open (default: 70 % of the hot-poll rate)
-  --scratch DIR         where the raw-store reference puts its temp file (default: --data-dir)
+  --scratch DIR         where the raw-store and fsync references put their temp files (default: --data-dir)
   --out PREFIX          write PREFIX.json and PREFIX.md
   --label TEXT          recorded in the result (e.g. the git commit)
   --service-env LIST    extra environment of started services, KEY=VALUE[,KEY=VALUE...]
@@ -51,6 +56,7 @@ Exit code: 0 when every invariant holds and no unexpected status was seen, 1 oth
 
 struct Args {
     backend: Backend,
+    mongodb_uri: Option<String>,
     scenarios: Vec<String>,
     duration: Duration,
     clients: usize,
@@ -97,7 +103,23 @@ fn parse_args() -> Result<Args, String> {
             s.parse().map_err(|_| format!("--{name}: not a number"))
         })
     };
-    let backend = take("backend").unwrap_or_else(|| "embedded".into()).parse()?;
+    let backend: Backend = take("backend").unwrap_or_else(|| "embedded".into()).parse()?;
+    let mongodb_uri = match (backend, take("mongodb-uri")) {
+        (Backend::Mongodb, Some(u)) => Some(u),
+        (Backend::Mongodb, None) => Some(
+            std::env::var("LOADGEN_MONGODB_URI")
+                .ok()
+                .filter(|u| !u.is_empty())
+                .ok_or("--backend mongodb needs --mongodb-uri URI (or LOADGEN_MONGODB_URI)")?,
+        ),
+        (Backend::Embedded, Some(_)) => return Err("--mongodb-uri goes with --backend mongodb".into()),
+        (Backend::Embedded, None) => None,
+    };
+    if let Some(u) = &mongodb_uri
+        && !(u.starts_with("mongodb://") || u.starts_with("mongodb+srv://"))
+    {
+        return Err("--mongodb-uri: must start with mongodb:// or mongodb+srv://".into());
+    }
     let scenarios: Vec<String> = match take("scenarios") {
         Some(s) => s.split(',').map(str::to_owned).collect(),
         None => ALL.iter().map(|s| (*s).to_owned()).collect(),
@@ -165,6 +187,7 @@ fn parse_args() -> Result<Args, String> {
     }
     Ok(Args {
         backend,
+        mongodb_uri,
         scenarios,
         duration,
         clients,
@@ -248,6 +271,9 @@ pub struct Scenario {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub backend: &'static str,
+    /// The MongoDB server, as its `buildInfo` describes it (never the URI).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_server: Option<String>,
     pub label: String,
     pub smoke: bool,
     pub started_at: String,
@@ -256,7 +282,12 @@ pub struct Report {
     pub duration_s: f64,
     pub services: Vec<ServiceInfo>,
     pub fsync_per_s: Option<f64>,
+    /// The raw reference: `EmbeddedBallotStore::cast` (embedded) or the driver's `insert_one`
+    /// (mongodb).
     pub store_reference: Option<StoreReference>,
+    /// MongoDB only: `MongoBallotStore::cast` on the same server, for comparison with the driver.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_cast_reference: Option<StoreReference>,
     pub scenarios: Vec<Scenario>,
     pub failures: Vec<String>,
 }
@@ -386,6 +417,23 @@ impl Bench {
             vote_memory,
             invariants,
         ))
+    }
+
+    fn check_reference(&mut self, name: &str, r: &StoreReference) {
+        eprintln!(
+            "   {:.0} writes/s ({} writes, {} errors), p50 {:.2} ms, p99 {:.2} ms",
+            r.writes_per_s, r.writes, r.errors, r.latency.p50_ms, r.latency.p99_ms
+        );
+        if !r.consistent {
+            self.report.failures.push(format!(
+                "{name}: {} failed writes{}, or what is stored differs from the {} acknowledged writes",
+                r.errors,
+                r.first_error
+                    .as_deref()
+                    .map_or(String::new(), |e| format!(" (first: {e})")),
+                r.writes
+            ));
+        }
     }
 
     fn add(&mut self, s: Scenario) {
@@ -548,28 +596,36 @@ impl Bench {
             eprintln!("   {r:.0}/s");
             self.report.fsync_per_s = Some(r);
             eprintln!(
-                "== store-raw: {} cast, {} tasks for {:.1} s",
-                self.args.backend.name(),
+                "== store-raw: {}, {} tasks for {:.1} s",
+                match self.args.backend {
+                    Backend::Embedded => "EmbeddedBallotStore::cast",
+                    Backend::Mongodb => "driver insert_one",
+                },
                 self.args.clients,
                 self.args.duration.as_secs_f64()
             );
             let r = storage::raw_write_rate(
                 self.args.backend,
                 &self.args.scratch,
+                self.args.mongodb_uri.as_deref(),
+                &self.run_id,
                 self.args.clients,
                 self.args.duration,
             )
             .await?;
-            eprintln!(
-                "   {:.0} writes/s, p50 {:.2} ms, p99 {:.2} ms",
-                r.writes_per_s, r.latency.p50_ms, r.latency.p99_ms
-            );
-            if !r.consistent {
-                self.report
-                    .failures
-                    .push("store-raw: the store's tally differs from the writes".into());
-            }
+            self.check_reference("store-raw", &r);
             self.report.store_reference = Some(r);
+            if let Some(uri) = self.args.mongodb_uri.clone() {
+                eprintln!(
+                    "== store-raw (information): MongoBallotStore::cast, {} tasks for {:.1} s",
+                    self.args.clients,
+                    self.args.duration.as_secs_f64()
+                );
+                let r =
+                    storage::mongo_store_cast_rate(&uri, &self.run_id, self.args.clients, self.args.duration).await?;
+                self.check_reference("store-raw (MongoBallotStore::cast)", &r);
+                self.report.store_cast_reference = Some(r);
+            }
         }
         if want_get {
             let w = Arc::new(GetRoot::new(self.vote.addr));
@@ -657,10 +713,24 @@ fn scenario(
     }
 }
 
-async fn start_services(args: &Args) -> Result<(Service, Service, Vec<ServiceInfo>), String> {
+/// The database both started services share on MongoDB (polls in `polls`, ballots in `ballots`).
+fn services_database(run_id: &str) -> String {
+    format!("bench_{run_id}")
+}
+
+async fn start_services(args: &Args, run_id: &str) -> Result<(Service, Service, Vec<ServiceInfo>), String> {
     match (&args.spawn, &args.attach) {
         (Some((poll_bin, vote_bin, data_dir)), _) => {
             std::fs::create_dir_all(data_dir).map_err(|e| e.to_string())?;
+            // MongoDB: one fresh database per run, so that runs never see each other's data.
+            let storage_env: Vec<(String, String)> = match &args.mongodb_uri {
+                Some(uri) => vec![
+                    ("POLLVOTE__STORAGE__BACKEND".into(), "mongodb".into()),
+                    ("MONGODB_CONNECTION_STRING".into(), uri.clone()),
+                    ("POLLVOTE__STORAGE__DATABASE".into(), services_database(run_id)),
+                ],
+                None => Vec::new(),
+            };
             let (pp, vp) = procs::two_ports().map_err(|e| e.to_string())?;
             let (poll, poll_ready) = Service::spawn(SpawnSpec {
                 name: "poll",
@@ -669,6 +739,7 @@ async fn start_services(args: &Args) -> Result<(Service, Service, Vec<ServiceInf
                 data_dir,
                 env: [("VOTE_API".to_owned(), format!("http://127.0.0.1:{vp}"))]
                     .into_iter()
+                    .chain(storage_env.iter().cloned())
                     .chain(args.service_env.iter().cloned())
                     .collect(),
             })
@@ -680,6 +751,7 @@ async fn start_services(args: &Args) -> Result<(Service, Service, Vec<ServiceInf
                 data_dir,
                 env: [("POLL_API".to_owned(), format!("http://127.0.0.1:{pp}"))]
                     .into_iter()
+                    .chain(storage_env.iter().cloned())
                     .chain(args.service_env.iter().cloned())
                     .collect(),
             })
@@ -721,7 +793,30 @@ async fn start_services(args: &Args) -> Result<(Service, Service, Vec<ServiceInf
 }
 
 async fn main_async(args: Args) -> Result<Report, String> {
-    let (poll, vote, services) = start_services(&args).await?;
+    let run_id = format!("{:x}", chrono::Utc::now().timestamp_micros());
+    let database_server = match &args.mongodb_uri {
+        Some(uri) => {
+            let d = storage::server_description(uri).await?;
+            eprintln!("MongoDB server: {d}");
+            Some(d)
+        }
+        None => None,
+    };
+    // The services' database is ours to drop only when we started them.
+    let own_database = match (&args.mongodb_uri, &args.spawn) {
+        (Some(uri), Some(_)) => Some((uri.clone(), services_database(&run_id))),
+        _ => None,
+    };
+    let started = start_services(&args, &run_id).await;
+    let (poll, vote, services) = match started {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some((uri, name)) = &own_database {
+                let _ = storage::drop_database(uri, name).await;
+            }
+            return Err(e);
+        }
+    };
     for s in &services {
         eprintln!(
             "{}: ready in {} ms, idle RSS {:.1} MiB",
@@ -732,6 +827,7 @@ async fn main_async(args: Args) -> Result<Report, String> {
     }
     let report = Report {
         backend: args.backend.name(),
+        database_server,
         label: args.label.clone(),
         smoke: args.smoke,
         started_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
@@ -741,10 +837,10 @@ async fn main_async(args: Args) -> Result<Report, String> {
         services,
         fsync_per_s: None,
         store_reference: None,
+        store_cast_reference: None,
         scenarios: Vec::new(),
         failures: Vec::new(),
     };
-    let run_id = format!("{:x}", chrono::Utc::now().timestamp_micros());
     let mut bench = Bench {
         args,
         poll,
@@ -760,6 +856,11 @@ async fn main_async(args: Args) -> Result<Report, String> {
     }
     bench.poll.stop().await;
     bench.vote.stop().await;
+    if let Some((uri, name)) = &own_database
+        && let Err(e) = storage::drop_database(uri, name).await
+    {
+        bench.report.failures.push(e);
+    }
     bench.report.machine.loadavg_after = procs::loadavg();
     if let Err(e) = outcome {
         bench.report.failures.push(format!("aborted: {e}"));

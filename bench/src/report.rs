@@ -132,6 +132,13 @@ pub fn markdown(r: &Report) -> String {
         if r.label.is_empty() { "" } else { "commit " },
         r.label
     );
+    if let Some(server) = &r.database_server {
+        let _ = writeln!(
+            o,
+            "Storage: {server}; both services share one fresh database for the run, the references write to \
+             scratch databases of their own (all dropped afterwards).\n"
+        );
+    }
     let _ = writeln!(
         o,
         "Each scenario: {:.1} s, {} concurrent clients on one keep-alive connection each (closed loop) unless noted; \
@@ -203,12 +210,17 @@ pub fn markdown(r: &Report) -> String {
             ratio(c.ok_per_s)
         );
     }
-    if let Some(s) = &r.store_reference {
+    for s in r.store_reference.iter().chain(&r.store_cast_reference) {
         let _ = writeln!(
             o,
-            "| raw store: {}, {} tasks, one ballot per call | {:.0}/s | {} | {} | {} |",
+            "| {}, {} tasks, one ballot per call{} | {:.0}/s | {} | {} | {} |",
             s.what,
             s.clients,
+            if s.consistent {
+                String::new()
+            } else {
+                format!(" (**inconsistent**: {} errors)", s.errors)
+            },
             s.writes_per_s,
             ms(s.latency.p50_ms),
             ms(s.latency.p99_ms),
@@ -218,7 +230,12 @@ pub fn markdown(r: &Report) -> String {
     if let Some(f) = r.fsync_per_s {
         let _ = writeln!(
             o,
-            "| disk: write + fdatasync, 1 thread (one durable commit) | {f:.0}/s | | | {} |",
+            "| disk of this machine: write + fdatasync, 1 thread (one durable commit{}) | {f:.0}/s | | | {} |",
+            if r.database_server.is_some() {
+                "; the database's disk only if the server runs here"
+            } else {
+                ""
+            },
             ratio(f)
         );
     }

@@ -1,17 +1,27 @@
-//! Reference point: what the storage itself does, without HTTP, for one ballot per write at the
-//! same concurrency as the HTTP scenarios. Per backend; the MongoDB reference (the driver's
-//! `insert_one` against the same server) is added here when that backend lands.
+//! Reference points: what the storage itself does, without HTTP, for one ballot per write at the
+//! same concurrency as the HTTP scenarios.
+//!
+//! - embedded: `EmbeddedBallotStore::cast` on a temporary redb file;
+//! - mongodb: the driver's `insert_one` of the store's own ballot document, with the store's write
+//!   concern, against the server the services use (the raw reference), and, for information,
+//!   `MongoBallotStore::cast` on that server (the store API: group commit, retries and duplicate
+//!   handling included). Each goes into a scratch database of its own, dropped afterwards.
 
+use std::future::Future;
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use mongodb::bson::doc;
+use mongodb::options::{Acknowledgment, DatabaseOptions, IndexOptions, WriteConcern};
+use mongodb::{Client, IndexModel};
 use serde::Serialize;
 use shared::domain::{BallotRecord, CastOutcome};
 use shared::store::BallotStore;
 use shared::store::embedded::EmbeddedBallotStore;
+use shared::store::mongo::{self, MongoBallotStore, MongoSettings};
 
 use crate::load::Latency;
 
@@ -19,6 +29,7 @@ use crate::load::Latency;
 #[serde(rename_all = "snake_case")]
 pub enum Backend {
     Embedded,
+    Mongodb,
 }
 
 impl std::str::FromStr for Backend {
@@ -26,8 +37,8 @@ impl std::str::FromStr for Backend {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "embedded" => Ok(Self::Embedded),
-            "mongodb" => Err("--backend mongodb: the MongoDB backend and its reference are not built yet".into()),
-            other => Err(format!("unknown backend {other:?} (embedded)")),
+            "mongodb" => Ok(Self::Mongodb),
+            other => Err(format!("unknown backend {other:?} (embedded, mongodb)")),
         }
     }
 }
@@ -36,6 +47,7 @@ impl Backend {
     pub fn name(self) -> &'static str {
         match self {
             Self::Embedded => "embedded",
+            Self::Mongodb => "mongodb",
         }
     }
 }
@@ -46,58 +58,79 @@ pub struct StoreReference {
     pub what: String,
     pub clients: usize,
     pub duration_s: f64,
+    /// Acknowledged writes.
     pub writes: u64,
     pub writes_per_s: f64,
     pub latency: Latency,
-    /// The store's own tally and recount agree with the number of writes.
+    /// Failed writes (each task gives up after 100).
+    pub errors: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_error: Option<String>,
+    /// No write failed and what is stored afterwards matches the acknowledged writes: the store's
+    /// tally = its recount = writes (store API), or the collection's document count = writes
+    /// (driver).
     pub consistent: bool,
 }
 
-/// The storage's raw ballot write rate: `clients` tasks each storing one new ballot per call.
-pub async fn raw_write_rate(
-    backend: Backend,
-    scratch: &Path,
-    clients: usize,
-    duration: Duration,
-) -> Result<StoreReference, String> {
-    match backend {
-        Backend::Embedded => embedded_rate(scratch, clients, duration).await,
+/// The write concern of every store write: `{w: "majority", j: true}` with a server-side timeout
+/// equal to the store's operation deadline (as `shared::store::mongo` sets it).
+fn store_write_concern(settings: &MongoSettings) -> WriteConcern {
+    WriteConcern::builder()
+        .w(Acknowledgment::Majority)
+        .journal(true)
+        .w_timeout(settings.operation_timeout)
+        .build()
+}
+
+/// The ballot a reference writer stores: new (poll, key) each call, like `POST /polls/{id}/votes`.
+fn ballot(poll_id: &str, client: usize, n: u64) -> BallotRecord {
+    let key = format!("k{client}-{n}");
+    BallotRecord {
+        id: format!("{client}-{n}"),
+        poll_id: poll_id.to_owned(),
+        voter: Some(key.clone()),
+        key,
+        choices: vec![(n % 3) as u32],
+        idempotency_key: None,
+        fingerprint: "0".repeat(64),
+        created_at: chrono::Utc::now(),
     }
 }
 
-async fn embedded_rate(scratch: &Path, clients: usize, duration: Duration) -> Result<StoreReference, String> {
-    let dir = tempfile::tempdir_in(scratch).map_err(|e| e.to_string())?;
-    let store: Arc<dyn BallotStore> =
-        Arc::new(EmbeddedBallotStore::open(&dir.path().join("reference.redb")).map_err(|e| e.to_string())?);
-    let poll_id = "0000000000000000000000aa".to_owned();
+const POLL_ID: &str = "0000000000000000000000aa";
+
+struct Run {
+    writes: u64,
+    errors: u64,
+    first_error: Option<String>,
+    hist: Histogram<u64>,
+    elapsed: f64,
+}
+
+/// `clients` tasks, each calling `write(client, n)` back to back for `duration` (closed loop).
+async fn closed_loop<F, Fut>(clients: usize, duration: Duration, write: F) -> Result<Run, String>
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), String>> + Send,
+{
+    let write = Arc::new(write);
     let start = Instant::now();
     let deadline = start + duration;
     let mut tasks = Vec::new();
     for c in 0..clients {
-        let (store, poll_id) = (store.clone(), poll_id.clone());
+        let write = write.clone();
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
-            let mut n = 0u64;
-            let mut errors = 0u64;
+            let (mut n, mut errors, mut first_error) = (0u64, 0u64, None);
             while Instant::now() < deadline && n < 10_000_000 {
-                let key = format!("k{c}-{n}");
-                let ballot = BallotRecord {
-                    id: format!("{c}-{n}"),
-                    poll_id: poll_id.clone(),
-                    voter: Some(key.clone()),
-                    key,
-                    choices: vec![(n % 3) as u32],
-                    idempotency_key: None,
-                    fingerprint: "0".repeat(64),
-                    created_at: chrono::Utc::now(),
-                };
                 let t = Instant::now();
-                match store.cast(ballot).await {
-                    Ok(CastOutcome::Accepted(_)) => {
+                match write(c, n + errors).await {
+                    Ok(()) => {
                         let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
                         n += 1;
                     }
-                    _ => {
+                    Err(e) => {
+                        first_error.get_or_insert(e);
                         errors += 1;
                         if errors > 100 {
                             break;
@@ -105,31 +138,218 @@ async fn embedded_rate(scratch: &Path, clients: usize, duration: Duration) -> Re
                     }
                 }
             }
-            (n, errors, hist)
+            (n, errors, first_error, hist)
         }));
     }
-    let mut writes = 0;
-    let mut errors = 0;
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
+    let mut run = Run {
+        writes: 0,
+        errors: 0,
+        first_error: None,
+        hist: Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds"),
+        elapsed: 0.0,
+    };
     for t in tasks {
-        let (n, e, h) = t.await.map_err(|e| e.to_string())?;
-        writes += n;
-        errors += e;
-        let _ = hist.add(&h);
+        let (n, e, first, h) = t.await.map_err(|e| e.to_string())?;
+        run.writes += n;
+        run.errors += e;
+        if run.first_error.is_none() {
+            run.first_error = first;
+        }
+        let _ = run.hist.add(&h);
     }
-    let elapsed = start.elapsed().as_secs_f64();
-    let tally = store.tally(&poll_id).await.map_err(|e| e.to_string())?;
-    let recount = store.recount(&poll_id).await.map_err(|e| e.to_string())?;
-    drop(store);
-    Ok(StoreReference {
-        what: "EmbeddedBallotStore::cast (redb, group commit, fsync per commit) on a temp file".into(),
-        clients,
-        duration_s: elapsed,
-        writes,
-        writes_per_s: writes as f64 / elapsed,
-        latency: Latency::of(&hist),
-        consistent: errors == 0 && tally == recount && tally.total == writes,
+    run.elapsed = start.elapsed().as_secs_f64();
+    Ok(run)
+}
+
+impl Run {
+    fn reference(self, what: String, clients: usize, stored_ok: bool) -> StoreReference {
+        StoreReference {
+            what,
+            clients,
+            duration_s: self.elapsed,
+            writes: self.writes,
+            writes_per_s: self.writes as f64 / self.elapsed.max(1e-9),
+            latency: Latency::of(&self.hist),
+            errors: self.errors,
+            consistent: self.errors == 0 && stored_ok,
+            first_error: self.first_error,
+        }
+    }
+}
+
+/// `store.cast` of new ballots; consistent when tally = recount = acknowledged writes.
+async fn cast_rate(
+    store: Arc<dyn BallotStore>,
+    what: String,
+    clients: usize,
+    duration: Duration,
+) -> Result<StoreReference, String> {
+    let s = store.clone();
+    let run = closed_loop(clients, duration, move |c, n| {
+        let s = s.clone();
+        async move {
+            match s.cast(ballot(POLL_ID, c, n)).await {
+                Ok(CastOutcome::Accepted(_)) => Ok(()),
+                Ok(other) => Err(format!("not accepted: {other:?}")),
+                Err(e) => Err(e.to_string()),
+            }
+        }
     })
+    .await?;
+    let tally = store.tally(POLL_ID).await.map_err(|e| e.to_string())?;
+    let recount = store.recount(POLL_ID).await.map_err(|e| e.to_string())?;
+    let ok = tally == recount && tally.total == run.writes;
+    Ok(run.reference(what, clients, ok))
+}
+
+/// The storage's raw ballot write rate: `clients` tasks each storing one new ballot per call.
+/// Embedded: `EmbeddedBallotStore::cast`. MongoDB: the driver's `insert_one` (`uri` is required),
+/// into the scratch database `bench_reference_<run_id>`.
+pub async fn raw_write_rate(
+    backend: Backend,
+    scratch: &Path,
+    uri: Option<&str>,
+    run_id: &str,
+    clients: usize,
+    duration: Duration,
+) -> Result<StoreReference, String> {
+    match backend {
+        Backend::Embedded => embedded_rate(scratch, clients, duration).await,
+        Backend::Mongodb => {
+            let uri = uri.ok_or("--backend mongodb needs --mongodb-uri")?;
+            let name = format!("bench_reference_{run_id}");
+            with_scratch_database(uri, &name, driver_insert_rate(uri, &name, clients, duration)).await
+        }
+    }
+}
+
+/// `MongoBallotStore::cast` against the server (scratch database `bench_store_<run_id>`).
+pub async fn mongo_store_cast_rate(
+    uri: &str,
+    run_id: &str,
+    clients: usize,
+    duration: Duration,
+) -> Result<StoreReference, String> {
+    let name = format!("bench_store_{run_id}");
+    with_scratch_database(uri, &name, async {
+        let mut settings = MongoSettings::new(uri, name.as_str());
+        // The reference reads the tally once, after the load: no cached value may stand in for it.
+        settings.tally_cache_ttl = Duration::ZERO;
+        let client = mongo::build_client(&settings).await.map_err(|e| e.to_string())?;
+        let store = MongoBallotStore::open(client, &name, settings.tuning())
+            .await
+            .map_err(|e| e.to_string())?;
+        let what = format!(
+            "store API: `MongoBallotStore::cast` (the vote service's write path without HTTP: group commit, \
+             {{w: majority, j: true}}, retries), driver pool {}",
+            pool_size(&settings)
+        );
+        cast_rate(Arc::new(store), what, clients, duration).await
+    })
+    .await
+}
+
+fn pool_size(settings: &MongoSettings) -> String {
+    settings
+        .max_pool_size
+        .map_or("default (10 connections)".into(), |n| format!("{n} connections"))
+}
+
+/// Runs `body`, then drops the database `name` whatever the outcome.
+async fn with_scratch_database<T>(
+    uri: &str,
+    name: &str,
+    body: impl Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    let out = body.await;
+    let dropped = drop_database(uri, name).await;
+    let out = out?;
+    dropped?;
+    Ok(out)
+}
+
+async fn driver_insert_rate(
+    uri: &str,
+    name: &str,
+    clients: usize,
+    duration: Duration,
+) -> Result<StoreReference, String> {
+    let settings = MongoSettings::new(uri, name);
+    let client = mongo::build_client(&settings).await.map_err(|e| e.to_string())?;
+    let db = client.database_with_options(
+        name,
+        DatabaseOptions::builder()
+            .write_concern(store_write_concern(&settings))
+            .build(),
+    );
+    // Shaped like the store's collection: `_id` plus the store's one secondary index.
+    let coll = db.collection::<mongodb::bson::Document>(mongo::BALLOTS_COLLECTION);
+    db.create_collection(mongo::BALLOTS_COLLECTION)
+        .await
+        .map_err(|e| format!("create collection: {e}"))?;
+    let index = IndexModel::builder()
+        .keys(doc! { "poll_id": 1, "voter": 1 })
+        .options(IndexOptions::builder().name("poll_voter".to_owned()).build())
+        .build();
+    coll.create_index(index)
+        .await
+        .map_err(|e| format!("create index: {e}"))?;
+    let c2 = coll.clone();
+    let run = closed_loop(clients, duration, move |c, n| {
+        let coll = c2.clone();
+        async move {
+            let doc = mongo::ballot_to_doc(&ballot(POLL_ID, c, n));
+            coll.insert_one(doc).await.map(|_| ()).map_err(|e| e.to_string())
+        }
+    })
+    .await?;
+    let stored = coll
+        .count_documents(doc! { "poll_id": POLL_ID })
+        .await
+        .map_err(|e| format!("count_documents: {e}"))?;
+    let what = format!(
+        "raw driver: `insert_one` of the store's ballot document, {{w: majority, j: true}}, collection with the \
+         store's index, driver pool {}",
+        pool_size(&settings)
+    );
+    let ok = stored == run.writes;
+    Ok(run.reference(what, clients, ok))
+}
+
+/// Drops database `name` (the benchmark's own scratch or service database).
+pub async fn drop_database(uri: &str, name: &str) -> Result<(), String> {
+    let client = mongo::build_client(&MongoSettings::new(uri, name))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::time::timeout(Duration::from_secs(30), client.database(name).drop())
+        .await
+        .map_err(|_| format!("dropping database {name}: no answer in 30 s"))?
+        .map_err(|e| format!("dropping database {name}: {e}"))
+}
+
+/// What the server says it is (`buildInfo`), e.g. `FerretDB v1.24.2 (MongoDB 7.0.77 protocol)`.
+pub async fn server_description(uri: &str) -> Result<String, String> {
+    let client: Client = mongo::build_client(&MongoSettings::new(uri, "admin"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let info = client
+        .database("admin")
+        .run_command(doc! { "buildInfo": 1 })
+        .await
+        .map_err(|e| format!("buildInfo: {e}"))?;
+    let version = info.get_str("version").unwrap_or("?");
+    Ok(match info.get_str("ferretdbVersion") {
+        Ok(f) => format!("FerretDB {f} (MongoDB {version} protocol)"),
+        Err(_) => format!("MongoDB {version}"),
+    })
+}
+
+async fn embedded_rate(scratch: &Path, clients: usize, duration: Duration) -> Result<StoreReference, String> {
+    let dir = tempfile::tempdir_in(scratch).map_err(|e| e.to_string())?;
+    let store: Arc<dyn BallotStore> =
+        Arc::new(EmbeddedBallotStore::open(&dir.path().join("reference.redb")).map_err(|e| e.to_string())?);
+    let what = "raw store: `EmbeddedBallotStore::cast` (redb, group commit, fsync per commit) on a temp file".into();
+    cast_rate(store, what, clients, duration).await
 }
 
 /// The disk's rate of small synchronous writes (write + fdatasync, one thread): the cost of one
