@@ -17,7 +17,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use shared::Problem;
-use shared::domain::{PollRecord, PollStatus, Tally};
+use shared::domain::{PollRecord, PollStatus, ResultsVisibility, Tally};
 use shared::http::{AppQuery, ClientAddr};
 use shared::problem::ProblemBody;
 use shared::store::DynPollStore;
@@ -28,7 +28,7 @@ use utoipa::openapi::extensions::Extensions;
 use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, OneOfBuilder, Schema, Type};
 use utoipa::{PartialSchema, ToSchema};
 
-use crate::api::{St, load, results_visible};
+use crate::api::{St, load, parse_id, results_visible};
 use crate::model::{PollIdPath, PollView, ViewerParams};
 use crate::votes::{Viewer, VoteClient};
 
@@ -44,6 +44,9 @@ pub enum Snapshot {
     /// The poll was deleted.
     Gone,
 }
+
+/// How long a new subscriber waits for the hub's first snapshot before reading the poll itself.
+const FIRST_SNAPSHOT_WAIT: Duration = Duration::from_secs(3);
 
 pub struct Hub {
     polls: Mutex<HashMap<String, Arc<watch::Sender<Snapshot>>>>,
@@ -207,17 +210,39 @@ pub async fn results_stream(
     AppQuery(v): AppQuery<ViewerParams>,
 ) -> Result<Response, Problem> {
     let voter_id = v.voter_id()?;
-    let poll = load(&s.store, &id).await?;
+    let id = parse_id(&id)?;
+    // Subscribers of a poll share the hub's reads: a new one waits briefly for the hub's snapshot
+    // instead of reading the poll and its tally itself, so a thousand streams opening at once
+    // cost one read, not a thousand. Without a snapshot in time (database or vote service slow
+    // or down), it reads them itself, which answers 404 or 503 as any other request.
+    let mut rx = s.hub.subscribe(&id);
+    let shared = match tokio::time::timeout(FIRST_SNAPSHOT_WAIT, rx.wait_for(|s| !matches!(s, Snapshot::Pending))).await
+    {
+        Ok(Ok(snapshot)) => Some(snapshot.clone()),
+        _ => None,
+    };
+    let poll = match shared {
+        Some(Snapshot::Live { poll, .. }) => poll,
+        Some(Snapshot::Gone) => return Err(Problem::not_found(format!("there is no poll {id}"))),
+        Some(Snapshot::Pending) | None => {
+            let poll = load(&s.store, &id).await?;
+            s.votes.tallies(&[&poll], None).await?;
+            Arc::new(poll)
+        }
+    };
     let viewer = Viewer::new(addr, &headers, voter_id);
-    // Visibility that does not depend on time is decided once, here.
-    let voted = s
-        .votes
-        .tallies(&[&poll], Some(&viewer))
-        .await?
-        .pop()
-        .is_some_and(|(_, voted)| voted);
     let admin = crate::api::is_admin(&poll, &headers);
-    let mut rx = s.hub.subscribe(&poll.id);
+    // Visibility that does not depend on time is decided once, here; only `after_vote` needs to
+    // know whether this viewer voted.
+    let voted = if poll.results == ResultsVisibility::AfterVote && !admin {
+        s.votes
+            .tallies(&[&poll], Some(&viewer))
+            .await?
+            .pop()
+            .is_some_and(|(_, voted)| voted)
+    } else {
+        false
+    };
     rx.mark_changed();
     let shutdown = s.shutdown.clone();
     let stream = futures_util::stream::unfold(Some(rx), move |state| {

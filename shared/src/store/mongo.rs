@@ -982,7 +982,7 @@ pub struct MongoBallotStore {
     /// The group-commit writer's queue (see [`writer`]).
     inserts: mpsc::Sender<InsertJob>,
     /// Held while a read aggregates tallies nothing was kept for.
-    inline: tokio::sync::Mutex<()>,
+    inline: Arc<tokio::sync::Mutex<()>>,
 }
 
 fn lock(tallies: &Mutex<Tallies>) -> MutexGuard<'_, Tallies> {
@@ -1017,7 +1017,7 @@ impl MongoBallotStore {
             tallies,
             writer_id,
             inserts,
-            inline: tokio::sync::Mutex::new(()),
+            inline: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 
@@ -1041,44 +1041,14 @@ impl MongoBallotStore {
             .map_err(|_| StoreError::Internal("the ballot writer dropped a ballot".into()))?
     }
 
-    /// The kept tallies of `poll_ids` (`None` where nothing usable is kept) and the ids without
-    /// one. Stale ones are served as they are (exact for this process's own ballots) while one
-    /// background aggregation refreshes them (a plain one would not be kept, so none then).
-    fn read_kept(&self, poll_ids: &[String]) -> (Vec<Option<Tally>>, Vec<String>) {
-        let now = Instant::now();
-        let mut out = Vec::with_capacity(poll_ids.len());
-        let (mut missing, mut stale) = (Vec::new(), Vec::new());
-        let refresh = {
-            let mut t = lock(&self.tallies);
-            for id in poll_ids {
-                out.push(match t.read(id, now) {
-                    Read::Fresh(tally) | Read::Refreshing(tally) => Some(tally),
-                    Read::Stale(tally) => {
-                        stale.push(id.clone());
-                        Some(tally)
-                    }
-                    Read::Missing => {
-                        missing.push(id.clone());
-                        None
-                    }
-                });
-            }
-            (!stale.is_empty()).then(|| t.plan(stale.iter().map(String::as_str)))
-        };
-        if let Some(plan @ Plan::Cutoff { .. }) = refresh {
-            let (ballots, retry, tallies, writer_id) = (
-                self.ballots.clone(),
-                self.retry.clone(),
-                self.tallies.clone(),
-                self.writer_id,
-            );
-            tokio::spawn(async move {
-                if let Err(e) = aggregate_planned(&ballots, &retry, &tallies, writer_id, &stale, plan).await {
-                    tracing::warn!(error = %e, "tally refresh failed");
-                }
-            });
+    /// What the writer and the tally tasks share.
+    fn handle(&self) -> Writer {
+        Writer {
+            ballots: self.ballots.clone(),
+            retry: self.retry.clone(),
+            tallies: self.tallies.clone(),
+            writer_id: self.writer_id,
         }
-        (out, missing)
     }
 
     async fn find_ballot(&self, id: &str) -> StoreResult<Option<BallotRecord>> {
@@ -1116,32 +1086,42 @@ impl BallotStore for MongoBallotStore {
     }
 
     async fn tallies(&self, poll_ids: &[String]) -> StoreResult<Vec<Tally>> {
-        let (mut out, missing) = self.read_kept(poll_ids);
+        let handle = self.handle();
+        let (mut out, missing) = handle.read_kept(poll_ids);
         if !missing.is_empty() {
-            // One inline aggregation at a time: a crowd of first reads of one poll (a thousand
-            // result streams opening) makes one aggregation, not a thousand.
-            let keeps = lock(&self.tallies).keeps();
-            let _gate = if keeps { Some(self.inline.lock().await) } else { None };
-            let (filled, missing) = self.read_kept(&missing);
+            // In a task of its own, so that a caller giving up (a client's timeout) does not
+            // cancel an aggregation the next read can use; and one inline aggregation at a time,
+            // so a crowd of first reads of one poll (a thousand result streams opening) makes one
+            // aggregation, not a thousand.
+            let gate = self.inline.clone();
+            let task = tokio::spawn(async move {
+                let keeps = lock(&handle.tallies).keeps();
+                let _gate = if keeps { Some(gate.lock_owned().await) } else { None };
+                let (mut filled, missing) = handle.read_kept(&missing);
+                if !missing.is_empty() {
+                    let plan = lock(&handle.tallies).plan(missing.iter().map(String::as_str));
+                    let fresh = aggregate_planned(
+                        &handle.ballots,
+                        &handle.retry,
+                        &handle.tallies,
+                        handle.writer_id,
+                        &missing,
+                        plan,
+                    )
+                    .await?;
+                    let mut fresh = fresh.into_iter();
+                    for slot in filled.iter_mut().filter(|t| t.is_none()) {
+                        *slot = fresh.next();
+                    }
+                }
+                Ok::<_, StoreError>(filled)
+            });
+            let filled = task
+                .await
+                .map_err(|e| StoreError::Internal(format!("tally task failed: {e}")))??;
             let mut filled = filled.into_iter();
             for slot in out.iter_mut().filter(|t| t.is_none()) {
                 *slot = filled.next().flatten();
-            }
-            if !missing.is_empty() {
-                let plan = lock(&self.tallies).plan(missing.iter().map(String::as_str));
-                let fresh = aggregate_planned(
-                    &self.ballots,
-                    &self.retry,
-                    &self.tallies,
-                    self.writer_id,
-                    &missing,
-                    plan,
-                )
-                .await?;
-                let mut fresh = fresh.into_iter();
-                for slot in out.iter_mut().filter(|t| t.is_none()) {
-                    *slot = fresh.next();
-                }
             }
         }
         Ok(out.into_iter().map(Option::unwrap_or_default).collect())
@@ -1324,13 +1304,55 @@ struct InsertJob {
     reply: oneshot::Sender<StoreResult<bool>>,
 }
 
-/// What the writer's batches need.
+/// What the writer's batches and the tally tasks need.
 #[derive(Clone)]
 struct Writer {
     ballots: Collection<Document>,
     retry: RetryPolicy,
     tallies: Arc<Mutex<Tallies>>,
     writer_id: i64,
+}
+
+impl Writer {
+    /// The kept tallies of `poll_ids` (`None` where nothing usable is kept) and the ids without
+    /// one. Stale ones are served as they are (exact for this process's own ballots) while one
+    /// background aggregation refreshes them (a plain one would not be kept, so none then).
+    fn read_kept(&self, poll_ids: &[String]) -> (Vec<Option<Tally>>, Vec<String>) {
+        let now = Instant::now();
+        let mut out = Vec::with_capacity(poll_ids.len());
+        let (mut missing, mut stale) = (Vec::new(), Vec::new());
+        let refresh = {
+            let mut t = lock(&self.tallies);
+            for id in poll_ids {
+                out.push(match t.read(id, now) {
+                    Read::Fresh(tally) | Read::Refreshing(tally) => Some(tally),
+                    Read::Stale(tally) => {
+                        stale.push(id.clone());
+                        Some(tally)
+                    }
+                    Read::Missing => {
+                        missing.push(id.clone());
+                        None
+                    }
+                });
+            }
+            (!stale.is_empty()).then(|| t.plan(stale.iter().map(String::as_str)))
+        };
+        if let Some(plan @ Plan::Cutoff { .. }) = refresh {
+            let (ballots, retry, tallies, writer_id) = (
+                self.ballots.clone(),
+                self.retry.clone(),
+                self.tallies.clone(),
+                self.writer_id,
+            );
+            tokio::spawn(async move {
+                if let Err(e) = aggregate_planned(&ballots, &retry, &tallies, writer_id, &stale, plan).await {
+                    tracing::warn!(error = %e, "tally refresh failed");
+                }
+            });
+        }
+        (out, missing)
+    }
 }
 
 /// The group-commit writer. It takes the first waiting ballot, waits for one of `in_flight`
