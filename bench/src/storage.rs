@@ -235,6 +235,9 @@ pub async fn mongo_store_cast_rate(
         let mut settings = MongoSettings::new(uri, name.as_str());
         // The reference reads the tally once, after the load: no cached value may stand in for it.
         settings.tally_cache_ttl = Duration::ZERO;
+        // Its closing tally and recount read every ballot written, which on a server without
+        // indexes (FerretDB's SQLite backend scans the collection) takes longer than a request may.
+        settings.operation_timeout = Duration::from_secs(60);
         let client = mongo::build_client(&settings).await.map_err(|e| e.to_string())?;
         let store = MongoBallotStore::open(client, &name, settings.tuning())
             .await
