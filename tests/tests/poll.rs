@@ -731,6 +731,18 @@ async fn the_vote_service_being_down_is_a_503_with_retry_after() {
     assert_eq!(deep["dependencies"]["database"]["status"], "up");
     let ready = s.http.get(format!("{}/readyz", s.poll)).send().await.expect("ready");
     assert_eq!(ready.status(), 200, "readiness does not follow dependencies");
+    // A results stream waits for the shared reader's first snapshot, which cannot come: 503
+    // with Retry-After, within the request timeout.
+    let started = Instant::now();
+    let res = s
+        .http
+        .get(format!("{}/api/polls/{id}/results/stream", s.poll))
+        .send()
+        .await
+        .expect("stream");
+    assert!(res.headers().get("retry-after").is_some());
+    expect_problem(res, 503).await;
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
 }
 
 #[tokio::test]

@@ -28,7 +28,7 @@ use utoipa::openapi::extensions::Extensions;
 use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, OneOfBuilder, Schema, Type};
 use utoipa::{PartialSchema, ToSchema};
 
-use crate::api::{St, load, parse_id, results_visible};
+use crate::api::{St, parse_id, results_visible};
 use crate::model::{PollIdPath, PollView, ViewerParams};
 use crate::votes::{Viewer, VoteClient};
 
@@ -45,8 +45,9 @@ pub enum Snapshot {
     Gone,
 }
 
-/// How long a new subscriber waits for the hub's first snapshot before reading the poll itself.
-const FIRST_SNAPSHOT_WAIT: Duration = Duration::from_secs(3);
+/// How long a new subscriber waits for the hub's first snapshot before answering 503 (the hub
+/// retries every interval meanwhile); under the request timeout.
+const FIRST_SNAPSHOT_WAIT: Duration = Duration::from_secs(8);
 
 pub struct Hub {
     polls: Mutex<HashMap<String, Arc<watch::Sender<Snapshot>>>>,
@@ -211,23 +212,25 @@ pub async fn results_stream(
 ) -> Result<Response, Problem> {
     let voter_id = v.voter_id()?;
     let id = parse_id(&id)?;
-    // Subscribers of a poll share the hub's reads: a new one waits briefly for the hub's snapshot
-    // instead of reading the poll and its tally itself, so a thousand streams opening at once
-    // cost one read, not a thousand. Without a snapshot in time (database or vote service slow
-    // or down), it reads them itself, which answers 404 or 503 as any other request.
+    // Subscribers of a poll share the hub's reads: a new one waits for the hub's snapshot instead
+    // of reading the poll and its tally itself, so a thousand streams opening at once cost one
+    // read, not a thousand (and a slow database is not made slower by a stampede of fallbacks).
     let mut rx = s.hub.subscribe(&id);
-    let shared = match tokio::time::timeout(FIRST_SNAPSHOT_WAIT, rx.wait_for(|s| !matches!(s, Snapshot::Pending))).await
+    let first = match tokio::time::timeout(FIRST_SNAPSHOT_WAIT, rx.wait_for(|s| !matches!(s, Snapshot::Pending))).await
     {
         Ok(Ok(snapshot)) => Some(snapshot.clone()),
         _ => None,
     };
-    let poll = match shared {
+    let poll = match first {
         Some(Snapshot::Live { poll, .. }) => poll,
         Some(Snapshot::Gone) => return Err(Problem::not_found(format!("there is no poll {id}"))),
+        // The hub could not read the poll or its tally in time: the database or the vote service
+        // is slow or down.
         Some(Snapshot::Pending) | None => {
-            let poll = load(&s.store, &id).await?;
-            s.votes.tallies(&[&poll], None).await?;
-            Arc::new(poll)
+            return Err(Problem::unavailable(
+                "the poll's results cannot be read right now; retry later",
+                Duration::from_secs(1),
+            ));
         }
     };
     let viewer = Viewer::new(addr, &headers, voter_id);
