@@ -175,13 +175,29 @@ impl Tally {
 
     /// Adds one ballot choosing `choices`.
     pub fn add(&mut self, choices: &[u32]) {
-        self.total += 1;
+        self.add_n(choices, 1);
+    }
+
+    /// Adds `n` ballots each choosing `choices`.
+    pub fn add_n(&mut self, choices: &[u32], n: u64) {
+        self.total += n;
         for &c in choices {
             let i = c as usize;
             if self.by_option.len() <= i {
                 self.by_option.resize(i + 1, 0);
             }
-            self.by_option[i] += 1;
+            self.by_option[i] += n;
+        }
+    }
+
+    /// Adds another tally's counts.
+    pub fn merge(&mut self, other: &Tally) {
+        self.total += other.total;
+        if self.by_option.len() < other.by_option.len() {
+            self.by_option.resize(other.by_option.len(), 0);
+        }
+        for (a, b) in self.by_option.iter_mut().zip(&other.by_option) {
+            *a += b;
         }
     }
 }

@@ -442,6 +442,18 @@ async fn cast(
     }
 }
 
+/// `?ids=a,b,…` of the internal endpoints: at most 200 poll ids.
+fn poll_ids(list: &str) -> Result<Vec<String>, Problem> {
+    let ids: Vec<String> = list
+        .split(',')
+        .map(|id| normalise_poll_id(id).ok_or_else(|| Problem::invalid("query.ids", "must be poll ids")))
+        .collect::<Result<_, _>>()?;
+    if ids.len() > 200 {
+        return Err(Problem::invalid("query.ids", "at most 200 ids"));
+    }
+    Ok(ids)
+}
+
 #[derive(Debug, Deserialize)]
 struct TalliesQuery {
     ids: String,
@@ -451,14 +463,7 @@ struct TalliesQuery {
 
 /// Internal: tallies of several polls, and whether any of the given voter keys voted on each.
 async fn tallies(State(s): St, AppQuery(q): AppQuery<TalliesQuery>) -> Result<Json<TalliesResponse>, Problem> {
-    let ids: Vec<String> = q
-        .ids
-        .split(',')
-        .map(|id| normalise_poll_id(id).ok_or_else(|| Problem::invalid("query.ids", "must be poll ids")))
-        .collect::<Result<_, _>>()?;
-    if ids.len() > 200 {
-        return Err(Problem::invalid("query.ids", "at most 200 ids"));
-    }
+    let ids = poll_ids(&q.ids)?;
     let voters: Vec<&str> = q
         .voters
         .as_deref()
@@ -544,14 +549,7 @@ struct Audits {
 
 /// Internal: [`audit`] of up to 200 polls (`?ids=a,b,...`), the ballots read in one pass.
 async fn audit_many(State(s): St, AppQuery(q): AppQuery<AuditQuery>) -> Result<Json<Audits>, Problem> {
-    let ids: Vec<String> = q
-        .ids
-        .split(',')
-        .map(|id| normalise_poll_id(id).ok_or_else(|| Problem::invalid("query.ids", "must be poll ids")))
-        .collect::<Result<_, _>>()?;
-    if ids.len() > 200 {
-        return Err(Problem::invalid("query.ids", "at most 200 ids"));
-    }
+    let ids = poll_ids(&q.ids)?;
     let tallies = s.store.tallies(&ids).await?;
     let stored = s.store.recount_many(&ids).await?;
     let audits = ids

@@ -1151,25 +1151,8 @@ impl BallotStore for MongoBallotStore {
     }
 
     async fn recount(&self, poll_id: &str) -> StoreResult<Tally> {
-        let filter = &doc! { "poll_id": poll_id };
-        self.retry
-            .run(|| async move {
-                let mut cursor = self
-                    .ballots
-                    .find(filter.clone())
-                    .projection(doc! { "choices": 1 })
-                    .await?;
-                let mut tally = Tally::default();
-                while cursor.advance().await? {
-                    let d: Document = cursor.deserialize_current()?;
-                    match choices_of(&d) {
-                        Ok(c) => tally.add(&c),
-                        Err(e) => return Ok(Err(e)),
-                    }
-                }
-                Ok(Ok(tally))
-            })
-            .await?
+        let mut one = self.recount_many(&[poll_id.to_owned()]).await?;
+        Ok(one.pop().unwrap_or_default())
     }
 
     /// One pass over the ballots of all the polls (one scan on servers without the index).
@@ -1247,15 +1230,7 @@ async fn aggregate(
         let poll = req_str(key, "p")?;
         let choices = choices_of(&doc! { "choices": key.get("c").cloned().unwrap_or(Bson::Null) })?;
         let n = g.get("n").and_then(uint_of).ok_or_else(|| bad("tally count"))?;
-        let tally = tallies.entry(poll).or_default();
-        tally.total += n;
-        for c in choices {
-            let i = c as usize;
-            if tally.by_option.len() <= i {
-                tally.by_option.resize(i + 1, 0);
-            }
-            tally.by_option[i] += n;
-        }
+        tallies.entry(poll).or_default().add_n(&choices, n);
     }
     Ok(tallies)
 }

@@ -83,21 +83,11 @@ pub(super) enum Plan {
     Plain,
 }
 
-fn merge(into: &mut Tally, other: &Tally) {
-    into.total += other.total;
-    if into.by_option.len() < other.by_option.len() {
-        into.by_option.resize(other.by_option.len(), 0);
-    }
-    for (a, b) in into.by_option.iter_mut().zip(&other.by_option) {
-        *a += b;
-    }
-}
-
 impl PollTallies {
     fn with_own(&self, base: &Base) -> Tally {
         let mut t = base.tally.clone();
         for own in self.own.range(base.cutoff + 1..).map(|(_, t)| t) {
-            merge(&mut t, own);
+            t.merge(own);
         }
         t
     }
