@@ -3,7 +3,9 @@
 use std::sync::Arc;
 
 use shared::domain::CastOutcome;
-use shared::store::contract::{ballot_store_contract, poll_store_contract, sample_ballot, sample_poll};
+use shared::store::contract::{
+    ballot_store_contract, poll_store_concurrency_contract, poll_store_contract, sample_ballot, sample_poll,
+};
 use shared::store::embedded::{EmbeddedBallotStore, EmbeddedPollStore};
 use shared::store::{BallotStore, PollStore};
 
@@ -12,6 +14,13 @@ async fn embedded_poll_store_meets_the_contract() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = EmbeddedPollStore::open(&dir.path().join("poll.redb")).expect("open");
     poll_store_contract(Arc::new(store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_poll_store_concurrent_replaces_have_one_winner() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = EmbeddedPollStore::open(&dir.path().join("poll.redb")).expect("open");
+    poll_store_concurrency_contract(Arc::new(store)).await;
 }
 
 #[tokio::test]

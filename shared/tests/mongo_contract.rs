@@ -1,9 +1,9 @@
-//! The storage contract on MongoDB-protocol servers (FerretDB in CI, any MongoDB with
+//! The storage contract on MongoDB-protocol servers (SecantusDB in CI, any MongoDB with
 //! `MONGODB_TEST_URI`), plus what is specific to that backend: the predecessor's poll documents,
 //! idempotent start-up, duplicate handling, the Cosmos DB throttling retry (no server needed) and
 //! fast failure when the server is unreachable.
 //!
-//! `MONGODB_TEST_URI` names the server (`scripts/ferretdb start <dir>` prints one). Without it
+//! `MONGODB_TEST_URI` names the server (`scripts/secantusdb start <dir>` prints one). Without it
 //! the server tests print a note and pass, except under `CI=true`, where they fail. Every test
 //! works in a database of its own, `contract_<uuid>`, dropped afterwards.
 
@@ -20,7 +20,9 @@ use mongodb::bson::{Document, doc, oid::ObjectId};
 use mongodb::error::{CommandError, Error as MongoError, ErrorKind};
 use shared::Problem;
 use shared::domain::{CastOutcome, DedupePolicy, PollCursor, PollQuery, ResultsVisibility, new_poll_id};
-use shared::store::contract::{ballot_store_contract, poll_store_contract, sample_ballot, sample_poll};
+use shared::store::contract::{
+    ballot_store_contract, poll_store_concurrency_contract, poll_store_contract, sample_ballot, sample_poll,
+};
 use shared::store::mongo::{
     Decision, Failure, MongoBallotStore, MongoPollStore, MongoSettings, RetryPolicy, StoreTuning, build_client,
     classify, is_duplicate_key,
@@ -32,10 +34,12 @@ fn test_uri() -> Option<String> {
     match std::env::var("MONGODB_TEST_URI") {
         Ok(uri) if !uri.trim().is_empty() => Some(uri),
         _ if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("MONGODB_TEST_URI is not set under CI=true: the test command must start FerretDB (scripts/ferretdb)")
+            panic!(
+                "MONGODB_TEST_URI is not set under CI=true: the test command must start SecantusDB (scripts/secantusdb)"
+            )
         }
         _ => {
-            eprintln!("skipped: MONGODB_TEST_URI is not set (`scripts/ferretdb start <dir>` prints one)");
+            eprintln!("skipped: MONGODB_TEST_URI is not set (`scripts/secantusdb start <dir>` prints one)");
             None
         }
     }
@@ -94,6 +98,14 @@ async fn index_names(client: &Client, s: &MongoSettings, collection: &str) -> Ve
 async fn mongo_poll_store_meets_the_contract() {
     with_database(|client, s| async move {
         poll_store_contract(Arc::new(poll_store(&client, &s).await)).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongo_poll_store_concurrent_replaces_have_one_winner() {
+    with_database(|client, s| async move {
+        poll_store_concurrency_contract(Arc::new(poll_store(&client, &s).await)).await;
     })
     .await;
 }
@@ -644,17 +656,17 @@ async fn an_unreachable_server_fails_fast_as_unavailable() {
     }
 }
 
-/// A FerretDB of the test's own (so it can be crashed), killed when dropped (its data is temporary).
-struct OwnFerretDb {
+/// A SecantusDB of the test's own (so it can be crashed), killed when dropped (its data is temporary).
+struct OwnSecantusDb {
     state: tempfile::TempDir,
 }
 
-impl OwnFerretDb {
+impl OwnSecantusDb {
     fn script() -> std::path::PathBuf {
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ferretdb")
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/secantusdb")
     }
 
-    /// Starts (or restarts) the instance; `None` when FerretDB cannot be provisioned here and the
+    /// Starts (or restarts) the instance; `None` when SecantusDB cannot be provisioned here and the
     /// test may be skipped (never under CI, where the script fails instead).
     fn start(state: &std::path::Path) -> Option<String> {
         let out = std::process::Command::new("bash")
@@ -662,7 +674,7 @@ impl OwnFerretDb {
             .arg("start")
             .arg(state)
             .output()
-            .expect("run scripts/ferretdb");
+            .expect("run scripts/secantusdb");
         match out.status.code() {
             Some(0) => Some(String::from_utf8_lossy(&out.stdout).trim().to_owned()),
             Some(77) => {
@@ -670,7 +682,7 @@ impl OwnFerretDb {
                 None
             }
             _ => panic!(
-                "scripts/ferretdb start failed: {}",
+                "scripts/secantusdb start failed: {}",
                 String::from_utf8_lossy(&out.stderr)
             ),
         }
@@ -683,12 +695,12 @@ impl OwnFerretDb {
             .arg("kill")
             .arg(self.state.path())
             .status()
-            .expect("run scripts/ferretdb");
-        assert!(status.success(), "scripts/ferretdb kill failed");
+            .expect("run scripts/secantusdb");
+        assert!(status.success(), "scripts/secantusdb kill failed");
     }
 }
 
-impl Drop for OwnFerretDb {
+impl Drop for OwnSecantusDb {
     fn drop(&mut self) {
         let _ = std::process::Command::new("bash")
             .arg(Self::script())
@@ -707,10 +719,10 @@ async fn a_store_recovers_by_itself_when_the_server_returns() {
         return;
     }
     let state = tempfile::tempdir().expect("tempdir");
-    let Some(uri) = OwnFerretDb::start(state.path()) else {
+    let Some(uri) = OwnSecantusDb::start(state.path()) else {
         return;
     };
-    let server = OwnFerretDb { state };
+    let server = OwnSecantusDb { state };
     let s = MongoSettings {
         server_selection_timeout: Duration::from_secs(1),
         operation_timeout: Duration::from_secs(3),
@@ -742,7 +754,7 @@ async fn a_store_recovers_by_itself_when_the_server_returns() {
         started.elapsed()
     );
 
-    let again = OwnFerretDb::start(server.state.path()).expect("restart");
+    let again = OwnSecantusDb::start(server.state.path()).expect("restart");
     assert_eq!(again, uri, "a restart keeps the address");
     let restarted = Instant::now();
     let deadline = restarted + Duration::from_secs(20);

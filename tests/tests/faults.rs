@@ -1,5 +1,5 @@
-//! Fault tests against a MongoDB-protocol server we can stop: a FerretDB of the test's own
-//! (scripts/ferretdb), cut while ballots flow and brought back.
+//! Fault tests against a MongoDB-protocol server we can stop: a SecantusDB of the test's own
+//! (scripts/secantusdb), cut while ballots flow and brought back.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -9,16 +9,16 @@ use std::time::{Duration, Instant};
 use api_tests::Stack;
 use serde_json::{Value, json};
 
-fn ferretdb(args: &[&str]) -> String {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/ferretdb");
+fn secantusdb(args: &[&str]) -> String {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/secantusdb");
     let out = std::process::Command::new("bash")
         .arg(script)
         .args(args)
         .output()
-        .expect("run scripts/ferretdb");
+        .expect("run scripts/secantusdb");
     assert!(
         out.status.success(),
-        "scripts/ferretdb {args:?}: {}",
+        "scripts/secantusdb {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("utf-8").trim().to_owned()
@@ -27,7 +27,7 @@ fn ferretdb(args: &[&str]) -> String {
 fn enabled() -> bool {
     let on = std::env::var("POLLVOTE_TEST_BACKEND").as_deref() == Ok("mongodb");
     if !on {
-        // scripts/test runs this file again with the MongoDB backend, where CI requires FerretDB.
+        // scripts/test runs this file again with the MongoDB backend, where CI requires SecantusDB.
         eprintln!("skipped: set POLLVOTE_TEST_BACKEND=mongodb (scripts/test does) to run the database fault test");
     }
     on
@@ -46,7 +46,7 @@ async fn a_database_outage_gives_fast_503s_and_recovers_without_restart() {
     }
     let state = tempfile::tempdir().expect("tempdir");
     let dir: &Path = state.path();
-    let uri = ferretdb(&["start", dir.to_str().expect("path")]);
+    let uri = secantusdb(&["start", dir.to_str().expect("path")]);
     let s = Arc::new(
         Stack::start_with(|c| {
             c.storage.mongodb_uri = shared::Secret::new(uri.clone());
@@ -98,7 +98,7 @@ async fn a_database_outage_gives_fast_503s_and_recovers_without_restart() {
     }
 
     tokio::time::sleep(Duration::from_secs(1)).await;
-    ferretdb(&["kill", dir.to_str().expect("path")]);
+    secantusdb(&["kill", dir.to_str().expect("path")]);
     let cut_at = Instant::now();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let deep = s
@@ -118,7 +118,7 @@ async fn a_database_outage_gives_fast_503s_and_recovers_without_restart() {
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
     let down_for = cut_at.elapsed();
-    ferretdb(&["start", dir.to_str().expect("path")]);
+    secantusdb(&["start", dir.to_str().expect("path")]);
     let restarted = Instant::now();
 
     // Recovery: a ballot is acknowledged again, with no restart of the services.
@@ -179,7 +179,7 @@ async fn a_database_outage_gives_fast_503s_and_recovers_without_restart() {
     let p = s.get_poll(&id).await;
     assert_eq!(p["votes"]["count"], acknowledged.len() as u64);
     drop(s);
-    ferretdb(&["kill", dir.to_str().expect("path")]);
+    secantusdb(&["kill", dir.to_str().expect("path")]);
 }
 
 #[tokio::test]

@@ -560,6 +560,87 @@ async fn admin_operations_need_the_token_and_options_freeze_after_the_first_vote
 }
 
 #[tokio::test]
+async fn concurrent_patches_of_different_fields_all_land_and_a_close_is_never_undone() {
+    let s = Stack::start().await;
+    let (id, token) = s.simple_poll(json!({})).await;
+    let url = format!("{}/api/polls/{id}", s.poll);
+    // Three merge patches of different fields at once, 50 rounds: none is lost.
+    for round in 0..50 {
+        let later = (chrono::Utc::now() + chrono::Duration::days(1 + round)).to_rfc3339();
+        let patches = [
+            json!({"name": format!("name {round}")}),
+            json!({"desc": format!("desc {round}")}),
+            json!({"closes_at": later}),
+        ];
+        let sends = patches
+            .iter()
+            .map(|p| s.http.patch(&url).bearer_auth(&token).json(p).send());
+        for res in futures_util::future::join_all(sends).await {
+            let res = res.expect("patch");
+            assert_eq!(
+                res.status(),
+                200,
+                "round {round}: {}",
+                res.text().await.unwrap_or_default()
+            );
+        }
+        let stored = s.get_poll(&id).await;
+        assert_eq!(stored["name"], format!("name {round}"), "round {round}: {stored}");
+        assert_eq!(stored["desc"], format!("desc {round}"), "round {round}: {stored}");
+        let closes_at =
+            chrono::DateTime::parse_from_rfc3339(stored["closes_at"].as_str().expect("closes_at")).expect("rfc3339");
+        let later = chrono::DateTime::parse_from_rfc3339(&later).expect("rfc3339");
+        assert_eq!(closes_at, later, "round {round}: {stored}");
+    }
+
+    // A close racing patches: the poll ends closed, every patch is either applied before it (200)
+    // or refused after it (409 poll-closed), and nothing later reopens it.
+    for round in 0..20 {
+        let (id, token) = s.simple_poll(json!({})).await;
+        let url = format!("{}/api/polls/{id}", s.poll);
+        let patches = (0..4).map(|i| {
+            s.http
+                .patch(&url)
+                .bearer_auth(&token)
+                .json(&json!({"name": format!("patch {i}"), "closes_at": null}))
+                .send()
+        });
+        let close = s.http.post(format!("{url}/close")).bearer_auth(&token).send();
+        let (closed, patched) = tokio::join!(close, futures_util::future::join_all(patches));
+        assert_eq!(closed.expect("close").status(), 200, "round {round}");
+        for res in patched {
+            let res = res.expect("patch");
+            match res.status().as_u16() {
+                200 => {}
+                409 => {
+                    let problem = expect_problem(res, 409).await;
+                    assert!(
+                        problem["type"].as_str().is_some_and(|t| t.ends_with("poll-closed")),
+                        "round {round}: {problem}"
+                    );
+                }
+                other => panic!("round {round}: patch answered {other}"),
+            }
+        }
+        let stored = s.get_poll(&id).await;
+        assert_eq!(
+            stored["status"], "closed",
+            "round {round}: a patch resurrected the poll: {stored}"
+        );
+        let after = s
+            .http
+            .patch(&url)
+            .bearer_auth(&token)
+            .json(&json!({"closes_at": null}))
+            .send()
+            .await
+            .expect("patch");
+        expect_problem(after, 409).await;
+        assert_eq!(s.get_poll(&id).await["status"], "closed");
+    }
+}
+
+#[tokio::test]
 async fn closing_or_deleting_stops_ballots_within_a_second() {
     let s = Stack::start().await;
     for action in ["close", "delete"] {

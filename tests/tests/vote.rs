@@ -618,3 +618,282 @@ async fn ballots_match_their_schema_nulls_lengths_and_one_of_each_pair() {
         json!([{"type": "object", "required": ["option"]}, {"type": "object", "required": ["options"]}])
     );
 }
+
+/// Watches a results stream; returns the highest `votes.count` seen and when it was first seen,
+/// once it reaches `want` or the stream stays silent for 10 s.
+async fn watch_until(res: reqwest::Response, want: u64) -> Option<std::time::Instant> {
+    use futures_util::StreamExt;
+    let mut body = res.bytes_stream();
+    let mut buf = String::new();
+    loop {
+        while let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            let data = event
+                .lines()
+                .find_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")));
+            if let Some(data) = data
+                && event.contains("event: results")
+            {
+                let v: Value = serde_json::from_str(data).expect("event data is JSON");
+                if v["votes"]["count"].as_u64() == Some(want) {
+                    return Some(std::time::Instant::now());
+                }
+            }
+        }
+        let chunk = tokio::time::timeout(Duration::from_secs(10), body.next()).await;
+        match chunk {
+            Ok(Some(Ok(bytes))) => buf.push_str(std::str::from_utf8(&bytes).expect("utf-8")),
+            _ => return None,
+        }
+    }
+}
+
+/// Issue 11: 2 poll and 3 vote processes on one MongoDB database, clients spreading their requests
+/// over them. Identical ballots sent to different replicas count once; 3,000 distinct ballots
+/// (one vote replica killed with SIGKILL in the middle, its clients retrying elsewhere with the
+/// same Idempotency-Key) are each stored exactly once; every replica's tally is exact within
+/// `tally_cache_ttl_ms` plus one aggregation of the last ballot; watchers on both poll replicas
+/// see the final tally.
+#[tokio::test]
+async fn replicas_on_one_database_count_once_and_agree() {
+    if api_tests::mongo_uri().is_none() {
+        // scripts/test runs this file again with the MongoDB backend, where CI requires the server.
+        eprintln!("skipped: replicas share a MongoDB database; set POLLVOTE_TEST_BACKEND=mongodb (scripts/test does)");
+        return;
+    }
+    const TTL_MS: u64 = 500;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = format!("r{}", uuid::Uuid::new_v4().simple());
+    let poll_ports = [free_port(), free_port()];
+    let vote_ports = [free_port(), free_port(), free_port()];
+    let mut polls = Vec::new();
+    for (i, port) in poll_ports.iter().enumerate() {
+        let mut env = env_for(*port, &dir.path().join(format!("poll{i}")), *port, vote_ports[i]);
+        env.push(("POLLVOTE__STORAGE__DATABASE", format!("{db}_poll")));
+        polls.push(Proc::spawn("poll", &env, dir.path().join(format!("poll{i}.log"))));
+    }
+    let vote_env = |i: usize| {
+        let port = vote_ports[i];
+        let mut env = env_for(port, &dir.path().join(format!("vote{i}")), poll_ports[i % 2], port);
+        env.push(("POLLVOTE__STORAGE__DATABASE", format!("{db}_vote")));
+        env.push(("POLLVOTE__STORAGE__TALLY_CACHE_TTL_MS", TTL_MS.to_string()));
+        env
+    };
+    let mut votes = Vec::new();
+    for i in 0..3 {
+        votes.push(Proc::spawn(
+            "vote",
+            &vote_env(i),
+            dir.path().join(format!("vote{i}.log")),
+        ));
+    }
+    for p in polls.iter().chain(votes.iter()) {
+        p.wait_ready(Duration::from_secs(30)).await;
+    }
+    let vote_urls: Vec<String> = votes.iter().map(|v| v.url.clone()).collect();
+    let poll_urls: Vec<String> = polls.iter().map(|p| p.url.clone()).collect();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    let create = |dedupe: &'static str| {
+        let http = http.clone();
+        let url = format!("{}/api/polls", poll_urls[0]);
+        async move {
+            let res = http
+                .post(url)
+                .json(&json!({"name": "replicas", "options": ["a", "b", "c"], "dedupe": dedupe}))
+                .send()
+                .await
+                .expect("create");
+            assert_eq!(res.status(), 201);
+            res.json::<Value>().await.expect("json")["id"]
+                .as_str()
+                .expect("id")
+                .to_owned()
+        }
+    };
+
+    // 1. 64 concurrent identical ballots spread over the three vote replicas: one counted.
+    let same = create("voter").await;
+    let sends = (0..64).map(|i| {
+        http.post(format!("{}/api/votes", vote_urls[i % 3]))
+            .json(&json!({"poll_id": same, "option": "b", "voter_id": "the-same-voter"}))
+            .send()
+    });
+    let mut statuses: HashMap<u16, usize> = HashMap::new();
+    for res in futures_util::future::join_all(sends).await {
+        *statuses.entry(res.expect("vote").status().as_u16()).or_default() += 1;
+    }
+    assert_eq!(
+        statuses.get(&201),
+        Some(&1),
+        "exactly one of 64 is accepted: {statuses:?}"
+    );
+    assert_eq!(statuses.get(&409), Some(&63), "the others are told: {statuses:?}");
+
+    // 2. 3,000 distinct ballots from 32 clients over the vote replicas, watchers on both poll
+    //    replicas, vote replica 3 killed with SIGKILL a third of the way through.
+    let id = create("voter").await;
+    let total = 3000u64;
+    let mut watchers = Vec::new();
+    for (i, url) in poll_urls.iter().cycle().take(4).enumerate() {
+        let res = http
+            .get(format!("{url}/api/polls/{id}/results/stream"))
+            .send()
+            .await
+            .expect("stream");
+        assert_eq!(res.status(), 200, "watcher {i}");
+        watchers.push(tokio::spawn(watch_until(res, total)));
+    }
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let killed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..32usize {
+        let (http, urls, id) = (http.clone(), vote_urls.clone(), id.clone());
+        let (next, acked, killed) = (next.clone(), acked.clone(), killed.clone());
+        clients.push(tokio::spawn(async move {
+            let mut by_option = [0u64; 3];
+            let mut failures_on_survivors = Vec::new();
+            loop {
+                let n = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if n >= total {
+                    break;
+                }
+                let option = (n % 3) as usize;
+                let name = ["a", "b", "c"][option];
+                // Spread over the replicas; a ballot that fails is sent again, with the same
+                // Idempotency-Key, to the next replica.
+                let mut replica = (c + n as usize) % 3;
+                let mut attempts = 0;
+                loop {
+                    attempts += 1;
+                    assert!(attempts < 50, "ballot {n} never acknowledged");
+                    let res = http
+                        .post(format!("{}/api/votes", urls[replica]))
+                        .header("idempotency-key", format!("ballot-{n}"))
+                        .json(&json!({"poll_id": id, "option": name, "voter_id": format!("voter-{n}")}))
+                        .send()
+                        .await;
+                    match res.map(|r| r.status().as_u16()) {
+                        Ok(201) => break,
+                        other => {
+                            if replica != 2 || !killed.load(std::sync::atomic::Ordering::SeqCst) {
+                                failures_on_survivors.push((replica, format!("{other:?}")));
+                            }
+                            replica = (replica + 1) % 3;
+                        }
+                    }
+                }
+                by_option[option] += 1;
+                acked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            (by_option, failures_on_survivors)
+        }));
+    }
+    while acked.load(std::sync::atomic::Ordering::SeqCst) < total / 3 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    killed.store(true, std::sync::atomic::Ordering::SeqCst);
+    votes[2].kill9().await;
+    let mut expected = [0u64; 3];
+    for c in clients {
+        let (by_option, failures) = c.await.expect("join");
+        // Requests to replica 3 in flight at the kill may fail; the two survivors never do.
+        let on_survivors: Vec<_> = failures.iter().filter(|(r, _)| *r != 2).collect();
+        assert!(
+            on_survivors.is_empty(),
+            "the surviving replicas failed requests: {on_survivors:?}"
+        );
+        for (e, n) in expected.iter_mut().zip(by_option) {
+            *e += n;
+        }
+    }
+    let last_ack = std::time::Instant::now();
+
+    // Every replica's tally (the poll replicas through their vote replica, the vote replicas
+    // directly) is exact within the tally TTL plus one aggregation of the last acknowledgement.
+    let bound = Duration::from_millis(TTL_MS + 1000);
+    let want = json!(expected);
+    let mut exact_after = Vec::new();
+    for url in poll_urls.iter() {
+        loop {
+            let p: Value = http
+                .get(format!("{url}/api/polls/{id}"))
+                .send()
+                .await
+                .expect("get")
+                .json()
+                .await
+                .expect("json");
+            let counts: Vec<u64> = p["votes"]["by_option"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|o| o["count"].as_u64()).collect())
+                .unwrap_or_default();
+            if p["votes"]["count"] == total && json!(counts) == want {
+                exact_after.push(last_ack.elapsed());
+                break;
+            }
+            assert!(last_ack.elapsed() < bound, "{url}: not exact within {bound:?}: {p}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    for url in &vote_urls[..2] {
+        loop {
+            let t: Value = http
+                .get(format!("{url}/internal/tallies?ids={id}"))
+                .send()
+                .await
+                .expect("tallies")
+                .json()
+                .await
+                .expect("json");
+            if t["tallies"][0]["total"] == total && t["tallies"][0]["by_option"] == want {
+                exact_after.push(last_ack.elapsed());
+                break;
+            }
+            assert!(last_ack.elapsed() < bound, "{url}: not exact within {bound:?}: {t}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    eprintln!("replicas exact after {exact_after:?} (bound {bound:?})");
+    for w in watchers {
+        let seen = w.await.expect("join").expect("a watcher saw the final tally");
+        assert!(
+            seen.saturating_duration_since(last_ack) < Duration::from_secs(3),
+            "a watcher saw the final tally {:?} after the last ballot",
+            seen.saturating_duration_since(last_ack)
+        );
+    }
+
+    // At rest: the ground truth agrees, each ballot stored once, and identical ballots stay one.
+    let audit: Value = http
+        .get(format!("{}/internal/polls/{id}/audit", vote_urls[0]))
+        .send()
+        .await
+        .expect("audit")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(audit["consistent"], true, "{audit}");
+    assert_eq!(
+        audit["stored"]["total"], total,
+        "each ballot stored exactly once: {audit}"
+    );
+    assert_eq!(audit["stored"]["by_option"], want, "{audit}");
+    let one: Value = http
+        .get(format!("{}/internal/polls/{same}/audit", vote_urls[1]))
+        .send()
+        .await
+        .expect("audit")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(one["stored"]["total"], 1, "{one}");
+    assert_eq!(one["consistent"], true, "{one}");
+    api_tests::drop_databases(
+        api_tests::mongo_uri().expect("uri"),
+        vec![format!("{db}_poll"), format!("{db}_vote")],
+    );
+}

@@ -313,9 +313,46 @@ async fn update_poll(
     headers: HeaderMap,
     AppJson(body): AppJson<UpdatePoll>,
 ) -> Result<Json<PollView>, Problem> {
-    let poll = load(&s.store, &id).await?;
-    authorize(&poll, &headers)?;
-    let now = Utc::now();
+    // A merge patch names only the fields it changes, so when another change lands between our
+    // read and our write, it is applied again to the newer poll (which may now be closed or have
+    // votes, and is checked again), instead of losing either change.
+    for _ in 0..UPDATE_ATTEMPTS {
+        let poll = load(&s.store, &id).await?;
+        authorize(&poll, &headers)?;
+        let now = Utc::now();
+        let mut next = apply_patch(&poll, &body, now)?;
+        let ballots_matter = next.options != poll.options || next.dedupe != poll.dedupe;
+        let tally = s
+            .votes
+            .tallies(&[&poll], None)
+            .await?
+            .pop()
+            .map(|(t, _)| t)
+            .unwrap_or_default();
+        if ballots_matter && (tally.total > 0 || poll.legacy_votes > 0) {
+            return Err(Problem::conflict(
+                "votes-exist",
+                "options and dedupe cannot change once a vote exists",
+            ));
+        }
+        next.updated_at = now;
+        next.revision = poll.revision + 1;
+        if s.store.replace(&next, poll.revision).await? {
+            return Ok(Json(PollView::new(&next, Some(&tally.padded(next.options.len())), now)));
+        }
+    }
+    Err(Problem::conflict(
+        "concurrent-change",
+        "the poll changed meanwhile; read it again and retry",
+    ))
+}
+
+/// How many times a patch is applied to a poll that keeps changing under it before the client is
+/// told to retry (each lost round means another change was stored).
+const UPDATE_ATTEMPTS: usize = 32;
+
+/// The poll with the merge patch applied and checked (a closed poll cannot change).
+fn apply_patch(poll: &PollRecord, body: &UpdatePoll, now: DateTime<Utc>) -> Result<PollRecord, Problem> {
     if poll.status_at(now) == PollStatus::Closed {
         return Err(Problem::conflict(
             "poll-closed",
@@ -354,29 +391,7 @@ async fn update_poll(
     if !errors.is_empty() {
         return Err(Problem::validation(errors));
     }
-    let ballots_matter = next.options != poll.options || next.dedupe != poll.dedupe;
-    let tally = s
-        .votes
-        .tallies(&[&poll], None)
-        .await?
-        .pop()
-        .map(|(t, _)| t)
-        .unwrap_or_default();
-    if ballots_matter && (tally.total > 0 || poll.legacy_votes > 0) {
-        return Err(Problem::conflict(
-            "votes-exist",
-            "options and dedupe cannot change once a vote exists",
-        ));
-    }
-    next.updated_at = now;
-    next.revision = poll.revision + 1;
-    if !s.store.replace(&next, poll.revision).await? {
-        return Err(Problem::conflict(
-            "concurrent-change",
-            "the poll changed meanwhile; read it again and retry",
-        ));
-    }
-    Ok(Json(PollView::new(&next, Some(&tally.padded(next.options.len())), now)))
+    Ok(next)
 }
 
 /// Close a poll now (admin only). Closing a closed poll changes nothing and succeeds.

@@ -166,6 +166,48 @@ pub async fn poll_store_contract(store: DynPollStore) {
     );
 }
 
+/// 32 concurrent changes of one poll from the same revision, repeated: exactly one applies each
+/// round, the others are told (`false`), and the stored poll is the winner's, whole (no lost or
+/// mixed update). A compare-and-swap the database must make atomic (FerretDB does not).
+pub async fn poll_store_concurrency_contract(store: DynPollStore) {
+    let poll = sample_poll("contended", 10);
+    store.create(&poll).await.expect("create");
+    let mut current = poll;
+    for round in 0..10 {
+        let mut tasks = Vec::new();
+        for i in 0..32 {
+            let store = Arc::clone(&store);
+            let mut next = current.clone();
+            next.name = format!("round {round} writer {i}");
+            next.desc = format!("written by {i} in round {round}");
+            next.revision = current.revision + 1;
+            let expected = current.revision;
+            tasks.push(tokio::spawn(async move {
+                let applied = store.replace(&next, expected).await.expect("replace");
+                (applied, next)
+            }));
+        }
+        let mut winners = Vec::new();
+        for t in tasks {
+            let (applied, next) = t.await.expect("join");
+            if applied {
+                winners.push(next);
+            }
+        }
+        assert_eq!(
+            winners.len(),
+            1,
+            "round {round}: exactly one of 32 concurrent replaces from one revision applies"
+        );
+        let stored = store.get(&current.id).await.expect("get").expect("stored poll");
+        assert_eq!(
+            stored, winners[0],
+            "round {round}: the stored poll is the winner's, whole"
+        );
+        current = stored;
+    }
+}
+
 /// Uniqueness of `(poll, key)` under concurrency, tallies equal to recounts, `has_voted`, purge.
 pub async fn ballot_store_contract(store: DynBallotStore) {
     store.ping().await.expect("ping on a healthy store");
