@@ -330,7 +330,8 @@ pub async fn drop_database(uri: &str, name: &str) -> Result<(), String> {
         .map_err(|e| format!("dropping database {name}: {e}"))
 }
 
-/// What the server says it is (`buildInfo`), e.g. `FerretDB v1.24.2 (MongoDB 7.0.77 protocol)`.
+/// What the server says it is (`buildInfo`), e.g. `SecantusDB 0.5.3-beta.196 (MongoDB 8.2.11 protocol,
+/// WiredTiger)`.
 pub async fn server_description(uri: &str) -> Result<String, String> {
     let client: Client = mongo::build_client(&MongoSettings::new(uri, "admin"))
         .await
@@ -341,10 +342,13 @@ pub async fn server_description(uri: &str) -> Result<String, String> {
         .await
         .map_err(|e| format!("buildInfo: {e}"))?;
     let version = info.get_str("version").unwrap_or("?");
-    Ok(match info.get_str("ferretdbVersion") {
-        Ok(f) => format!("FerretDB {f} (MongoDB {version} protocol)"),
-        Err(_) => format!("MongoDB {version}"),
-    })
+    Ok(
+        match (info.get_str("ferretdbVersion"), info.get_str("secantusVersion")) {
+            (Ok(f), _) => format!("FerretDB {f} (MongoDB {version} protocol)"),
+            (_, Ok(s)) => format!("SecantusDB {s} (MongoDB {version} protocol, WiredTiger)"),
+            _ => format!("MongoDB {version}"),
+        },
+    )
 }
 
 async fn embedded_rate(scratch: &Path, clients: usize, duration: Duration) -> Result<StoreReference, String> {
