@@ -1,7 +1,8 @@
 //! The internal service-to-service API (paths under `/internal/`, never routed by the ingress):
 //! its wire types, and a client both services use to call the other.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -9,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::{DedupePolicy, PollRecord, PollStatus, ResultsVisibility};
 use crate::http::Dependency;
+use crate::metrics::{Metrics, PeerLabels};
 use crate::problem::Problem;
 
 /// What the vote service needs to know about a poll: `GET /internal/polls/{id}` on the poll service.
@@ -65,12 +67,15 @@ pub struct TalliesResponse {
 /// How long callers should wait before retrying when the other service is unreachable.
 pub const PEER_RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// An HTTP client for the other service. Failures become 503 problems naming the service.
+/// An HTTP client for the other service. Failures become 503 problems naming the service. Each
+/// call made with [`PeerClient::send`] is a client span, carries the current request's
+/// `X-Request-Id` and W3C trace context, and is measured (`pollvote_peer_request_duration_seconds`).
 #[derive(Clone)]
 pub struct PeerClient {
     name: &'static str,
     base: String,
     http: reqwest::Client,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl PeerClient {
@@ -85,7 +90,74 @@ impl PeerClient {
             name,
             base: base.trim_end_matches('/').to_owned(),
             http,
+            metrics: None,
         })
+    }
+
+    /// Measures every call in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// The peer's short name for metrics and spans (`poll`, `vote`).
+    fn short_name(&self) -> &'static str {
+        self.name.split(' ').next().unwrap_or(self.name)
+    }
+
+    /// Sends `req` to the other service; `route` is the internal route's template (a metric
+    /// label and the span's name, never the raw path).
+    pub async fn send(
+        &self,
+        route: &'static str,
+        req: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, reqwest::Error> {
+        use tracing::Instrument as _;
+        let mut request = req.build()?;
+        let method = request.method().clone();
+        let span = if crate::telemetry::tracing_enabled() {
+            tracing::info_span!(
+                "peer",
+                otel.name = %format_args!("{method} {route}"),
+                otel.kind = "client",
+                otel.status_code = tracing::field::Empty,
+                peer.service = self.short_name(),
+                http.request.method = %method,
+                url.template = route,
+                server.address = request.url().host_str().unwrap_or(""),
+                http.response.status_code = tracing::field::Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
+        crate::telemetry::inject(&span, request.headers_mut());
+        let started = Instant::now();
+        let res = self.http.execute(request).instrument(span.clone()).await;
+        let outcome = match &res {
+            Ok(r) if r.status().is_success() => "2xx",
+            Ok(r) if r.status().is_client_error() => "4xx",
+            Ok(r) if r.status().is_server_error() => "5xx",
+            Ok(_) => "other",
+            Err(e) if e.is_timeout() => "timeout",
+            Err(e) if e.is_connect() => "connect",
+            Err(_) => "error",
+        };
+        if let Ok(r) = &res {
+            span.record("http.response.status_code", r.status().as_u16());
+        }
+        if !matches!(outcome, "2xx" | "4xx") {
+            span.record("otel.status_code", "ERROR");
+        }
+        if let Some(m) = &self.metrics {
+            m.peer_duration
+                .get_or_create(&PeerLabels {
+                    peer: self.short_name(),
+                    route,
+                    outcome,
+                })
+                .observe(started.elapsed().as_secs_f64());
+        }
+        res
     }
 
     pub fn name(&self) -> &'static str {
@@ -109,12 +181,14 @@ impl PeerClient {
         )
     }
 
-    /// GETs `path` and decodes JSON; `Ok(None)` on 404.
-    pub async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<Option<T>, Problem> {
+    /// GETs `path` (of route template `route`) and decodes JSON; `Ok(None)` on 404.
+    pub async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        route: &'static str,
+        path: &str,
+    ) -> Result<Option<T>, Problem> {
         let res = self
-            .http
-            .get(self.url(path))
-            .send()
+            .send(route, self.http.get(self.url(path)))
             .await
             .map_err(|e| self.unavailable(e))?;
         match res.status() {

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod domain;
 pub mod http;
+pub mod instrumented;
 pub mod internal;
 pub mod keyvault;
 pub mod metrics;

@@ -34,7 +34,7 @@ where
             return ExitCode::from(2);
         }
     }
-    crate::telemetry::init(&config.log);
+    let telemetry = crate::telemetry::init_service(&config.log, service);
     let shutdown = CancellationToken::new();
     crate::http::cancel_on_signals(shutdown.clone());
     let server = match build(config, shutdown).await {
@@ -47,7 +47,7 @@ where
     if let Ok(addr) = server.local_addr() {
         tracing::info!(%addr, "{service} listening");
     }
-    match server.run_until_stopped().await {
+    let code = match server.run_until_stopped().await {
         Ok(()) => {
             tracing::info!("{service} stopped");
             ExitCode::SUCCESS
@@ -56,7 +56,10 @@ where
             tracing::error!(error = %e, "{service} server error");
             ExitCode::FAILURE
         }
-    }
+    };
+    // Spans still queued for the OTLP exporter are sent before the process exits.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    code
 }
 
 /// `--health`: the container health check, without a shell or curl in the image.

@@ -164,6 +164,44 @@ async fn a_database_outage_gives_fast_503s_and_recovers_without_restart() {
     );
     eprintln!("outage {down_for:?}, recovered {recovered_in:?} after restart, outcomes {by_status:?}");
 
+    // The dependency metrics saw it: the ballot path's failed calls (the vote service's storage,
+    // or its calls to the poll service, whose own storage was down too), and the 503s.
+    let metrics = s
+        .http
+        .get(format!("{}/metrics", s.vote))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let count = |prefix: &str, labels: &[&str]| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix) && labels.iter().all(|x| l.contains(x)))
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .sum()
+    };
+    let failed = count(
+        "pollvote_db_operation_duration_seconds_count{",
+        &["operation=\"cast\"", "outcome=\"unavailable\""],
+    ) + count(
+        "pollvote_db_operation_duration_seconds_count{",
+        &["operation=\"cast\"", "outcome=\"cancelled\""],
+    ) + count(
+        "pollvote_peer_request_duration_seconds_count{",
+        &["peer=\"poll\"", "outcome=\"5xx\""],
+    ) + count(
+        "pollvote_peer_request_duration_seconds_count{",
+        &["peer=\"poll\"", "outcome=\"timeout\""],
+    );
+    assert!(failed > 0.0, "failed dependency calls are counted:\n{metrics}");
+    let refused = count(
+        "http_server_request_duration_seconds_count{",
+        &["http_route=\"/api/votes\"", "http_response_status_code=\"503\""],
+    );
+    assert!(refused > 0.0, "503s are counted:\n{metrics}");
+
     // Every acknowledged ballot is stored exactly once, and the tally equals the stored ballots.
     let audit: Value = s
         .http

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use api_tests::{Stack, expect_problem, names_field};
+use api_tests::{Proc, Stack, expect_problem, free_port, names_field};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
@@ -893,8 +893,11 @@ async fn operational_endpoints_answer_on_both_services() {
             .text()
             .await
             .expect("text");
-        assert!(metrics.contains("http_requests_total"), "{metrics}");
-        assert!(metrics.contains("route=\"/healthz\""), "labelled by matched route");
+        assert!(
+            metrics.contains("http_server_request_duration_seconds_count{"),
+            "{metrics}"
+        );
+        assert!(metrics.contains("http_route=\"/healthz\""), "labelled by matched route");
 
         let res = s.http.get(format!("{base}/no/such/thing")).send().await.expect("404");
         expect_problem(res, 404).await;
@@ -1262,4 +1265,451 @@ async fn the_openapi_document_states_the_contract_the_server_enforces() {
         "#/components/schemas/PollView"
     );
     assert_eq!(events[1]["properties"]["event"]["enum"], json!(["deleted"]));
+}
+
+/// Both binaries as child processes with JSON logs at `info` (the production default), on the
+/// embedded store or the test MongoDB, plus `extra` environment. Returns poll, vote, the
+/// connection string if any, and the temporary directory (data and logs).
+async fn observed_pair(extra: &[(&str, String)]) -> (Proc, Proc, Option<String>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (pp, vp) = (free_port(), free_port());
+    let mongo = api_tests::mongo_uri();
+    let db = format!("t{}", uuid::Uuid::new_v4().simple());
+    let env = |port: u16, name: &str| {
+        let mut env = vec![
+            ("PORT", port.to_string()),
+            ("POLL_API", format!("http://127.0.0.1:{pp}")),
+            ("VOTE_API", format!("http://127.0.0.1:{vp}")),
+            ("DATA_DIR", dir.path().join(name).display().to_string()),
+            ("LOG_FORMAT", "json".to_owned()),
+            ("RUST_LOG", "info".to_owned()),
+            ("RATE_LIMIT_PER_MINUTE", "0".to_owned()),
+        ];
+        if let Some(uri) = &mongo {
+            env.push(("MONGODB_CONNECTION_STRING", uri.clone()));
+            env.push(("POLLVOTE__STORAGE__DATABASE", format!("{db}_{name}")));
+        }
+        env.extend(extra.iter().cloned());
+        env
+    };
+    let poll = Proc::start("poll", &env(pp, "poll"), dir.path().join("poll.log")).await;
+    let vote = Proc::start("vote", &env(vp, "vote"), dir.path().join("vote.log")).await;
+    if let Some(uri) = &mongo {
+        // Dropped when the test ends (the processes are killed first, on drop).
+        let (uri, names) = (uri.clone(), vec![format!("{db}_poll"), format!("{db}_vote")]);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            api_tests::drop_databases(uri, names);
+        });
+    }
+    (poll, vote, mongo, dir)
+}
+
+fn json_lines(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .expect("log")
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}")))
+        .collect()
+}
+
+fn access_lines<'a>(lines: &'a [Value], request_id: &str) -> Vec<&'a Value> {
+    lines
+        .iter()
+        .filter(|l| l["target"] == "access" && l["request_id"] == request_id)
+        .collect()
+}
+
+/// Checks the Prometheus text format 0.0.4 line by line, as Prometheus' text parser reads it:
+/// HELP/TYPE before a family's samples, samples only of declared families (with the histogram and
+/// counter suffixes), valid names, quoted label values, a float value; histograms with `+Inf`.
+fn check_prometheus_text(text: &str) -> std::collections::BTreeMap<String, String> {
+    let name_ok = |n: &str| {
+        !n.is_empty()
+            && n.chars()
+                .enumerate()
+                .all(|(i, c)| c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit()))
+    };
+    let mut families = std::collections::BTreeMap::new();
+    let mut infs = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+            assert!(name_ok(name), "bad name {name}");
+            assert!(
+                ["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind),
+                "{line}"
+            );
+            assert!(
+                families.insert(name.to_owned(), kind.to_owned()).is_none(),
+                "family {name} twice"
+            );
+            continue;
+        }
+        if line.starts_with("# HELP ") || line.is_empty() {
+            continue;
+        }
+        assert!(!line.starts_with('#'), "unexpected comment in text format: {line}");
+        let (series, value) = line.rsplit_once(' ').expect("sample value");
+        assert!(
+            value.parse::<f64>().is_ok() || ["+Inf", "-Inf", "NaN"].contains(&value),
+            "{line}"
+        );
+        let (name, labels) = match series.split_once('{') {
+            Some((n, l)) => (n, Some(l.strip_suffix('}').expect("closing brace"))),
+            None => (series, None),
+        };
+        if let Some(labels) = labels {
+            for pair in labels.split("\",").filter(|p| !p.is_empty()) {
+                let (k, v) = pair
+                    .split_once("=\"")
+                    .unwrap_or_else(|| panic!("label {pair} in {line}"));
+                assert!(name_ok(k) && !k.starts_with("__"), "label name {k}");
+                assert!(!v.trim_end_matches('"').contains('\n'));
+            }
+            if labels.contains("le=\"+Inf\"") {
+                infs.insert(name.trim_end_matches("_bucket").to_owned());
+            }
+        }
+        let family = families.get(name).map(|k| (name, k)).or_else(|| {
+            ["_bucket", "_sum", "_count"].iter().find_map(|s| {
+                let base = name.strip_suffix(s)?;
+                families.get(base).filter(|k| *k == "histogram").map(|k| (base, k))
+            })
+        });
+        assert!(family.is_some(), "sample of an undeclared family: {line}");
+    }
+    for (name, kind) in &families {
+        if kind == "histogram" {
+            assert!(
+                infs.contains(name) || !text.contains(&format!("{name}_count")),
+                "{name} has no +Inf bucket"
+            );
+        }
+        if kind == "counter" {
+            assert!(name.ends_with("_total"), "counter {name} must be named with _total");
+        }
+    }
+    families
+}
+
+#[tokio::test]
+async fn one_access_log_line_per_request_and_the_request_context_reaches_the_other_service() {
+    let (poll, vote, mongo, dir) = observed_pair(&[]).await;
+    let http = reqwest::Client::new();
+    let id_of = |n: &str| format!("obs-{n}-{}", uuid::Uuid::new_v4().simple());
+    let (create, ballot, read, missing) = (id_of("create"), id_of("ballot"), id_of("read"), id_of("missing"));
+    let res = http
+        .post(format!("{}/api/polls", poll.url))
+        .header("x-request-id", &create)
+        .json(&json!({"name": "observed", "options": ["a", "b"]}))
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(res.status(), 201);
+    let created: Value = res.json().await.expect("json");
+    let (poll_id, token) = (
+        created["id"].as_str().expect("id").to_owned(),
+        created["admin_token"].as_str().expect("token").to_owned(),
+    );
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let res = http
+        .post(format!("{}/api/votes", vote.url))
+        .header("x-request-id", &ballot)
+        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+        .header("tracestate", "congo=t61rcWkgMzE")
+        .json(&json!({"poll_id": poll_id, "option": "a", "voter_id": "voter-1"}))
+        .send()
+        .await
+        .expect("vote");
+    assert_eq!(res.status(), 201);
+    let receipt: Value = res.json().await.expect("json");
+    let receipt = receipt["id"].as_str().expect("ballot id").to_owned();
+    let res = http
+        .get(format!("{}/api/polls/{poll_id}", poll.url))
+        .header("x-request-id", &read)
+        .header("authorization", format!("Bearer {token}"))
+        .send()
+        .await
+        .expect("read");
+    assert_eq!(res.status(), 200);
+    let res = http
+        .get(format!("{}/api/polls/ffffffffffffffffffffffff", poll.url))
+        .header("x-request-id", &missing)
+        .send()
+        .await
+        .expect("404");
+    assert_eq!(res.status(), 404);
+
+    // /metrics: the content type says what is encoded.
+    let res = http.get(format!("{}/metrics", vote.url)).send().await.expect("metrics");
+    assert_eq!(
+        res.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let text = res.text().await.expect("text");
+    let families = check_prometheus_text(&text);
+    for name in [
+        "http_server_request_duration_seconds",
+        "pollvote_build_info",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "pollvote_peer_request_duration_seconds",
+        "pollvote_db_operation_duration_seconds",
+        "pollvote_cache_requests_total",
+        "pollvote_ballots_total",
+    ] {
+        assert!(families.contains_key(name), "{name} missing:\n{text}");
+    }
+    assert!(
+        text.contains("pollvote_peer_request_duration_seconds_count{service=\"vote\",peer=\"poll\",route=\"/internal/polls/{id}\",outcome=\"2xx\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("cache=\"poll_catalog\",result=\"miss\"} 1"), "{text}");
+    assert!(text.contains("operation=\"cast\",outcome=\"ok\"} 1"), "{text}");
+    let res = http
+        .get(format!("{}/metrics", poll.url))
+        .header(
+            "accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+        )
+        .send()
+        .await
+        .expect("metrics");
+    assert_eq!(
+        res.headers()["content-type"],
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    let open = res.text().await.expect("text");
+    assert!(open.ends_with("# EOF\n"), "{open}");
+    assert!(open.contains("# TYPE pollvote_sse_subscribers gauge"), "{open}");
+
+    // Logs are written as they happen; give the last lines a moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let poll_log = json_lines(&poll.log);
+    let vote_log = json_lines(&vote.log);
+    for (lines, id, method, route, status) in [
+        (&poll_log, &create, "POST", "/api/polls", 201),
+        (&vote_log, &ballot, "POST", "/api/votes", 201),
+        (&poll_log, &ballot, "GET", "/internal/polls/{id}", 200),
+        (&poll_log, &read, "GET", "/api/polls/{id}", 200),
+        (&vote_log, &read, "GET", "/internal/tallies", 200),
+        (&poll_log, &missing, "GET", "/api/polls/{id}", 404),
+    ] {
+        let found = access_lines(lines, id);
+        assert_eq!(found.len(), 1, "exactly one access line for {id} {route}: {found:?}");
+        let line = found[0];
+        assert_eq!(line["level"], "INFO");
+        assert_eq!(line["method"], method);
+        assert_eq!(line["route"], route);
+        assert_eq!(line["status"], status);
+        assert!(line["latency_ms"].as_f64().is_some_and(|l| l >= 0.0), "{line}");
+        for key in ["trace_id", "span_id"] {
+            assert!(line[key].as_str().is_some_and(|t| !t.is_empty()), "{key} in {line}");
+        }
+    }
+    // The caller's trace id is kept, and travels with the request id to the other service.
+    assert_eq!(access_lines(&vote_log, &ballot)[0]["trace_id"], trace);
+    assert_eq!(access_lines(&poll_log, &ballot)[0]["trace_id"], trace);
+    assert_eq!(
+        access_lines(&poll_log, &read)[0]["trace_id"],
+        access_lines(&vote_log, &read)[0]["trace_id"]
+    );
+    assert_ne!(
+        access_lines(&poll_log, &ballot)[0]["span_id"],
+        access_lines(&vote_log, &ballot)[0]["span_id"]
+    );
+    // Every line written inside a request carries its trace and span ids.
+    for line in poll_log.iter().chain(&vote_log) {
+        if line["span"]["request_id"].is_string() {
+            assert!(line["trace_id"].is_string() && line["span_id"].is_string(), "{line}");
+        }
+    }
+    // Nothing secret in the whole run's logs.
+    let all = format!(
+        "{}{}",
+        std::fs::read_to_string(&poll.log).expect("log"),
+        std::fs::read_to_string(&vote.log).expect("log")
+    );
+    let mut secrets = vec![token.as_str(), receipt.as_str(), "mongodb://", "password", "voter-1"];
+    if let Some(uri) = mongo.as_deref() {
+        secrets.push(uri);
+    }
+    for secret in secrets {
+        assert!(!all.contains(secret), "the logs contain {secret}");
+    }
+    drop((poll, vote));
+    drop(dir);
+}
+
+/// The Jaeger the test command started (`scripts/jaeger`): its OTLP/HTTP endpoint and query URL.
+fn jaeger() -> Option<(String, String)> {
+    match std::env::var("POLLVOTE_TEST_JAEGER") {
+        Ok(v) => {
+            let (otlp, query) = v
+                .split_once(' ')
+                .expect("POLLVOTE_TEST_JAEGER=\"<otlp endpoint> <query url>\"");
+            Some((otlp.to_owned(), query.to_owned()))
+        }
+        Err(_) => {
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "CI runs the tracing test against Jaeger (scripts/test starts it: POLLVOTE_TEST_JAEGER)"
+            );
+            eprintln!("skipped: the tracing test needs Jaeger (scripts/test starts it and sets POLLVOTE_TEST_JAEGER)");
+            None
+        }
+    }
+}
+
+/// Waits for the trace `trace_id` in Jaeger until `complete` accepts it; returns its spans as
+/// (service, operation, span id, parent span ids, tags).
+async fn jaeger_trace(
+    query: &str,
+    trace_id: &str,
+    complete: impl Fn(&[(String, String, String, Vec<String>, Value)]) -> bool,
+) -> Vec<(String, String, String, Vec<String>, Value)> {
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut spans = Vec::new();
+        if let Ok(r) = http.get(format!("{query}/api/traces/{trace_id}")).send().await
+            && r.status() == 200
+        {
+            let body: Value = r.json().await.expect("jaeger json");
+            let traces = body["data"].as_array().cloned().unwrap_or_default();
+            assert!(traces.len() <= 1, "a single trace: {body}");
+            for t in &traces {
+                for s in t["spans"].as_array().expect("spans") {
+                    assert_eq!(s["traceID"], trace_id, "every span keeps the caller's trace id");
+                    let service = t["processes"][s["processID"].as_str().expect("pid")]["serviceName"]
+                        .as_str()
+                        .expect("service")
+                        .to_owned();
+                    let parents = s["references"]
+                        .as_array()
+                        .map(|r| {
+                            r.iter()
+                                .filter_map(|r| r["spanID"].as_str().map(str::to_owned))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    let tags: serde_json::Map<String, Value> = s["tags"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .map(|t| (t["key"].as_str().unwrap_or("").to_owned(), t["value"].clone()))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    spans.push((
+                        service,
+                        s["operationName"].as_str().unwrap_or("").to_owned(),
+                        s["spanID"].as_str().unwrap_or("").to_owned(),
+                        parents,
+                        Value::Object(tags),
+                    ));
+                }
+            }
+        }
+        if complete(&spans) {
+            return spans;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "trace {trace_id} incomplete in Jaeger: {spans:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn traces_follow_a_ballot_and_a_read_through_both_services() {
+    let Some((otlp, query)) = jaeger() else { return };
+    let (poll, vote, _mongo, _dir) = observed_pair(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
+        ("HOSTNAME", "api-tests".to_owned()),
+    ])
+    .await;
+    let http = reqwest::Client::new();
+    let res = http
+        .post(format!("{}/api/polls", poll.url))
+        .json(&json!({"name": "traced", "options": ["a", "b"]}))
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(res.status(), 201);
+    let poll_id = res.json::<Value>().await.expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+
+    let fresh = || uuid::Uuid::new_v4().simple().to_string();
+    let parent = "00f067aa0ba902b7";
+    // A ballot on a poll the vote service has not cached: vote → poll (definition) → storage on
+    // both sides.
+    let ballot_trace = fresh();
+    let res = http
+        .post(format!("{}/api/votes", vote.url))
+        .header("traceparent", format!("00-{ballot_trace}-{parent}-01"))
+        .json(&json!({"poll_id": poll_id, "option": "a"}))
+        .send()
+        .await
+        .expect("vote");
+    assert_eq!(res.status(), 201);
+    let has = |spans: &[(String, String, String, Vec<String>, Value)], service: &str, op: &str| {
+        spans.iter().any(|s| s.0 == service && s.1 == op)
+    };
+    let spans = jaeger_trace(&query, &ballot_trace, |s| {
+        has(s, "vote", "POST /api/votes")
+            && has(s, "vote", "GET /internal/polls/{id}")
+            && has(s, "poll", "GET /internal/polls/{id}")
+            && has(s, "poll", "get polls")
+            && has(s, "vote", "cast ballots")
+    })
+    .await;
+    let root = spans.iter().find(|s| s.1 == "POST /api/votes").expect("server span");
+    assert_eq!(root.3, vec![parent.to_owned()], "the caller's span is the parent");
+    let db = spans.iter().find(|s| s.1 == "cast ballots").expect("storage span");
+    assert_eq!(db.4["db.collection.name"], "ballots");
+    assert_eq!(db.4["db.operation.name"], "cast");
+    let client = spans
+        .iter()
+        .find(|s| s.0 == "vote" && s.1 == "GET /internal/polls/{id}")
+        .expect("client span");
+    let server = spans
+        .iter()
+        .find(|s| s.0 == "poll" && s.1 == "GET /internal/polls/{id}")
+        .expect("server span of the poll service");
+    assert_eq!(
+        server.3,
+        vec![client.2.clone()],
+        "the poll service continues the vote service's call"
+    );
+
+    // A read: poll → storage, poll → vote (tallies) → storage.
+    let read_trace = fresh();
+    let res = http
+        .get(format!("{}/api/polls/{poll_id}", poll.url))
+        .header("traceparent", format!("00-{read_trace}-{parent}-01"))
+        .send()
+        .await
+        .expect("read");
+    assert_eq!(res.status(), 200);
+    let spans = jaeger_trace(&query, &read_trace, |s| {
+        has(s, "poll", "GET /api/polls/{id}")
+            && has(s, "poll", "get polls")
+            && has(s, "poll", "GET /internal/tallies")
+            && has(s, "vote", "GET /internal/tallies")
+            && has(s, "vote", "tallies ballots")
+    })
+    .await;
+    let root = spans
+        .iter()
+        .find(|s| s.1 == "GET /api/polls/{id}")
+        .expect("server span");
+    assert_eq!(root.3, vec![parent.to_owned()]);
 }

@@ -30,6 +30,7 @@ pub struct AppState {
     pub votes: VoteClient,
     pub hub: Arc<Hub>,
     pub shutdown: tokio_util::sync::CancellationToken,
+    pub metrics: Arc<shared::metrics::Metrics>,
 }
 
 pub type St = State<Arc<AppState>>;

@@ -29,12 +29,17 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Server
     let metrics = Arc::new(Metrics::new(SERVICE));
     let source = connection_source(&config, &readiness)?;
     let keyvault = source.health.clone();
-    let store = open_poll_store(&config, &readiness, source).await?;
+    let store = shared::instrumented::poll_store(
+        open_poll_store(&config, &readiness, source).await?,
+        &config,
+        metrics.clone(),
+    );
     let peer = PeerClient::new(
         "vote service",
         &config.services.vote_url,
         Duration::from_millis(config.services.timeout_ms),
-    )?;
+    )?
+    .with_metrics(metrics.clone());
     let votes = votes::VoteClient { peer: peer.clone() };
     let hub = stream::Hub::new(store.clone(), votes.clone(), STREAM_INTERVAL, shutdown.clone());
     let state = Arc::new(api::AppState {
@@ -42,6 +47,7 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Server
         votes,
         hub,
         shutdown: shutdown.clone(),
+        metrics: metrics.clone(),
     });
     let db = store.clone();
     let database: Arc<dyn Dependency> = Arc::new(StoreHealth(move || {

@@ -248,7 +248,9 @@ pub async fn results_stream(
     };
     rx.mark_changed();
     let shutdown = s.shutdown.clone();
+    let open = OpenStream::new(&s.metrics);
     let stream = futures_util::stream::unfold(Some(rx), move |state| {
+        let _open = &open;
         let shutdown = shutdown.clone();
         async move {
             let mut rx = state?;
@@ -286,4 +288,20 @@ pub async fn results_stream(
     res.headers_mut()
         .insert(axum::http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     Ok(res)
+}
+
+/// Counts an open stream in `pollvote_sse_subscribers` for as long as it lives.
+struct OpenStream(Arc<shared::metrics::Metrics>);
+
+impl OpenStream {
+    fn new(metrics: &Arc<shared::metrics::Metrics>) -> Self {
+        metrics.sse_subscribers.inc();
+        Self(metrics.clone())
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.sse_subscribers.dec();
+    }
 }

@@ -50,7 +50,11 @@ impl VoteClient {
         if let Some(v) = viewer.filter(|_| needs_voter) {
             req = req.query(&[("voters", v.keys.join(","))]);
         }
-        let res = req.send().await.map_err(|e| self.peer.unavailable(e))?;
+        let res = self
+            .peer
+            .send("/internal/tallies", req)
+            .await
+            .map_err(|e| self.peer.unavailable(e))?;
         if !res.status().is_success() {
             return Err(self.peer.unavailable(format!("tallies answered {}", res.status())));
         }
@@ -77,7 +81,11 @@ impl VoteClient {
     /// refuses new ballots for the poll either way, since the poll is gone).
     pub async fn purge(&self, poll_id: &str) {
         let url = self.peer.url(&format!("/internal/polls/{poll_id}/ballots"));
-        match self.peer.http().delete(url).send().await {
+        match self
+            .peer
+            .send("/internal/polls/{id}/ballots", self.peer.http().delete(url))
+            .await
+        {
             Ok(r) if r.status().is_success() => {}
             Ok(r) => tracing::warn!(poll_id, status = %r.status(), "ballot purge refused"),
             Err(e) => tracing::warn!(poll_id, error = %e, "ballot purge failed"),

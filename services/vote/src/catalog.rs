@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use shared::Problem;
 use shared::internal::{PeerClient, PollDefinition};
+use shared::metrics::Metrics;
 use tokio::sync::OnceCell;
 
 type Fetched = Result<Option<Arc<PollDefinition>>, Problem>;
@@ -23,6 +24,7 @@ pub struct Catalog {
     peer: PeerClient,
     ttl: Duration,
     entries: Mutex<HashMap<String, Entry>>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 const MAX_ENTRIES: usize = 50_000;
@@ -33,7 +35,14 @@ impl Catalog {
             peer,
             ttl,
             entries: Mutex::new(HashMap::new()),
+            metrics: None,
         }
+    }
+
+    /// Counts hits and misses (`pollvote_cache_requests_total{cache="poll_catalog"}`).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The poll's definition, `None` when the poll does not exist; 503 when the poll service
@@ -44,6 +53,9 @@ impl Catalog {
             let fresh = entries
                 .get(id)
                 .filter(|e| e.fetched_at.elapsed() < self.ttl && !matches!(e.cell.get(), Some(Err(_))));
+            if let Some(m) = &self.metrics {
+                m.cache_lookup("poll_catalog", fresh.is_some());
+            }
             match fresh {
                 Some(e) => e.cell.clone(),
                 None => {
@@ -65,7 +77,7 @@ impl Catalog {
         };
         cell.get_or_init(|| async {
             self.peer
-                .get_json::<PollDefinition>(&format!("/internal/polls/{id}"))
+                .get_json::<PollDefinition>("/internal/polls/{id}", &format!("/internal/polls/{id}"))
                 .await
                 .map(|d| d.map(Arc::new))
         })

@@ -26,19 +26,25 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Server
     let metrics = Arc::new(Metrics::new(SERVICE));
     let source = connection_source(&config, &readiness)?;
     let keyvault = source.health.clone();
-    let store = open_ballot_store(&config, &readiness, source).await?;
+    let store = shared::instrumented::ballot_store(
+        open_ballot_store(&config, &readiness, source).await?,
+        &config,
+        metrics.clone(),
+    );
     let peer = PeerClient::new(
         "poll service",
         &config.services.poll_url,
         Duration::from_millis(config.services.timeout_ms),
-    )?;
+    )?
+    .with_metrics(metrics.clone());
     let outcomes = Family::<api::OutcomeLabels, Counter>::default();
     metrics.register(
-        "ballots",
+        "pollvote_ballots",
         "Ballots by outcome (accepted, replayed, duplicate, closed, rejected, unavailable)",
         outcomes.clone(),
     );
-    let catalog = catalog::Catalog::new(peer.clone(), Duration::from_millis(config.services.poll_cache_ttl_ms));
+    let catalog = catalog::Catalog::new(peer.clone(), Duration::from_millis(config.services.poll_cache_ttl_ms))
+        .with_metrics(metrics.clone());
     let state = Arc::new(api::AppState {
         store: store.clone(),
         catalog,

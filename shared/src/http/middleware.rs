@@ -16,8 +16,10 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use super::extract::ClientAddr;
 use crate::config::{ClientIpSource, ServerConfig};
-use crate::metrics::{HttpLabels, Metrics, RouteLabels};
+use crate::metrics::{HttpLabels, Metrics};
 use crate::problem::{PROBLEM_JSON, Problem};
+use crate::telemetry::{self, RequestContext};
+use tracing::Instrument as _;
 
 /// Paths that answer without the Front Door header: probes, metrics and service-to-service calls.
 pub fn is_exempt_path(path: &str) -> bool {
@@ -151,27 +153,71 @@ pub async fn rate_limit(State(limiter): State<Arc<WriteLimiter>>, req: Request, 
     next.run(req).await
 }
 
-pub async fn record_metrics(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
+/// Every request: a `request` span (a child of the caller's `traceparent`), the request's context
+/// for calls to the other service ([`crate::telemetry::REQUEST`]), the HTTP duration metric, and
+/// one INFO access log line (target `access`): method, matched route, status, latency and request
+/// id; in JSON logs also `trace_id` and `span_id`. Never the query string or any header value
+/// other than the request id.
+pub async fn observe(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = req.method().as_str().to_owned();
+    let method = req.method().clone();
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
-    let res = next.run(req).await;
-    metrics
-        .http_requests
-        .get_or_create(&HttpLabels {
-            method: method.clone(),
-            route: route.clone(),
-            status: res.status().as_u16(),
-        })
-        .inc();
+    let request_id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let span = tracing::info_span!(
+        "request",
+        otel.name = %format_args!("{method} {route}"),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = %method,
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
+        request_id = %request_id,
+    );
+    let local = if telemetry::tracing_enabled() {
+        telemetry::set_remote_parent(&span, req.headers());
+        None
+    } else {
+        Some(telemetry::local_trace(req.headers()))
+    };
+    let context = RequestContext { request_id, local };
+    let res = telemetry::REQUEST
+        .scope(context.clone(), next.run(req).instrument(span.clone()))
+        .await;
+    let status = res.status().as_u16();
+    let latency = started.elapsed();
+    span.record("http.response.status_code", status);
+    if status >= 500 {
+        span.record("otel.status_code", "ERROR");
+    }
     metrics
         .http_duration
-        .get_or_create(&RouteLabels { method, route })
-        .observe(started.elapsed().as_secs_f64());
+        .get_or_create(&HttpLabels {
+            http_request_method: method.as_str().to_owned(),
+            http_route: route.clone(),
+            http_response_status_code: status,
+        })
+        .observe(latency.as_secs_f64());
+    telemetry::REQUEST.sync_scope(context, || {
+        let _entered = span.enter();
+        tracing::info!(
+            target: "access",
+            method = %method,
+            route = %route,
+            status,
+            latency_ms = latency.as_micros() as f64 / 1000.0,
+            request_id = %telemetry::REQUEST.with(|r| r.request_id.clone()),
+            "request"
+        );
+    });
     res
 }
 

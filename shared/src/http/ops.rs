@@ -197,16 +197,20 @@ async fn deep(State(ops): State<Arc<Ops>>) -> Response {
     res
 }
 
-/// Prometheus metrics (text exposition format).
+/// Prometheus metrics: OpenMetrics 1.0 when `Accept` asks for `application/openmetrics-text`
+/// (Prometheus does), the Prometheus text format 0.0.4 otherwise.
 #[utoipa::path(get, path = "/metrics", tag = "operations", responses(
-    (status = 200, body = String, content_type = "text/plain")
+    (status = 200, content(
+        (String = "text/plain"),
+        (String = "application/openmetrics-text"),
+    ))
 ))]
-async fn metrics(State(ops): State<Arc<Ops>>) -> Response {
-    let mut res = ops.metrics.encode().into_response();
-    res.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-    );
+async fn metrics(State(ops): State<Arc<Ops>>, headers: axum::http::HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let (body, content_type) = ops.metrics.encode_for(accept);
+    let mut res = body.into_response();
+    res.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     res
 }
 

@@ -16,7 +16,6 @@ use tower_http::compression::CompressionLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::TraceLayer;
 use utoipa::openapi::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_swagger_ui::SwaggerUi;
@@ -67,28 +66,10 @@ pub fn assemble(api: OpenApiRouter, ops: Arc<Ops>, config: &Config, describe: im
         ))
         .layer(CompressionLayer::new())
         .layer(cors(&server.cors_allowed_origins))
-        .layer(axum::middleware::from_fn_with_state(
-            metrics,
-            middleware::record_metrics,
-        ))
         .layer(axum::middleware::from_fn(middleware::problem_for_errors))
         .layer(CatchPanicLayer::custom(middleware::panic_response))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(
-            TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
-                let request_id = req
-                    .headers()
-                    .get(&REQUEST_ID)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("");
-                let route = req
-                    .extensions()
-                    .get::<axum::extract::MatchedPath>()
-                    .map(|p| p.as_str().to_owned())
-                    .unwrap_or_default();
-                tracing::info_span!("request", method = %req.method(), route = %route, request_id = %request_id)
-            }),
-        )
+        .layer(axum::middleware::from_fn_with_state(metrics, middleware::observe))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
 }
 
@@ -113,6 +94,8 @@ fn cors(origins: &[String]) -> CorsLayer {
             HeaderName::from_static("idempotency-key"),
             HeaderName::from_static("x-voter-id"),
             REQUEST_ID,
+            HeaderName::from_static("traceparent"),
+            HeaderName::from_static("tracestate"),
         ])
         .expose_headers([header::LOCATION, header::LINK, header::RETRY_AFTER, REQUEST_ID])
         .max_age(Duration::from_secs(600))
