@@ -174,6 +174,10 @@ impl From<StoreError> for Problem {
                 tracing::warn!(error = %message, "database unavailable");
                 Problem::unavailable("the database is unavailable; retry later", retry_after)
             }
+            StoreError::CredentialsRejected { message } => {
+                tracing::warn!(error = %message, "the database refused the credentials");
+                Problem::unavailable("the database is unavailable; retry later", Duration::from_secs(1))
+            }
             StoreError::Internal(message) => {
                 tracing::error!(error = %message, "storage failure");
                 Problem::internal()

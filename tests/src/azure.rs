@@ -21,13 +21,20 @@ use tokio::net::TcpListener;
 /// `127.0.0.1` signed by it.
 pub struct TestCa {
     ca_pem: String,
+    server_cert_pem: String,
+    server_key_pem: String,
     server: Arc<rustls::ServerConfig>,
 }
 
 impl TestCa {
     pub fn new() -> Self {
+        Self::named("pollvote test CA")
+    }
+
+    /// A CA whose name is `common_name` (CAs with the same name are told apart by their keys only).
+    pub fn named(common_name: &str) -> Self {
         let mut ca = CertificateParams::new(Vec::<String>::new()).expect("ca params");
-        ca.distinguished_name.push(DnType::CommonName, "pollvote test CA");
+        ca.distinguished_name.push(DnType::CommonName, common_name);
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("ca key")).expect("ca cert");
@@ -46,6 +53,8 @@ impl TestCa {
         server.alpn_protocols = vec![b"http/1.1".to_vec()];
         Self {
             ca_pem: ca.pem(),
+            server_cert_pem: leaf.pem(),
+            server_key_pem: leaf_key.serialize_pem(),
             server: Arc::new(server),
         }
     }
@@ -53,6 +62,12 @@ impl TestCa {
     /// The CA certificate, PEM.
     pub fn pem(&self) -> &str {
         &self.ca_pem
+    }
+
+    /// The server certificate (`localhost`, `127.0.0.1`) and its private key (PKCS#8), PEM, for
+    /// servers of other programs (a TLS database).
+    pub fn server_pem(&self) -> (&str, &str) {
+        (&self.server_cert_pem, &self.server_key_pem)
     }
 }
 

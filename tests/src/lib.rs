@@ -16,6 +16,7 @@ use shared::config::{Config, Sources};
 use tokio_util::sync::CancellationToken;
 
 pub mod azure;
+pub mod secantusdb;
 
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {

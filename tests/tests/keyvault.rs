@@ -8,7 +8,13 @@
 //! the test CAs through `SSL_CERT_FILE`. Every service runs as a child process whose environment
 //! holds no connection string; their logs are scanned at the end for secrets and tokens.
 //!
+//! Database credentials and TLS (the tests after `key_vault_end_to_end`) run against SecantusDB
+//! instances of their own (`scripts/secantusdb start <dir> --auth | --tls-cert-file …`), killed when
+//! the test ends or fails: a right and a wrong password, a password rotated in the database and in
+//! the vault while requests flow, and TLS with a test CA and with an unrelated one.
+//!
 //! scripts/test runs this with `POLLVOTE_TEST_KEYVAULT=1`; elsewhere it is skipped with a note.
+//! Under `CI=true` a SecantusDB that cannot be provisioned fails the tests that need one.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use api_tests::azure::{FakeEntra, HttpsServer, KeyVaultDouble, TestCa};
+use api_tests::secantusdb::OwnSecantusDb;
 use api_tests::{Proc, base_config, drop_databases, free_port, wait_ready};
 use mongodb::bson::doc;
 use serde_json::{Value, json};
@@ -611,4 +618,635 @@ async fn key_vault_end_to_end() {
     for (uri, db) in databases {
         drop_databases(uri, vec![db]);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Database credentials and TLS, against SecantusDB instances of these tests' own
+// (scripts/secantusdb start <dir> --auth | --tls-…), killed when the test ends or fails.
+
+/// Whether the tests with SecantusDB instances of their own run: in scripts/test's Key Vault
+/// stage (`POLLVOTE_TEST_KEYVAULT=1`); elsewhere a visible skip.
+fn own_servers_enabled(test: &str) -> bool {
+    let on = std::env::var("POLLVOTE_TEST_KEYVAULT").as_deref() == Ok("1");
+    if !on {
+        eprintln!("skipped: {test} runs in scripts/test's Key Vault stage (POLLVOTE_TEST_KEYVAULT=1)");
+    }
+    on
+}
+
+/// A SecantusDB of the test's own, or `None` after a visible skip when it cannot be provisioned
+/// here (never under `CI=true`, where the script fails and the test with it).
+fn own_secantusdb(test: &str, args: &[&str]) -> Option<OwnSecantusDb> {
+    match OwnSecantusDb::start(args) {
+        Ok(db) => Some(db),
+        Err(why) => {
+            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "{why}");
+            eprintln!("skipped: {test}: no SecantusDB on this machine ({why})");
+            None
+        }
+    }
+}
+
+/// `mongodb://user:password@<server>/?authSource=admin` followed by `extra` (`&…` options).
+fn with_credentials(server: &OwnSecantusDb, user: &str, password: &str, extra: &str) -> String {
+    format!(
+        "mongodb://{user}:{password}@{}/?authSource=admin{extra}",
+        server.address()
+    )
+}
+
+fn password(prefix: &str) -> String {
+    format!("{prefix}{}", uuid::Uuid::new_v4().simple())
+}
+
+/// On a fresh `--auth` server: an administrator (through the localhost exception: while no user
+/// exists, a loopback client may create the first one on `admin`) and the services' user
+/// `pollvote`, `readWrite` on `database` only. Returns the administrator's client.
+async fn create_users(server: &OwnSecantusDb, admin_pw: &str, app_pw: &str, database: &str) -> mongodb::Client {
+    let anonymous = mongodb::Client::with_uri_str(&server.uri).await.expect("client");
+    anonymous
+        .database("admin")
+        .run_command(doc! {"createUser": "admin", "pwd": admin_pw, "roles": ["root"]})
+        .await
+        .expect("the first user, through the localhost exception");
+    let admin = mongodb::Client::with_uri_str(with_credentials(server, "admin", admin_pw, ""))
+        .await
+        .expect("client");
+    admin
+        .database("admin")
+        .run_command(doc! {
+            "createUser": "pollvote",
+            "pwd": app_pw,
+            "roles": [{"role": "readWrite", "db": database}],
+        })
+        .await
+        .expect("the services' user");
+    admin
+}
+
+/// Whether a client with `uri` is let in (a `ping` needs an authenticated connection under --auth).
+async fn logs_in(uri: &str) -> Result<(), String> {
+    let options = mongodb::options::ClientOptions::parse(uri)
+        .await
+        .map_err(|e| e.to_string())?;
+    let client = mongodb::Client::with_options(options).map_err(|e| e.to_string())?;
+    let result = client
+        .database("admin")
+        .run_command(doc! {"ping": 1})
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string());
+    client.shutdown().immediate(true).await;
+    result
+}
+
+/// The poll service in process on the embedded store (the vote service asks it about polls).
+struct PollService {
+    url: String,
+    shutdown: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+impl PollService {
+    async fn start(http: &reqwest::Client) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let mut config = base_config();
+        config.storage.data_dir = dir.path().to_path_buf();
+        config.server.port = port;
+        let shutdown = CancellationToken::new();
+        let poll = poll_service::build(config, shutdown.clone())
+            .await
+            .expect("poll service");
+        tokio::spawn(poll.run_until_stopped());
+        let url = format!("http://127.0.0.1:{port}");
+        wait_ready(http, &url, Duration::from_secs(20)).await;
+        Self {
+            url,
+            shutdown,
+            _dir: dir,
+        }
+    }
+
+    /// A poll with options red and green, one ballot per voter id.
+    async fn create_poll(&self, http: &reqwest::Client) -> String {
+        let created: Value = http
+            .post(format!("{}/api/polls", self.url))
+            .json(&json!({"name": "Credentials", "options": ["red", "green"], "dedupe": "voter"}))
+            .send()
+            .await
+            .expect("create poll")
+            .json()
+            .await
+            .expect("json");
+        created["id"].as_str().expect("poll id").to_owned()
+    }
+}
+
+impl Drop for PollService {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl Run {
+    fn new(poll_url: &str) -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("tempdir"),
+            logs: Vec::new(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("client"),
+            poll_url: poll_url.to_owned(),
+        }
+    }
+
+    /// The vote service's environment with the connection string itself (no Key Vault).
+    fn db_vote_env(&self, port: u16, connection_string: &str, database: &str) -> Vec<(&'static str, String)> {
+        vec![
+            ("PORT", port.to_string()),
+            ("POLL_API", self.poll_url.clone()),
+            ("MONGODB_CONNECTION_STRING", connection_string.to_owned()),
+            ("POLLVOTE__STORAGE__DATABASE", database.to_owned()),
+            ("RATE_LIMIT_PER_MINUTE", "0".to_owned()),
+            // The most verbose logs (the driver's too), for the scan at the end.
+            ("RUST_LOG", "debug".to_owned()),
+        ]
+    }
+
+    async fn ballot(&self, vote: &Proc, poll_id: &str, voter: &str) -> reqwest::Response {
+        self.http
+            .post(format!("{}/api/votes", vote.url))
+            .json(&json!({"poll_id": poll_id, "option": "green", "voter_id": voter}))
+            .send()
+            .await
+            .expect("vote")
+    }
+
+    /// `/health/deep`'s `database`.
+    async fn database_health(&self, p: &Proc) -> (u16, Value) {
+        let (status, body) = self.get(format!("{}/health/deep", p.url)).await;
+        (status, body["dependencies"]["database"].clone())
+    }
+
+    /// Asserts that no log of this run holds any of `secrets`.
+    fn assert_logs_hold_none_of(&self, secrets: &[&str]) -> usize {
+        let mut scanned = 0;
+        for path in &self.logs {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            scanned += text.len();
+            for s in secrets {
+                assert!(!text.contains(s), "{} holds a secret", path.display());
+            }
+        }
+        assert!(scanned > 0, "nothing was logged");
+        scanned
+    }
+}
+
+async fn count_in(client: &mongodb::Client, database: &str) -> u64 {
+    client
+        .database(database)
+        .collection::<mongodb::bson::Document>("ballots")
+        .count_documents(doc! {})
+        .await
+        .expect("count ballots")
+}
+
+/// Item 4: real credentials. A connection string with the right user and password serves; with a
+/// wrong password the service stays not ready saying the database refused the credentials,
+/// `/health/deep` says the same of `database`, ballots get a quick 503, and no log holds a password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_credentials_a_right_password_serves_a_wrong_one_is_not_ready_saying_why() {
+    const TEST: &str = "the database credentials test (SecantusDB --auth)";
+    if !own_servers_enabled(TEST) {
+        return;
+    }
+    let Some(server) = own_secantusdb(TEST, &["--auth", "--cache-size", "256M"]) else {
+        return;
+    };
+    let started = Instant::now();
+    let database = format!("t{}_vote", uuid::Uuid::new_v4().simple());
+    let (admin_pw, app_pw, wrong_pw) = (password("adm"), password("app"), password("wrong"));
+    let admin = create_users(&server, &admin_pw, &app_pw, &database).await;
+    let http = reqwest::Client::new();
+    let polls = PollService::start(&http).await;
+    let mut run = Run::new(&polls.url);
+    let poll_id = polls.create_poll(&run.http).await;
+
+    // The right password: ready, and the ballot is stored.
+    let right = with_credentials(&server, "pollvote", &app_pw, "");
+    let log = run.log("db-right-password");
+    let vote = Proc::start("vote", &run.db_vote_env(free_port(), &right, &database), log).await;
+    let res = run.ballot(&vote, &poll_id, "first").await;
+    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap_or_default());
+    assert_eq!(count_in(&admin, &database).await, 1, "stored in SecantusDB");
+    let (status, db) = run.database_health(&vote).await;
+    assert_eq!((status, db["status"].as_str()), (200, Some("up")), "{db}");
+    drop(vote);
+
+    // A wrong password: not ready, saying why; deep health names the database; quick 503s.
+    let wrong = with_credentials(&server, "pollvote", &wrong_pw, "");
+    let log = run.log("db-wrong-password");
+    let refused = Proc::spawn("vote", &run.db_vote_env(free_port(), &wrong, &database), log);
+    let why = run
+        .not_ready_because(
+            &refused,
+            &[
+                "database: the database refused the credentials of the connection string",
+                "Authentication failed",
+            ],
+            Duration::from_secs(20),
+        )
+        .await;
+    let (status, db) = run.database_health(&refused).await;
+    assert_eq!((status, db["status"].as_str()), (503, Some("down")), "{db}");
+    let detail = db["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("authentication failed: the database refused the credentials of the connection string"),
+        "{db}"
+    );
+    let asked = Instant::now();
+    let res = run.ballot(&refused, &poll_id, "second").await;
+    assert_eq!(res.status(), 503);
+    assert!(res.headers().contains_key("retry-after"));
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "fails fast: {:?}",
+        asked.elapsed()
+    );
+    wait_for_log(
+        &refused,
+        "the database refused the credentials: SCRAM failure",
+        Duration::from_secs(5),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (status, _) = run.get(format!("{}/readyz", refused.url)).await;
+    assert_eq!(status, 503, "stays not ready");
+    drop(refused);
+    assert_eq!(
+        count_in(&admin, &database).await,
+        1,
+        "nothing stored with the wrong password"
+    );
+
+    let scanned = run.assert_logs_hold_none_of(&[&app_pw, &wrong_pw, &admin_pw, &right, &wrong]);
+    eprintln!(
+        "credentials: right password served; wrong password not ready ({why}); {} logs ({scanned} bytes) \
+         hold no password: {:?}",
+        run.logs.len(),
+        started.elapsed()
+    );
+}
+
+/// Item 5: TLS to the database. `tls=true&tlsCAFile=<the test CA>` against SecantusDB serving a
+/// certificate that CA signed works; a CA file of another CA is refused, and readiness,
+/// `/health/deep` and the log say it is the server's certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_tls_trusts_the_test_ca_and_refuses_another_ca_saying_why() {
+    const TEST: &str = "the database TLS test (SecantusDB --tls-cert-file)";
+    if !own_servers_enabled(TEST) {
+        return;
+    }
+    let (ca, other) = (TestCa::new(), TestCa::named("another CA"));
+    let files = tempfile::tempdir().expect("tempdir");
+    let path = |name: &str| files.path().join(name).display().to_string();
+    let (cert, key) = ca.server_pem();
+    for (name, pem) in [
+        ("ca.pem", ca.pem()),
+        ("other-ca.pem", other.pem()),
+        ("server.pem", cert),
+        ("server-key.pem", key),
+    ] {
+        std::fs::write(path(name), pem).expect("write PEM");
+    }
+    let Some(server) = own_secantusdb(
+        TEST,
+        &[
+            "--tls-cert-file",
+            &path("server.pem"),
+            "--tls-key-file",
+            &path("server-key.pem"),
+            "--cache-size",
+            "256M",
+        ],
+    ) else {
+        return;
+    };
+    let started = Instant::now();
+    let tls = |ca_file: &str| format!("mongodb://{}/?tls=true&tlsCAFile={ca_file}", server.address());
+    let database = format!("t{}_vote", uuid::Uuid::new_v4().simple());
+    let trusted = tls(&path("ca.pem"));
+    logs_in(&trusted).await.expect("the test's own client over TLS");
+    // Without TLS nothing is served (the driver's plain hello goes unanswered).
+    let plain = tokio::time::timeout(Duration::from_secs(3), logs_in(&server.uri)).await;
+    assert!(!matches!(plain, Ok(Ok(()))), "the server speaks TLS only");
+    let http = reqwest::Client::new();
+    let polls = PollService::start(&http).await;
+    let mut run = Run::new(&polls.url);
+    let poll_id = polls.create_poll(&run.http).await;
+
+    // The test CA: ready, the ballot is stored.
+    let log = run.log("db-tls-trusted");
+    let vote = Proc::start("vote", &run.db_vote_env(free_port(), &trusted, &database), log).await;
+    let res = run.ballot(&vote, &poll_id, "first").await;
+    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap_or_default());
+    let client = mongodb::Client::with_uri_str(&trusted).await.expect("client");
+    assert_eq!(count_in(&client, &database).await, 1, "stored over TLS");
+    drop(vote);
+
+    // Another CA: the server's certificate is refused, and every report says so.
+    let log = run.log("db-tls-other-ca");
+    let foreign = tls(&path("other-ca.pem"));
+    let refused = Proc::spawn("vote", &run.db_vote_env(free_port(), &foreign, &database), log);
+    let needles = [
+        "TLS: the database's certificate was refused (invalid peer certificate: UnknownIssuer; \
+         is tlsCAFile the CA that signed it?)",
+    ];
+    let why = run
+        .not_ready_because(
+            &refused,
+            &["database: the database is unreachable", needles[0]],
+            Duration::from_secs(30),
+        )
+        .await;
+    let (status, db) = run.database_health(&refused).await;
+    assert_eq!((status, db["status"].as_str()), (503, Some("down")), "{db}");
+    let detail = db["detail"].as_str().unwrap_or_default();
+    assert!(needles.iter().all(|n| detail.contains(n)), "{db}");
+    let log = std::fs::read_to_string(&refused.log).unwrap_or_default();
+    let line = log
+        .lines()
+        .find(|l| l.contains("cannot open the database"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("\"level\":\"WARN\"") && needles.iter().all(|n| line.contains(n)),
+        "the refusal is logged with its reason: {line}"
+    );
+    let res = run.ballot(&refused, &poll_id, "second").await;
+    assert_eq!(res.status(), 503);
+    drop(refused);
+    assert_eq!(count_in(&client, &database).await, 1);
+    eprintln!(
+        "TLS: the test CA served; another CA not ready ({why}); logged: {line}; {:?}",
+        started.elapsed()
+    );
+}
+
+/// The service's own log lines at INFO and above (not the libraries' debug lines).
+fn notable(log: &std::path::Path) -> String {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.contains("\"level\":\"DEBUG\"") && !l.contains("\"level\":\"TRACE\""))
+        .filter(|l| !l.contains("tower_http"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// One request of the rotation test: when it was sent and answered, and how.
+#[derive(Debug)]
+struct Sent {
+    what: &'static str,
+    started: Instant,
+    ended: Instant,
+    outcome: Result<u16, String>,
+}
+
+impl Sent {
+    fn ok(&self) -> bool {
+        matches!(self.outcome, Ok(s) if (200..300).contains(&s))
+    }
+}
+
+async fn send(what: &'static str, request: reqwest::RequestBuilder) -> Sent {
+    let started = Instant::now();
+    let outcome = request
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .map_err(|e| e.to_string());
+    Sent {
+        what,
+        started,
+        ended: Instant::now(),
+        outcome,
+    }
+}
+
+/// Item 4: a password rotated in the database and in Key Vault. The vote service reads its
+/// connection string (user `pollvote`, password 1) from the Key Vault double with its workload
+/// identity, with a refresh interval far longer than the test, so only the refusal can make it
+/// read again. Ballots and reads flow continuously; the password is changed in SecantusDB
+/// (`updateUser`) and then in the vault; the service keeps its authenticated connections, so
+/// bursts of concurrent reads make its pool open new ones, which the database refuses. The service
+/// must then read the secret again, rebuild its client and run the refused calls again on it.
+///
+/// Asserted bound: every failed request was in flight at the rotation (sent before the vault held
+/// the new password, answered after the database dropped the old one); none sent later fails.
+/// Also: the refusal happened and triggered the read (logs, the vault's reads), the client was
+/// rebuilt by the same process (no restart), every acknowledged ballot is stored once, and no log
+/// holds a password, connection string, assertion or token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn database_password_rotation_is_followed_through_key_vault_without_failed_requests() {
+    const TEST: &str = "the password rotation test (SecantusDB --auth, Key Vault double)";
+    if !own_servers_enabled(TEST) {
+        return;
+    }
+    let Some(server) = own_secantusdb(TEST, &["--auth", "--cache-size", "256M"]) else {
+        return;
+    };
+    let started = Instant::now();
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let database = format!("t{suffix}_vote");
+    let (admin_pw, old_pw, new_pw) = (password("adm"), password("old"), password("new"));
+    let admin = create_users(&server, &admin_pw, &old_pw, &database).await;
+    let http = reqwest::Client::new();
+    let polls = PollService::start(&http).await;
+    let mut run = Run::new(&polls.url);
+
+    // The workload identity and the vault double, as in `key_vault_end_to_end`.
+    let ca = TestCa::new();
+    let assertion = format!("eyJhbGciOiJSUzI1NiJ9.{}.sig", uuid::Uuid::new_v4().simple());
+    let token_file = run.dir.path().join("azure-identity-token");
+    std::fs::write(&token_file, &assertion).expect("token file");
+    let entra = FakeEntra::new(&assertion);
+    let entra_server = HttpsServer::start(&ca, 0, entra.router()).await;
+    let bundle = run.dir.path().join("ca-bundle.pem");
+    std::fs::write(&bundle, ca.pem()).expect("bundle");
+    let identity = Identity {
+        entra: entra.clone(),
+        entra_server,
+        assertion: assertion.clone(),
+        token_file,
+        bundle,
+    };
+    let double = KeyVaultDouble::new(entra.clone(), API_VERSION);
+    let vault = HttpsServer::start(&ca, 0, double.router()).await;
+    let secret = format!("cosmosdb-connection-string-{}", &suffix[..8]);
+    let old = with_credentials(&server, "pollvote", &old_pw, &format!("&appName=rot-old-{suffix}"));
+    let new = with_credentials(&server, "pollvote", &new_pw, &format!("&appName=rot-new-{suffix}"));
+    double.set(&secret, &old);
+    let vault_reads = || {
+        double
+            .seen()
+            .iter()
+            .filter(|r| r.authorized && r.method == "GET")
+            .count()
+    };
+
+    let port = free_port();
+    let mut env = run.vote_env(port, &identity, &vault.url(), &secret, &database);
+    for (k, v) in &mut env {
+        if *k == "KEYVAULT_REFRESH_INTERVAL_MS" {
+            *v = "3600000".to_owned();
+        }
+    }
+    let log = run.log("rotation-vote");
+    let mut vote = Proc::start("vote", &env, log).await;
+    let ready = Instant::now();
+    let pid = vote.child.id();
+    let poll_id = polls.create_poll(&run.http).await;
+    let res = run.ballot(&vote, &poll_id, "first").await;
+    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap_or_default());
+
+    // Traffic: 4 clients casting ballots one after another, 1 reading the audit (a database read).
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..5 {
+        let (http, url, poll_id, stop) = (run.http.clone(), vote.url.clone(), poll_id.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let mut sent = Vec::new();
+            let mut n = 0;
+            while !stop.load(Ordering::SeqCst) {
+                sent.push(if c == 4 {
+                    send("audit", http.get(format!("{url}/internal/polls/{poll_id}/audit"))).await
+                } else {
+                    let ballot = json!({"poll_id": poll_id, "option": "red", "voter_id": format!("c{c}-{n}")});
+                    send("ballot", http.post(format!("{url}/api/votes")).json(&ballot)).await
+                });
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            sent
+        }));
+    }
+
+    // The refusal reads the secret again at once only past keyvault::MIN_GAP after the last read
+    // (here: at start-up).
+    let since_read = ready.elapsed();
+    tokio::time::sleep((shared::keyvault::MIN_GAP + Duration::from_millis(500)).saturating_sub(since_read)).await;
+    let reads_before = vault_reads();
+
+    // ---- The rotation: the database first, then the vault.
+    let rotation_began = Instant::now();
+    admin
+        .database("admin")
+        .run_command(doc! {"updateUser": "pollvote", "pwd": &new_pw})
+        .await
+        .expect("updateUser");
+    double.set(&secret, &new);
+    let rotation_ended = Instant::now();
+    assert!(logs_in(&old).await.is_err(), "the old password is refused now");
+    logs_in(&new).await.expect("the new password is let in");
+
+    // Bursts of concurrent reads until the service has rebuilt its client.
+    let mut bursts = Vec::new();
+    let rebuilt = loop {
+        let text = std::fs::read_to_string(&vote.log).unwrap_or_default();
+        if let Some(line) = text
+            .lines()
+            .find(|l| l.contains("\"message\":\"database connected\"") && l.contains("\"rotated\":true"))
+        {
+            break line.to_owned();
+        }
+        assert!(
+            rotation_ended.elapsed() < Duration::from_secs(30),
+            "no rebuilt client within 30 s of the rotation; log:\n{text}"
+        );
+        let burst = (0..16).map(|_| {
+            send(
+                "burst",
+                run.http.get(format!("{}/internal/polls/{poll_id}/audit", vote.url)),
+            )
+        });
+        bursts.extend(futures_util::future::join_all(burst).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let rebuilt_after = rotation_ended.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut sent = bursts;
+    for c in clients {
+        sent.extend(c.await.expect("client"));
+    }
+
+    // The bound: a request may fail only if it was in flight at the rotation.
+    let in_flight = |s: &Sent| s.started <= rotation_ended && s.ended >= rotation_began;
+    let failed: Vec<&Sent> = sent.iter().filter(|s| !s.ok()).collect();
+    let late: Vec<&&Sent> = failed.iter().filter(|s| !in_flight(s)).collect();
+    assert!(
+        late.is_empty(),
+        "{} requests sent outside the rotation failed: {late:?}; the service's log said:\n{}",
+        late.len(),
+        notable(&vote.log)
+    );
+    let at_rotation = sent.iter().filter(|s| in_flight(s)).count();
+    let after = sent.iter().filter(|s| s.started > rotation_ended).count();
+    assert!(after > 16, "requests were sent after the rotation: {after}");
+
+    // The refusal made the service read the secret again and rebuild its client, by itself.
+    let text = std::fs::read_to_string(&vote.log).unwrap_or_default();
+    for needle in [
+        "the database refused the credentials; reading the secret again",
+        "the connection string changed in Key Vault; reconnecting",
+    ] {
+        assert!(text.contains(needle), "`{needle}` not logged:\n{text}");
+    }
+    assert!(
+        vault_reads() > reads_before,
+        "the secret was read again after the rotation ({reads_before} reads before)"
+    );
+    assert!(
+        vote.child.try_wait().expect("status").is_none(),
+        "the service kept running"
+    );
+    assert_eq!(vote.child.id(), pid, "the same process");
+    let (status, db) = run.database_health(&vote).await;
+    assert_eq!((status, db["status"].as_str()), (200, Some("up")), "{db}");
+
+    // Exactly once: every acknowledged ballot is stored, once.
+    let acknowledged = sent
+        .iter()
+        .filter(|s| s.what == "ballot" && s.outcome == Ok(201))
+        .count();
+    assert_eq!(
+        count_in(&admin, &database).await,
+        acknowledged as u64 + 1,
+        "every acknowledged ballot is stored once"
+    );
+    drop(vote);
+
+    let mut secrets = vec![
+        admin_pw.as_str(),
+        old_pw.as_str(),
+        new_pw.as_str(),
+        old.as_str(),
+        new.as_str(),
+        assertion.as_str(),
+    ];
+    let issued = entra.issued();
+    secrets.extend(issued.iter().map(String::as_str));
+    let scanned = run.assert_logs_hold_none_of(&secrets);
+    eprintln!(
+        "rotation: {} requests ({after} sent after the rotation, {} bursts of 16 reads), {} failed (bound: the {at_rotation} \
+         in flight at the rotation); client rebuilt {rebuilt_after:?} after it: {rebuilt}; log ({scanned} bytes) \
+         clean; {:?}",
+        sent.len(),
+        sent.iter().filter(|s| s.what == "burst").count() / 16,
+        failed.len(),
+        started.elapsed()
+    );
 }

@@ -20,6 +20,12 @@ pub enum StoreError {
     /// `Retry-After`.
     #[error("storage unavailable: {message}")]
     Unavailable { message: String, retry_after: Duration },
+    /// The database refused the connection string's credentials (authentication failed). Answered
+    /// like `Unavailable` (503, `Retry-After`). The command was never sent (authentication comes
+    /// before it on a new connection), so a store slot may run the call again on a client rebuilt
+    /// with a rotated connection string ([`slot`]).
+    #[error("the database refused the credentials: {message}")]
+    CredentialsRejected { message: String },
     /// The stored data could not be read or written for another reason.
     #[error("storage failure: {0}")]
     Internal(String),
@@ -103,7 +109,13 @@ where
 
     async fn check(&self) -> Result<(), String> {
         (self.0)().await.map_err(|e| match e {
-            StoreError::Unavailable { .. } => "unreachable".to_owned(),
+            // Scrubbed of connection strings where they are made (`mongo::describe`).
+            StoreError::Unavailable { message, .. } => format!("unreachable: {message}"),
+            StoreError::CredentialsRejected { message } => {
+                format!(
+                    "authentication failed: the database refused the credentials of the connection string ({message})"
+                )
+            }
             StoreError::Internal(_) => "failing".to_owned(),
         })
     }
@@ -121,7 +133,8 @@ pub async fn open_poll_store(
         crate::config::Backend::Mongodb => {
             let config = config.clone();
             let rejected = source.credentials_rejected;
-            let slot = slot::connect_in_background(readiness.clone(), source.uris, move |uri| {
+            let wait = rebuild_wait(&config, &rejected);
+            let slot = slot::connect_in_background(readiness.clone(), source.uris, wait, move |uri| {
                 let mut settings = config.mongo_settings(&uri, "poll");
                 settings.on_credentials_rejected = rejected.clone();
                 async move {
@@ -150,7 +163,8 @@ pub async fn open_ballot_store(
         crate::config::Backend::Mongodb => {
             let config = config.clone();
             let rejected = source.credentials_rejected;
-            let slot = slot::connect_in_background(readiness.clone(), source.uris, move |uri| {
+            let wait = rebuild_wait(&config, &rejected);
+            let slot = slot::connect_in_background(readiness.clone(), source.uris, wait, move |uri| {
                 let mut settings = config.mongo_settings(&uri, "vote");
                 settings.on_credentials_rejected = rejected.clone();
                 async move {
@@ -166,6 +180,17 @@ pub async fn open_ballot_store(
             let store = embedded::EmbeddedBallotStore::open(&path).map_err(|e| e.to_string())?;
             Ok(Arc::new(store))
         }
+    }
+}
+
+/// How long a call the database refused for its credentials waits for a client rebuilt with a
+/// rotated connection string: the operation timeout when the refusal is heard (Key Vault reads the
+/// secret again), else not at all (the connection string cannot change).
+fn rebuild_wait(config: &crate::Config, rejected: &mongo::CredentialsRejected) -> Duration {
+    if rejected.is_heard() {
+        Duration::from_millis(config.storage.operation_timeout_ms)
+    } else {
+        Duration::ZERO
     }
 }
 

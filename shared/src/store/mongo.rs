@@ -84,7 +84,11 @@
 //! [`RetryPolicy`] with bounded exponential backoff that honours `RetryAfterMs`, within one
 //! deadline per operation; then it surfaces as [`StoreError::Unavailable`] (503 + `Retry-After`).
 //! Network, server-selection and timeout errors become `Unavailable` with `retry_after` 1 s at
-//! once (the driver already retried once where that is safe). No transactions, no change streams.
+//! once (the driver already retried once where that is safe). A refused login (a wrong or rotated
+//! password) is [`StoreError::CredentialsRejected`] (503 too), reported through
+//! [`CredentialsRejected`] so that Key Vault is read again at once. A server certificate the
+//! `tlsCAFile` does not vouch for is named first in the message (`TLS: … refused (invalid peer
+//! certificate: …)`). No transactions, no change streams.
 //! Error messages are for logs, and are scrubbed of connection strings before they leave here.
 
 use std::collections::HashMap;
@@ -309,6 +313,8 @@ pub enum Failure {
     },
     /// The database cannot be reached (network, server selection, timeouts, failover).
     Unreachable { message: String },
+    /// The database refused the credentials (a rotated or wrong password): not retried here.
+    CredentialsRejected { message: String },
     /// Anything else: a bug or bad data, not worth retrying.
     Fatal { message: String },
 }
@@ -363,6 +369,11 @@ impl CredentialsRejected {
         Self(Some(notify))
     }
 
+    /// Whether a report reaches someone (who may then change the connection string).
+    pub fn is_heard(&self) -> bool {
+        self.0.is_some()
+    }
+
     pub fn report(&self) {
         if let Some(n) = &self.0 {
             n.notify_one();
@@ -412,6 +423,7 @@ impl RetryPolicy {
                 }
             }
             Failure::Unreachable { message } => Decision::GiveUp(StoreError::unavailable(message)),
+            Failure::CredentialsRejected { message } => Decision::GiveUp(StoreError::CredentialsRejected { message }),
             Failure::Fatal { message } => Decision::GiveUp(StoreError::Internal(message)),
         }
     }
@@ -494,9 +506,19 @@ pub fn is_duplicate_key(e: &MongoError) -> bool {
         .any(|c| matches!(*c, DUPLICATE_KEY | DUPLICATE_KEY_LEGACY))
 }
 
-/// Whether the server refused the credentials (a failed handshake, or `AuthenticationFailed`, 18).
+/// Whether the server refused the credentials: a failed handshake, `AuthenticationFailed` (18), or
+/// what the driver makes of a refused handshake for the operations queued behind it (the pool is
+/// cleared, then the server is unknown until a handshake succeeds), whose cause it keeps as text
+/// only. None of these operations was sent.
 pub fn credentials_rejected(e: &MongoError) -> bool {
-    matches!(e.kind.as_ref(), ErrorKind::Authentication { .. }) || codes(e).contains(&AUTHENTICATION_FAILED)
+    let refused_before = |message: &str| message.contains("AuthenticationFailed") || message.contains("SCRAM failure");
+    match e.kind.as_ref() {
+        ErrorKind::Authentication { .. } => true,
+        ErrorKind::ConnectionPoolCleared { message, .. } | ErrorKind::ServerSelection { message, .. } => {
+            refused_before(message)
+        }
+        _ => codes(e).contains(&AUTHENTICATION_FAILED),
+    }
 }
 
 /// The error's kind and server message, without labels or the server's raw reply.
@@ -509,7 +531,21 @@ fn describe(e: &MongoError) -> String {
         ErrorKind::InsertMany(_) => format!("insert error, codes {:?}", codes(e)),
         kind => kind.to_string(),
     };
+    let text = match tls_refusal(&text) {
+        Some(reason) => format!(
+            "TLS: the database's certificate was refused ({reason}; is tlsCAFile the CA that signed it?): {text}"
+        ),
+        None => text,
+    };
     scrub(&text, "")
+}
+
+/// rustls's reason for refusing the server's certificate (`invalid peer certificate: UnknownIssuer`),
+/// which the driver buries in its topology description when no server can be selected.
+fn tls_refusal(text: &str) -> Option<&str> {
+    let from = text.find("invalid peer certificate")?;
+    let rest = &text[from..];
+    Some(rest[..rest.find([',', '}', '\n']).unwrap_or(rest.len())].trim_end())
 }
 
 /// Removes connection strings (and `secret`, when not empty) from a message.
@@ -550,16 +586,17 @@ pub fn classify(e: &MongoError) -> Failure {
         let retry_after = retry_after_hint(&message);
         return Failure::Throttled { retry_after, message };
     }
+    if credentials_rejected(e) {
+        return Failure::CredentialsRejected { message };
+    }
     let unreachable = matches!(
         e.kind.as_ref(),
         ErrorKind::Io(_)
             | ErrorKind::ConnectionPoolCleared { .. }
             | ErrorKind::ServerSelection { .. }
             | ErrorKind::DnsResolve { .. }
-            | ErrorKind::Authentication { .. }
             | ErrorKind::Shutdown
-    ) || codes.iter().any(|c| UNREACHABLE_CODES.contains(c))
-        || codes.contains(&AUTHENTICATION_FAILED);
+    ) || codes.iter().any(|c| UNREACHABLE_CODES.contains(c));
     if unreachable {
         Failure::Unreachable { message }
     } else {
@@ -1547,7 +1584,14 @@ mod tests {
         let refused = MongoError::from(ErrorKind::Command(command));
         assert!(credentials_rejected(&refused));
         let result = policy.run(|| async { Err::<(), _>(refused.clone()) }).await;
-        assert!(matches!(result, Err(StoreError::Unavailable { .. })), "{result:?}");
+        assert!(
+            matches!(result, Err(StoreError::CredentialsRejected { .. })),
+            "{result:?}"
+        );
+        let response = axum::response::IntoResponse::into_response(crate::Problem::from(result.expect_err("refused")));
+        assert_eq!(response.status(), axum::http::StatusCode::SERVICE_UNAVAILABLE);
+        assert!(response.headers().contains_key("retry-after"));
+        assert!(matches!(classify(&refused), Failure::CredentialsRejected { .. }));
         tokio::time::timeout(Duration::from_secs(1), notify.notified())
             .await
             .expect("a refused login is reported");
@@ -1613,6 +1657,31 @@ mod tests {
         assert_eq!(
             doc_outcomes(1, &Err(MongoError::from(ErrorKind::InsertMany(odd)))),
             None
+        );
+    }
+
+    #[test]
+    fn a_refused_server_certificate_is_named_up_front() {
+        let topology = "Server selection timeout: No available servers. Topology: { Type: Unknown, Servers: [ { \
+                        Address: 127.0.0.1:25617, Type: Unknown, Error: Kind: I/O error: invalid peer certificate: \
+                        UnknownIssuer, labels: {} } ] }";
+        assert_eq!(tls_refusal(topology), Some("invalid peer certificate: UnknownIssuer"));
+        assert_eq!(
+            tls_refusal("I/O error: invalid peer certificate: BadSignature"),
+            Some("invalid peer certificate: BadSignature")
+        );
+        assert_eq!(tls_refusal("I/O error: connection refused"), None);
+        let e = MongoError::from(ErrorKind::Io(std::sync::Arc::new(std::io::Error::other(
+            "invalid peer certificate: UnknownIssuer",
+        ))));
+        let Failure::Unreachable { message } = classify(&e) else {
+            panic!("a refused certificate is an unreachable database")
+        };
+        assert!(
+            message.starts_with(
+                "TLS: the database's certificate was refused (invalid peer certificate: UnknownIssuer; is tlsCAFile the CA that signed it?)"
+            ),
+            "{message}"
         );
     }
 

@@ -5,6 +5,13 @@
 //! slot. When the connection string changes (Key Vault rotation), a new client and store are built
 //! and swapped in; requests already running keep the old store (`Arc`) until they finish, so none
 //! is dropped. If the new one cannot connect, the old one keeps serving.
+//!
+//! A rotated password: the old client keeps its authenticated connections, and the first new
+//! connection it opens is refused ([`StoreError::CredentialsRejected`]), which is reported to Key
+//! Vault's reader (the secret is read again at once, see [`crate::keyvault`]). A call refused so
+//! waits (up to the slot's `rebuild_wait`) for the client rebuilt from the new secret and runs
+//! once more on it: the refused command was never sent (authentication precedes it), so running
+//! it again is safe, and callers see no failure from a rotation.
 
 use std::future::Future;
 use std::sync::{Arc, RwLock};
@@ -22,18 +29,45 @@ const WHAT: &str = "database";
 
 pub struct Slot<T: ?Sized> {
     current: RwLock<Option<Arc<T>>>,
+    /// Why the last attempt to open a store failed, while none is set (calls and `/health/deep`
+    /// report it).
+    last_error: RwLock<Option<StoreError>>,
+    /// Counts the stores set; a refused call waits on it for the next one.
+    generation: watch::Sender<u64>,
+    /// How long a call refused for its credentials waits for a rebuilt store (zero when the
+    /// connection string cannot change).
+    rebuild_wait: Duration,
 }
 
 impl<T: ?Sized> Slot<T> {
     pub fn empty() -> Self {
+        Self::with_rebuild_wait(Duration::ZERO)
+    }
+
+    /// An empty slot whose refused calls wait up to `rebuild_wait` for a rebuilt store.
+    pub fn with_rebuild_wait(rebuild_wait: Duration) -> Self {
         Self {
             current: RwLock::new(None),
+            last_error: RwLock::new(None),
+            generation: watch::Sender::new(0),
+            rebuild_wait,
         }
     }
 
     pub fn set(&self, store: Arc<T>) {
         if let Ok(mut c) = self.current.write() {
             *c = Some(store);
+        }
+        if let Ok(mut e) = self.last_error.write() {
+            *e = None;
+        }
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Records why the store cannot be opened (shown while the slot is empty).
+    pub fn set_error(&self, error: StoreError) {
+        if let Ok(mut e) = self.last_error.write() {
+            *e = Some(error);
         }
     }
 
@@ -42,19 +76,62 @@ impl<T: ?Sized> Slot<T> {
     }
 
     fn get(&self) -> StoreResult<Arc<T>> {
-        self.current
-            .read()
-            .ok()
-            .and_then(|c| c.clone())
-            .ok_or_else(|| StoreError::unavailable("not connected to the database yet"))
+        self.current.read().ok().and_then(|c| c.clone()).ok_or_else(|| {
+            self.last_error
+                .read()
+                .ok()
+                .and_then(|e| e.clone())
+                .unwrap_or_else(|| StoreError::unavailable("not connected to the database yet"))
+        })
+    }
+
+    /// The store set after `old`, waiting up to `wait` for one.
+    async fn replacement(&self, old: &Arc<T>, wait: Duration) -> Option<Arc<T>> {
+        let mut generations = self.generation.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Ok(Some(current)) = self.get().map(Some)
+                && !std::ptr::addr_eq(Arc::as_ptr(&current), Arc::as_ptr(old))
+            {
+                return Some(current);
+            }
+            match tokio::time::timeout_at(deadline, generations.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return None,
+            }
+        }
+    }
+
+    /// Runs `op` on the current store; when the database refused its credentials, once more on
+    /// the store rebuilt after it (see the module docs).
+    async fn call<R, F, Fut>(&self, op: F) -> StoreResult<R>
+    where
+        F: Fn(Arc<T>) -> Fut,
+        Fut: Future<Output = StoreResult<R>>,
+    {
+        let store = self.get()?;
+        let result = op(store.clone()).await;
+        if !matches!(result, Err(StoreError::CredentialsRejected { .. })) {
+            return result;
+        }
+        match self.replacement(&store, self.rebuild_wait).await {
+            Some(rebuilt) => {
+                tracing::debug!("the database refused the credentials; running the call again on the rebuilt client");
+                op(rebuilt).await
+            }
+            None => result,
+        }
     }
 }
 
 /// Starts the task that (re)builds the store for every connection string `uris` yields, retrying
-/// with backoff while the database is unreachable. Returns the slot the task fills.
+/// with backoff while the database is unreachable. Returns the slot the task fills; its calls
+/// refused for their credentials wait up to `rebuild_wait` for a rebuilt store (zero when the
+/// connection string cannot change).
 pub fn connect_in_background<T, F, Fut>(
     readiness: Arc<Readiness>,
     mut uris: watch::Receiver<Option<Secret>>,
+    rebuild_wait: Duration,
     open: F,
 ) -> Arc<Slot<T>>
 where
@@ -63,7 +140,7 @@ where
     F: Fn(Secret) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = StoreResult<Arc<T>>> + Send,
 {
-    let slot = Arc::new(Slot::<T>::empty());
+    let slot = Arc::new(Slot::<T>::with_rebuild_wait(rebuild_wait));
     readiness.wait_for(WHAT, "connecting");
     let filled = slot.clone();
     tokio::spawn(async move {
@@ -81,12 +158,19 @@ where
                             break;
                         }
                         Err(e) => {
+                            // Messages are scrubbed of connection strings where they are made.
                             let why = match &e {
-                                StoreError::Unavailable { .. } => "the database is unreachable".to_owned(),
+                                StoreError::Unavailable { message, .. } => {
+                                    format!("the database is unreachable: {message}")
+                                }
+                                StoreError::CredentialsRejected { message } => {
+                                    format!("the database refused the credentials of the connection string ({message})")
+                                }
                                 StoreError::Internal(m) => m.clone(),
                             };
                             tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot open the database");
                             if !filled.is_set() {
+                                filled.set_error(e);
                                 readiness.wait_for(WHAT, why);
                             }
                             tokio::select! {
@@ -117,50 +201,226 @@ where
 #[async_trait]
 impl PollStore for Slot<dyn PollStore> {
     async fn create(&self, poll: &PollRecord) -> StoreResult<()> {
-        self.get()?.create(poll).await
+        self.call(|s| async move { s.create(poll).await }).await
     }
     async fn get(&self, id: &str) -> StoreResult<Option<PollRecord>> {
-        Slot::get(self)?.get(id).await
+        self.call(|s| async move { s.get(id).await }).await
     }
     async fn list(&self, query: &PollQuery) -> StoreResult<Vec<PollRecord>> {
-        self.get()?.list(query).await
+        self.call(|s| async move { s.list(query).await }).await
     }
     async fn replace(&self, poll: &PollRecord, expected_revision: u64) -> StoreResult<bool> {
-        self.get()?.replace(poll, expected_revision).await
+        self.call(|s| async move { s.replace(poll, expected_revision).await })
+            .await
     }
     async fn delete(&self, id: &str) -> StoreResult<bool> {
-        self.get()?.delete(id).await
+        self.call(|s| async move { s.delete(id).await }).await
     }
     async fn ping(&self) -> StoreResult<()> {
-        self.get()?.ping().await
+        self.call(|s| async move { s.ping().await }).await
     }
 }
 
 #[async_trait]
 impl BallotStore for Slot<dyn BallotStore> {
     async fn cast(&self, ballot: BallotRecord) -> StoreResult<CastOutcome> {
-        self.get()?.cast(ballot).await
+        // A ballot's identity is its `_id`: casting it again is safe in any case.
+        self.call(|s| {
+            let ballot = ballot.clone();
+            async move { s.cast(ballot).await }
+        })
+        .await
     }
     async fn tally(&self, poll_id: &str) -> StoreResult<Tally> {
-        self.get()?.tally(poll_id).await
+        self.call(|s| async move { s.tally(poll_id).await }).await
     }
     async fn tallies(&self, poll_ids: &[String]) -> StoreResult<Vec<Tally>> {
-        self.get()?.tallies(poll_ids).await
+        self.call(|s| async move { s.tallies(poll_ids).await }).await
     }
     async fn has_voted(&self, poll_id: &str, voter: &str, keyed_by_voter: bool) -> StoreResult<bool> {
-        self.get()?.has_voted(poll_id, voter, keyed_by_voter).await
+        self.call(|s| async move { s.has_voted(poll_id, voter, keyed_by_voter).await })
+            .await
     }
     async fn recount(&self, poll_id: &str) -> StoreResult<Tally> {
-        self.get()?.recount(poll_id).await
+        self.call(|s| async move { s.recount(poll_id).await }).await
     }
 
     async fn recount_many(&self, poll_ids: &[String]) -> StoreResult<Vec<Tally>> {
-        self.get()?.recount_many(poll_ids).await
+        self.call(|s| async move { s.recount_many(poll_ids).await }).await
     }
     async fn purge(&self, poll_id: &str) -> StoreResult<u64> {
-        self.get()?.purge(poll_id).await
+        self.call(|s| async move { s.purge(poll_id).await }).await
     }
     async fn ping(&self) -> StoreResult<()> {
-        self.get()?.ping().await
+        self.call(|s| async move { s.ping().await }).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// A poll store whose `ping` answers `answer`, counting calls.
+    struct Fake {
+        answer: fn() -> StoreResult<()>,
+        calls: AtomicUsize,
+    }
+
+    impl Fake {
+        fn new(answer: fn() -> StoreResult<()>) -> Arc<Self> {
+            Arc::new(Self {
+                answer,
+                calls: AtomicUsize::new(0),
+            })
+        }
+        fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+    }
+
+    fn refused() -> StoreResult<()> {
+        Err(StoreError::CredentialsRejected {
+            message: "SCRAM failure: Authentication failed.".into(),
+        })
+    }
+
+    fn fine() -> StoreResult<()> {
+        Ok(())
+    }
+
+    fn unreachable() -> StoreResult<()> {
+        Err(StoreError::unavailable("connection refused"))
+    }
+
+    fn unused<T>() -> StoreResult<T> {
+        Err(StoreError::Internal("unused".into()))
+    }
+
+    #[async_trait]
+    impl PollStore for Fake {
+        async fn create(&self, _: &PollRecord) -> StoreResult<()> {
+            unused()
+        }
+        async fn get(&self, _: &str) -> StoreResult<Option<PollRecord>> {
+            unused()
+        }
+        async fn list(&self, _: &PollQuery) -> StoreResult<Vec<PollRecord>> {
+            unused()
+        }
+        async fn replace(&self, _: &PollRecord, _: u64) -> StoreResult<bool> {
+            unused()
+        }
+        async fn delete(&self, _: &str) -> StoreResult<bool> {
+            unused()
+        }
+        async fn ping(&self) -> StoreResult<()> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            (self.answer)()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_refused_for_its_credentials_runs_again_on_the_rebuilt_store() {
+        let slot: Arc<Slot<dyn PollStore>> = Arc::new(Slot::with_rebuild_wait(Duration::from_secs(5)));
+        let (old, rebuilt) = (Fake::new(refused), Fake::new(fine));
+        slot.set(old.clone());
+        let call = tokio::spawn({
+            let slot = slot.clone();
+            async move { slot.ping().await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!call.is_finished(), "waits for the rebuilt store");
+        slot.set(rebuilt.clone());
+        assert!(call.await.expect("join").is_ok(), "ran again on the rebuilt store");
+        assert_eq!((old.calls(), rebuilt.calls()), (1, 1));
+
+        // Refused by a store replaced while the call ran: at once on the current one.
+        let current = Fake::new(fine);
+        let first = std::sync::atomic::AtomicBool::new(true);
+        let started = tokio::time::Instant::now();
+        let result = slot
+            .call(|s| {
+                let replace = first.swap(false, Ordering::SeqCst).then(|| current.clone());
+                let slot = &slot;
+                async move {
+                    match replace {
+                        Some(current) => {
+                            slot.set(current);
+                            refused()
+                        }
+                        None => s.ping().await,
+                    }
+                }
+            })
+            .await;
+        assert!(result.is_ok(), "{result:?}");
+        assert_eq!((started.elapsed(), current.calls()), (Duration::ZERO, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_without_a_rebuild_is_returned_after_the_wait_and_other_errors_at_once() {
+        let slot: Slot<dyn PollStore> = Slot::with_rebuild_wait(Duration::from_secs(5));
+        let old = Fake::new(refused);
+        slot.set(old.clone());
+        let started = tokio::time::Instant::now();
+        let result = slot.ping().await;
+        assert!(
+            matches!(result, Err(StoreError::CredentialsRejected { .. })),
+            "{result:?}"
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        assert_eq!(old.calls(), 1, "not run again on the same store");
+
+        // A connection string that cannot change: no wait at all.
+        let fixed: Slot<dyn PollStore> = Slot::empty();
+        fixed.set(Fake::new(refused));
+        let started = tokio::time::Instant::now();
+        assert!(fixed.ping().await.is_err());
+        assert_eq!(started.elapsed(), Duration::ZERO);
+
+        // Other failures (an outage) are answered at once and never run again.
+        let down = Fake::new(unreachable);
+        slot.set(down.clone());
+        let started = tokio::time::Instant::now();
+        assert!(matches!(slot.ping().await, Err(StoreError::Unavailable { .. })));
+        assert_eq!((started.elapsed(), down.calls()), (Duration::ZERO, 1));
+    }
+
+    #[tokio::test]
+    async fn while_empty_calls_and_readiness_say_why_the_store_cannot_be_opened() {
+        let readiness = Arc::new(Readiness::default());
+        readiness.set_initialised();
+        let (tx, rx) = watch::channel(Some(Secret::new("mongodb://app:hunter2@db/")));
+        let slot: Arc<Slot<dyn PollStore>> =
+            connect_in_background(readiness.clone(), rx, Duration::ZERO, |_uri| async {
+                refused().map(|()| unreachable_store())
+            });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let why = loop {
+            match readiness.state() {
+                Err(why) if why.contains("refused") => break why,
+                _ if tokio::time::Instant::now() > deadline => panic!("no reason: {:?}", readiness.state()),
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        };
+        assert!(
+            why.contains(
+                "database: the database refused the credentials of the connection string (SCRAM failure: Authentication failed.)"
+            ),
+            "{why}"
+        );
+        assert!(!why.contains("hunter2"), "{why}");
+        let result = slot.ping().await;
+        assert!(
+            matches!(result, Err(StoreError::CredentialsRejected { .. })),
+            "{result:?}"
+        );
+        drop(tx);
+    }
+
+    fn unreachable_store() -> Arc<dyn PollStore> {
+        Fake::new(unreachable)
     }
 }
