@@ -232,7 +232,7 @@ def test_every_pod_has_dns_egress(overlay) -> None:
 
 @pytest.mark.parametrize("service", dl.SERVICES)
 def test_service_ingress_sources(overlay, service: str) -> None:
-    """On 8080: the other service and the ingress controller, nobody else."""
+    """On 8080: the other service and the ingress controller (and in AKS the metrics scraper), nobody else."""
     labels = dl.pod_labels(overlay.deployment(service))
     peer = "vote" if service == "poll" else "poll"
     sources = []
@@ -251,6 +251,12 @@ def test_service_ingress_sources(overlay, service: str) -> None:
             }
         ]
     else:
+        scraper = {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"rsName": "ama-metrics"}},
+        }
+        assert scraper in others, "Azure Managed Prometheus scrapes /metrics"
+        others = [s for s in others if s != scraper]
         assert len(others) == 1 and "ipBlock" in others[0], "only the Application Gateway subnet"
         cidr = others[0]["ipBlock"]["cidr"]
         assert re.fullmatch(r"\d+\.\d+\.\d+\.\d+/\d+", cidr) and not cidr.startswith("0.0.0.0"), cidr

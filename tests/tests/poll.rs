@@ -1484,6 +1484,26 @@ async fn one_access_log_line_per_request_and_the_request_context_reaches_the_oth
     let open = res.text().await.expect("text");
     assert!(open.ends_with("# EOF\n"), "{open}");
     assert!(open.contains("# TYPE pollvote_sse_subscribers gauge"), "{open}");
+    let poll_text = http
+        .get(format!("{}/metrics", poll.url))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let mut exposed = check_prometheus_text(&poll_text);
+    exposed.extend(families);
+    if let Some(promtool) = promtool() {
+        for (service, text) in [("vote", &text), ("poll", &poll_text)] {
+            let out = run_with_stdin(&promtool, &["check", "metrics"], text);
+            assert!(
+                out.status.success(),
+                "promtool check metrics on the {service} service: {out:?}\n{text}"
+            );
+        }
+    }
+    check_dashboard(&exposed);
 
     // Logs are written as they happen; give the last lines a moment.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1541,6 +1561,182 @@ async fn one_access_log_line_per_request_and_the_request_context_reaches_the_oth
     }
     drop((poll, vote));
     drop(dir);
+}
+
+/// promtool (`scripts/promtool build`, given by the test command as POLLVOTE_TEST_PROMTOOL).
+fn promtool() -> Option<String> {
+    match std::env::var("POLLVOTE_TEST_PROMTOOL") {
+        Ok(p) => Some(p),
+        Err(_) => {
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "CI checks /metrics and the dashboard with promtool (scripts/test sets POLLVOTE_TEST_PROMTOOL)"
+            );
+            eprintln!("skipped: promtool checks (scripts/test builds promtool and sets POLLVOTE_TEST_PROMTOOL)");
+            None
+        }
+    }
+}
+
+fn run_with_stdin(program: &str, args: &[&str], input: &str) -> std::process::Output {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write");
+    child.wait_with_output().expect("output")
+}
+
+/// The series names a PromQL expression reads (functions, keywords, label matchers, grouping
+/// labels, strings and durations left out).
+fn promql_series(expr: &str) -> Vec<String> {
+    let mut text = String::new();
+    let (mut in_str, mut in_braces) = (false, false);
+    for c in expr.chars() {
+        match c {
+            '"' if !in_braces => in_str = !in_str,
+            '{' if !in_str => in_braces = true,
+            '}' if !in_str => in_braces = false,
+            _ if in_str || in_braces => {}
+            '[' => in_braces = true,
+            ']' => in_braces = false,
+            c => text.push(c),
+        }
+    }
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    let mut skip_group = false;
+    while i < chars.len() {
+        let c = chars[i];
+        if c.is_ascii_alphabetic() || c == '_' || c == ':' || c == '$' {
+            let start = i;
+            while i < chars.len()
+                && (chars[i].is_ascii_alphanumeric() || chars[i] == '_' || chars[i] == ':' || chars[i] == '$')
+            {
+                i += 1;
+            }
+            let word: String = chars[start..i].iter().collect();
+            let next = chars[i..].iter().find(|c| !c.is_whitespace()).copied();
+            if ["by", "without", "on", "ignoring", "group_left", "group_right"].contains(&word.as_str()) {
+                skip_group = true;
+                continue;
+            }
+            if next == Some('(')
+                || word.starts_with('$')
+                || [
+                    "and",
+                    "or",
+                    "unless",
+                    "bool",
+                    "offset",
+                    "sum",
+                    "min",
+                    "max",
+                    "avg",
+                    "count",
+                    "group",
+                    "stddev",
+                    "stdvar",
+                    "topk",
+                    "bottomk",
+                    "quantile",
+                    "count_values",
+                ]
+                .contains(&word.as_str())
+            {
+                continue;
+            }
+            out.push(word);
+            continue;
+        }
+        if c == '(' && skip_group {
+            while i < chars.len() && chars[i] != ')' {
+                i += 1;
+            }
+            skip_group = false;
+        }
+        i += 1;
+    }
+    out
+}
+
+/// The Grafana dashboard (deploy/grafana/pollvote.json) queries only series the services expose,
+/// and each query is valid PromQL (promtool check rules, when promtool is there).
+fn check_dashboard(exposed: &std::collections::BTreeMap<String, String>) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let path = root.join("deploy/grafana/pollvote.json");
+    let dashboard: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("dashboard")).expect("dashboard JSON");
+    let mut names = std::collections::BTreeSet::new();
+    for (family, kind) in exposed {
+        names.insert(family.clone());
+        if kind == "histogram" {
+            for suffix in ["_bucket", "_sum", "_count"] {
+                names.insert(format!("{family}{suffix}"));
+            }
+        }
+    }
+    let mut exprs = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            exprs.push(target["expr"].as_str().expect("expr").to_owned());
+        }
+    }
+    assert!(exprs.len() >= 10, "the dashboard has its queries");
+    for expr in &exprs {
+        let series = promql_series(expr);
+        assert!(!series.is_empty(), "no series in {expr}");
+        for s in series {
+            assert!(
+                names.contains(&s),
+                "the dashboard reads {s}, which no service exposes: {expr}"
+            );
+        }
+    }
+    for var in dashboard["templating"]["list"].as_array().expect("templating") {
+        if let Some(q) = var["definition"].as_str() {
+            let metric = q
+                .trim_start_matches("label_values(")
+                .split(',')
+                .next()
+                .unwrap_or("")
+                .trim();
+            assert!(names.contains(metric), "variable {} reads {metric}", var["name"]);
+        }
+    }
+    if let Some(promtool) = promtool() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+        for (i, expr) in exprs.iter().enumerate() {
+            let expr = expr.replace("$__rate_interval", "5m").replace("$service", ".*");
+            rules.push_str(&format!(
+                "      - record: dashboard:query{i}\n        expr: {}\n",
+                serde_json::to_string(&expr).expect("quoted")
+            ));
+        }
+        let file = dir.path().join("dashboard-rules.yml");
+        std::fs::write(&file, &rules).expect("rules");
+        let out = std::process::Command::new(&promtool)
+            .args(["check", "rules"])
+            .arg(&file)
+            .output()
+            .expect("promtool");
+        assert!(
+            out.status.success(),
+            "promtool check rules on the dashboard's queries: {out:?}\n{rules}"
+        );
+    }
 }
 
 /// The Jaeger the test command started (`scripts/jaeger`): its OTLP/HTTP endpoint and query URL.
