@@ -393,7 +393,19 @@ impl Task {
 
     /// One read, checked, with its outcome recorded for `/health/deep`.
     async fn read(&self) -> Result<Secret, String> {
-        let result = self.reader.read().await.and_then(|value| {
+        let span = if crate::telemetry::tracing_enabled() {
+            tracing::info_span!(
+                "keyvault",
+                otel.name = "Key Vault GetSecret",
+                otel.kind = "client",
+                otel.status_code = tracing::field::Empty,
+                az.namespace = "Microsoft.KeyVault",
+            )
+        } else {
+            tracing::Span::none()
+        };
+        let read = tracing::Instrument::instrument(self.reader.read(), span.clone()).await;
+        let result = read.and_then(|value| {
             let value = Secret::new(value.expose().trim());
             let uri = value.expose();
             if uri.starts_with("mongodb://") || uri.starts_with("mongodb+srv://") {
@@ -406,6 +418,10 @@ impl Task {
         if let Ok(mut s) = self.state.lock() {
             s.loaded |= result.is_ok();
             s.error = result.as_ref().err().cloned();
+        }
+        crate::metrics::keyvault().read(result.is_ok());
+        if result.is_err() {
+            span.record("otel.status_code", "ERROR");
         }
         result
     }

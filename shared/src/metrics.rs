@@ -59,6 +59,95 @@ struct BuildLabels {
     rustc: &'static str,
 }
 
+/// Storage internals that run outside any app's reach (the MongoDB retry policy, the group-commit
+/// writers): one set per process, registered in every app's registry (tests that run several apps
+/// in one process see their sum).
+pub struct StorageMetrics {
+    /// Answers "throttled" (Cosmos DB 16500) from the database.
+    pub throttled: Counter,
+    /// Storage calls sent again after a throttled answer.
+    pub retries: Counter,
+    /// Ballots per group-commit batch (one redb transaction, or one MongoDB `insertMany`).
+    pub batch_size: Histogram,
+}
+
+/// The process's [`StorageMetrics`].
+pub fn storage() -> &'static StorageMetrics {
+    static STORAGE: std::sync::OnceLock<StorageMetrics> = std::sync::OnceLock::new();
+    STORAGE.get_or_init(|| StorageMetrics {
+        throttled: Counter::default(),
+        retries: Counter::default(),
+        batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+    })
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+/// Key Vault reads of the connection string (at start and every refresh): one set per process,
+/// registered in every app's registry.
+pub struct KeyVaultMetrics {
+    /// Reads by outcome (`ok`, `error`).
+    pub reads: Family<OutcomeLabel, Counter>,
+    /// When a read last succeeded (Unix seconds; 0 before the first).
+    pub last_success: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+/// The process's [`KeyVaultMetrics`].
+pub fn keyvault() -> &'static KeyVaultMetrics {
+    static KEYVAULT: std::sync::OnceLock<KeyVaultMetrics> = std::sync::OnceLock::new();
+    KEYVAULT.get_or_init(|| {
+        let reads = Family::<OutcomeLabel, Counter>::default();
+        // Both series exist from the start (at 0), so that rates and alerts see the first failure.
+        for outcome in ["ok", "error"] {
+            let _ = reads.get_or_create(&OutcomeLabel { outcome });
+        }
+        KeyVaultMetrics {
+            reads,
+            last_success: Gauge::default(),
+        }
+    })
+}
+
+impl KeyVaultMetrics {
+    /// Counts one read of the secret.
+    pub fn read(&self, ok: bool) {
+        let outcome = if ok { "ok" } else { "error" };
+        self.reads.get_or_create(&OutcomeLabel { outcome }).inc();
+        if ok {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0);
+            self.last_success.set(now);
+        }
+    }
+}
+
+/// A span for one group-commit batch of `size` ballots, child of the first ballot's request span
+/// and linked to the others' (tracing on; a disabled span otherwise).
+pub fn batch_span(system: &'static str, operation: &'static str, spans: &[&tracing::Span]) -> tracing::Span {
+    let Some(first) = spans.first().filter(|_| crate::telemetry::tracing_enabled()) else {
+        return tracing::Span::none();
+    };
+    let span = tracing::info_span!(
+        parent: *first,
+        "batch",
+        otel.name = %format_args!("{operation} ballots"),
+        otel.kind = "client",
+        db.system.name = system,
+        db.collection.name = "ballots",
+        db.operation.name = operation,
+        db.operation.batch.size = spans.len(),
+    );
+    for other in &spans[1..] {
+        span.follows_from(*other);
+    }
+    span
+}
+
 fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
 }
@@ -116,6 +205,33 @@ impl Metrics {
             })
             .set(1);
         registry.register("pollvote_build_info", "Always 1; the build's version", build);
+        let st = storage();
+        registry.register(
+            "pollvote_db_throttled",
+            "Throttled answers (Cosmos DB 16500) from the database, in this process",
+            st.throttled.clone(),
+        );
+        registry.register(
+            "pollvote_db_retries",
+            "Storage calls sent again after a throttled answer, in this process",
+            st.retries.clone(),
+        );
+        registry.register(
+            "pollvote_db_write_batch_size",
+            "Ballots per group-commit batch (one redb transaction or one insertMany), in this process",
+            st.batch_size.clone(),
+        );
+        let kv = keyvault();
+        registry.register(
+            "pollvote_keyvault_reads",
+            "Key Vault reads of the connection string by outcome (ok, error), in this process",
+            kv.reads.clone(),
+        );
+        registry.register(
+            "pollvote_keyvault_last_success_timestamp_seconds",
+            "When a Key Vault read last succeeded (Unix time; 0 before the first), in this process",
+            kv.last_success.clone(),
+        );
         registry.register_collector(Box::new(ProcessCollector::new()));
         Self {
             registry: Mutex::new(registry),

@@ -1459,6 +1459,11 @@ async fn one_access_log_line_per_request_and_the_request_context_reaches_the_oth
         "pollvote_db_operation_duration_seconds",
         "pollvote_cache_requests_total",
         "pollvote_ballots_total",
+        "pollvote_db_write_batch_size",
+        "pollvote_db_throttled_total",
+        "pollvote_db_retries_total",
+        "pollvote_keyvault_reads_total",
+        "pollvote_keyvault_last_success_timestamp_seconds",
     ] {
         assert!(families.contains_key(name), "{name} missing:\n{text}");
     }
@@ -1865,8 +1870,26 @@ async fn traces_follow_a_ballot_and_a_read_through_both_services() {
             && has(s, "poll", "GET /internal/polls/{id}")
             && has(s, "poll", "get polls")
             && has(s, "vote", "cast ballots")
+            && s.iter()
+                .any(|x| x.0 == "vote" && x.4.get("db.operation.batch.size").is_some())
     })
     .await;
+    let cast = spans.iter().find(|s| s.1 == "cast ballots").expect("cast span");
+    let batch = spans
+        .iter()
+        .find(|s| s.4.get("db.operation.batch.size").is_some())
+        .expect("group-commit batch span");
+    assert!(
+        ["commit ballots", "insertMany ballots"].contains(&batch.1.as_str()),
+        "{batch:?}"
+    );
+    assert_eq!(
+        batch.3,
+        vec![cast.2.clone()],
+        "the batch is a child of the ballot's storage call"
+    );
+    let size = &batch.4["db.operation.batch.size"];
+    assert!(size == 1 || size == "1", "one ballot in its batch: {size}");
     let root = spans.iter().find(|s| s.1 == "POST /api/votes").expect("server span");
     assert_eq!(root.3, vec![parent.to_owned()], "the caller's span is the parent");
     let db = spans.iter().find(|s| s.1 == "cast ballots").expect("storage span");

@@ -218,6 +218,8 @@ struct CastJob {
     /// goes through, one at a time) does not spend its time on it.
     doc: Vec<u8>,
     reply: oneshot::Sender<StoreResult<CastOutcome>>,
+    /// The caller's span: its batch's span is a child of (or linked to) it.
+    span: tracing::Span,
 }
 
 /// What happened to one ballot of a committed batch.
@@ -263,7 +265,11 @@ fn writer(db: Arc<Database>, mut rx: mpsc::Receiver<CastJob>) {
                 Err(_) => break,
             }
         }
-        match apply_batch(&db, &batch) {
+        crate::metrics::storage().batch_size.observe(batch.len() as f64);
+        let span = crate::metrics::batch_span("redb", "commit", &batch.iter().map(|j| &j.span).collect::<Vec<_>>());
+        let committed = span.in_scope(|| apply_batch(&db, &batch));
+        drop(span);
+        match committed {
             Ok(applied) => {
                 for (job, applied) in batch.drain(..).zip(applied) {
                     let outcome = match applied {
@@ -357,7 +363,12 @@ impl BallotStore for EmbeddedBallotStore {
         let doc = serde_json::to_vec(&ballot).map_err(internal)?;
         let (reply, rx) = oneshot::channel();
         self.jobs
-            .send(CastJob { ballot, doc, reply })
+            .send(CastJob {
+                ballot,
+                doc,
+                reply,
+                span: tracing::Span::current(),
+            })
             .await
             .map_err(|_| StoreError::unavailable("ballot writer stopped"))?;
         rx.await.map_err(|_| StoreError::unavailable("ballot writer stopped"))?

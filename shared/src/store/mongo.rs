@@ -465,8 +465,12 @@ impl RetryPolicy {
                     message: format!("database call timed out after {} ms", self.deadline.as_millis()),
                 },
             };
+            if matches!(failure, Failure::Throttled { .. }) {
+                crate::metrics::storage().throttled.inc();
+            }
             match self.decide(failure, retries, elapsed(slept)) {
                 Decision::Retry(delay) => {
+                    crate::metrics::storage().retries.inc();
                     tracing::debug!(
                         retry = retries + 1,
                         delay_ms = delay.as_millis() as u64,
@@ -1068,6 +1072,7 @@ impl MongoBallotStore {
             poll_id: ballot.poll_id.clone(),
             choices: ballot.choices.clone(),
             reply,
+            span: tracing::Span::current(),
         };
         self.inserts
             .send(job)
@@ -1314,6 +1319,8 @@ struct InsertJob {
     poll_id: String,
     choices: Vec<u32>,
     reply: oneshot::Sender<StoreResult<bool>>,
+    /// The caller's span: its batch's span is a child of (or linked to) it.
+    span: tracing::Span,
 }
 
 /// What the writer's batches and the tally tasks need.
@@ -1398,7 +1405,13 @@ async fn writer(w: Writer, mut queue: mpsc::Receiver<InsertJob>, in_flight: usiz
             }
         }
         let w = w.clone();
-        tokio::spawn(async move {
+        crate::metrics::storage().batch_size.observe(batch.len() as f64);
+        let span = crate::metrics::batch_span(
+            "mongodb",
+            "insertMany",
+            &batch.iter().map(|j| &j.span).collect::<Vec<_>>(),
+        );
+        let work = async move {
             let seq = lock(&w.tallies).begin_batch();
             let docs: Vec<Document> = batch
                 .iter_mut()
@@ -1424,7 +1437,8 @@ async fn writer(w: Writer, mut queue: mpsc::Receiver<InsertJob>, in_flight: usiz
                 let _ = job.reply.send(outcome);
             }
             drop(slot);
-        });
+        };
+        tokio::spawn(tracing::Instrument::instrument(work, span));
     }
 }
 
