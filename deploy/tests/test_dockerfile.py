@@ -1,5 +1,5 @@
-"""Static checks of the Dockerfile and .dockerignore (there is no Docker engine
-here, so the image itself is not built; see docs/deployment.md)."""
+"""Static checks of the Dockerfile and .dockerignore. The images themselves are
+built and run by scripts/check-deploy-live (a real Docker engine)."""
 
 from __future__ import annotations
 
