@@ -46,7 +46,7 @@ impl Observed {
         operation: &'static str,
         fut: impl Future<Output = StoreResult<T>>,
     ) -> StoreResult<T> {
-        let span = if crate::telemetry::tracing_enabled() {
+        let span = if crate::telemetry::span_wanted() {
             tracing::info_span!(
                 "db",
                 otel.name = %format_args!("{operation} {collection}"),

@@ -115,7 +115,7 @@ impl PeerClient {
         use tracing::Instrument as _;
         let mut request = req.build()?;
         let method = request.method().clone();
-        let span = if crate::telemetry::tracing_enabled() {
+        let span = if crate::telemetry::span_wanted() {
             tracing::info_span!(
                 "peer",
                 otel.name = %format_args!("{method} {route}"),

@@ -393,7 +393,7 @@ impl Task {
 
     /// One read, checked, with its outcome recorded for `/health/deep`.
     async fn read(&self) -> Result<Secret, String> {
-        let span = if crate::telemetry::tracing_enabled() {
+        let span = if crate::telemetry::span_wanted() {
             tracing::info_span!(
                 "keyvault",
                 otel.name = "Key Vault GetSecret",

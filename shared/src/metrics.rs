@@ -126,10 +126,23 @@ impl KeyVaultMetrics {
     }
 }
 
-/// A span for one group-commit batch of `size` ballots, child of the first ballot's request span
-/// and linked to the others' (tracing on; a disabled span otherwise).
+/// The span a ballot's group-commit batch should descend from: the caller's current span when its
+/// trace is wanted ([`crate::telemetry::span_wanted`]), a disabled span otherwise.
+pub fn caller_span() -> tracing::Span {
+    if crate::telemetry::span_wanted() {
+        tracing::Span::current()
+    } else {
+        tracing::Span::none()
+    }
+}
+
+/// A span for one group-commit batch of `spans.len()` ballots (their [`caller_span`]s): a child
+/// of the first traced ballot's span and linked to the other traced ones; a disabled span when
+/// none is traced.
 pub fn batch_span(system: &'static str, operation: &'static str, spans: &[&tracing::Span]) -> tracing::Span {
-    let Some(first) = spans.first().filter(|_| crate::telemetry::tracing_enabled()) else {
+    let size = spans.len();
+    let mut traced = spans.iter().filter(|s| !s.is_none());
+    let Some(first) = traced.next() else {
         return tracing::Span::none();
     };
     let span = tracing::info_span!(
@@ -140,9 +153,9 @@ pub fn batch_span(system: &'static str, operation: &'static str, spans: &[&traci
         db.system.name = system,
         db.collection.name = "ballots",
         db.operation.name = operation,
-        db.operation.batch.size = spans.len(),
+        db.operation.batch.size = size,
     );
-    for other in &spans[1..] {
+    for other in traced {
         span.follows_from(*other);
     }
     span

@@ -37,6 +37,17 @@ pub fn tracing_enabled() -> bool {
     TRACING_ON.get().copied().unwrap_or(false)
 }
 
+/// Whether a span made here would be kept: tracing is on and, inside a request, the request's
+/// trace is sampled (outside requests the sampler decides).
+pub fn span_wanted() -> bool {
+    tracing_enabled() && REQUEST.try_with(|r| r.sampled).unwrap_or(true)
+}
+
+/// Whether `span`'s trace is sampled (starts its OpenTelemetry span; tracing on).
+pub fn is_sampled(span: &tracing::Span) -> bool {
+    span.context().span().span_context().is_sampled()
+}
+
 /// Keeps the tracer provider; [`Telemetry::shutdown`] flushes the spans still queued.
 #[derive(Default)]
 pub struct Telemetry {
@@ -117,9 +128,16 @@ fn install(log: &LogConfig, service: Option<&str>) -> Telemetry {
         let targets = TRACED_TARGETS
             .iter()
             .fold(Targets::new(), |t, name| t.with_target(*name, LevelFilter::INFO));
+        // No per-poll timing, thread or source-location attributes and no OpenTelemetry context
+        // activation on every poll of a request's future: the ids are read from the spans
+        // themselves (`span.context()`), and every unsampled request stays cheap.
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("pollvote"))
             .with_error_records_to_exceptions(false)
+            .with_tracked_inactivity(false)
+            .with_threads(false)
+            .with_location(false)
+            .with_context_activation(false)
             .with_filter(targets)
     });
     let fmt = match log.format {
@@ -167,6 +185,9 @@ pub struct LocalTrace {
 pub struct RequestContext {
     pub request_id: String,
     pub local: Option<LocalTrace>,
+    /// Whether the request's trace is sampled (tracing on): its storage, batch and peer spans are
+    /// made only then.
+    pub sampled: bool,
 }
 
 tokio::task_local! {

@@ -1931,4 +1931,29 @@ async fn traces_follow_a_ballot_and_a_read_through_both_services() {
         .find(|s| s.1 == "GET /api/polls/{id}")
         .expect("server span");
     assert_eq!(root.3, vec![parent.to_owned()]);
+
+    // A caller that does not sample (flags 00) is followed: nothing of its request is exported.
+    let unsampled = fresh();
+    let res = http
+        .get(format!("{}/api/polls/{poll_id}", poll.url))
+        .header("traceparent", format!("00-{unsampled}-{parent}-00"))
+        .send()
+        .await
+        .expect("read");
+    assert_eq!(res.status(), 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let res = http
+        .get(format!("{query}/api/traces/{unsampled}"))
+        .send()
+        .await
+        .expect("jaeger");
+    let body: Value = if res.status() == 200 {
+        res.json().await.expect("json")
+    } else {
+        json!({})
+    };
+    assert!(
+        body["data"].as_array().is_none_or(|d| d.is_empty()),
+        "an unsampled request exports no span: {body}"
+    );
 }

@@ -182,13 +182,17 @@ pub async fn observe(State(metrics): State<Arc<Metrics>>, req: Request, next: Ne
         http.response.status_code = tracing::field::Empty,
         request_id = %request_id,
     );
-    let local = if telemetry::tracing_enabled() {
+    let (local, sampled) = if telemetry::tracing_enabled() {
         telemetry::set_remote_parent(&span, req.headers());
-        None
+        (None, telemetry::is_sampled(&span))
     } else {
-        Some(telemetry::local_trace(req.headers()))
+        (Some(telemetry::local_trace(req.headers())), false)
     };
-    let context = RequestContext { request_id, local };
+    let context = RequestContext {
+        request_id,
+        local,
+        sampled,
+    };
     let res = telemetry::REQUEST
         .scope(context.clone(), next.run(req).instrument(span.clone()))
         .await;

@@ -367,7 +367,7 @@ impl BallotStore for EmbeddedBallotStore {
                 ballot,
                 doc,
                 reply,
-                span: tracing::Span::current(),
+                span: crate::metrics::caller_span(),
             })
             .await
             .map_err(|_| StoreError::unavailable("ballot writer stopped"))?;

@@ -1072,7 +1072,7 @@ impl MongoBallotStore {
             poll_id: ballot.poll_id.clone(),
             choices: ballot.choices.clone(),
             reply,
-            span: tracing::Span::current(),
+            span: crate::metrics::caller_span(),
         };
         self.inserts
             .send(job)
