@@ -69,15 +69,24 @@ pub struct StorageMetrics {
     pub retries: Counter,
     /// Ballots per group-commit batch (one redb transaction, or one MongoDB `insertMany`).
     pub batch_size: Histogram,
+    /// MongoDB tally reads by result: `hit` (a kept tally served), `miss` (aggregated now).
+    pub tally_cache: Family<CacheLabels, Counter>,
 }
 
 /// The process's [`StorageMetrics`].
 pub fn storage() -> &'static StorageMetrics {
     static STORAGE: std::sync::OnceLock<StorageMetrics> = std::sync::OnceLock::new();
-    STORAGE.get_or_init(|| StorageMetrics {
-        throttled: Counter::default(),
-        retries: Counter::default(),
-        batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+    STORAGE.get_or_init(|| {
+        let tally_cache = Family::<CacheLabels, Counter>::default();
+        for result in ["hit", "miss"] {
+            let _ = tally_cache.get_or_create(&CacheLabels { cache: "tally", result });
+        }
+        StorageMetrics {
+            throttled: Counter::default(),
+            retries: Counter::default(),
+            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            tally_cache,
+        }
     })
 }
 
@@ -228,6 +237,11 @@ impl Metrics {
             "pollvote_db_retries",
             "Storage calls sent again after a throttled answer, in this process",
             st.retries.clone(),
+        );
+        registry.register(
+            "pollvote_tally_cache_requests",
+            "MongoDB tally reads: a kept tally served (hit) or an aggregation now (miss), in this process",
+            st.tally_cache.clone(),
         );
         registry.register(
             "pollvote_db_write_batch_size",

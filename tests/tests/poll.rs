@@ -1464,6 +1464,7 @@ async fn one_access_log_line_per_request_and_the_request_context_reaches_the_oth
         "pollvote_db_retries_total",
         "pollvote_keyvault_reads_total",
         "pollvote_keyvault_last_success_timestamp_seconds",
+        "pollvote_tally_cache_requests_total",
     ] {
         assert!(families.contains_key(name), "{name} missing:\n{text}");
     }
@@ -1473,6 +1474,15 @@ async fn one_access_log_line_per_request_and_the_request_context_reaches_the_oth
     );
     assert!(text.contains("cache=\"poll_catalog\",result=\"miss\"} 1"), "{text}");
     assert!(text.contains("operation=\"cast\",outcome=\"ok\"} 1"), "{text}");
+    if mongo.is_some() {
+        // The read above asked the vote service's MongoDB store for the poll's tally.
+        let tally_reads: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("pollvote_tally_cache_requests_total{"))
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .sum();
+        assert!(tally_reads >= 1.0, "{text}");
+    }
     let res = http
         .get(format!("{}/metrics", poll.url))
         .header(

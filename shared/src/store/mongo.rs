@@ -1130,6 +1130,11 @@ impl BallotStore for MongoBallotStore {
     async fn tallies(&self, poll_ids: &[String]) -> StoreResult<Vec<Tally>> {
         let handle = self.handle();
         let (mut out, missing) = handle.read_kept(poll_ids);
+        let cache = &crate::metrics::storage().tally_cache;
+        for (result, n) in [("hit", poll_ids.len() - missing.len()), ("miss", missing.len())] {
+            let labels = crate::metrics::CacheLabels { cache: "tally", result };
+            cache.get_or_create(&labels).inc_by(n as u64);
+        }
         if !missing.is_empty() {
             // In a task of its own, so that a caller giving up (a client's timeout) does not
             // cancel an aggregation the next read can use; and one inline aggregation at a time,
