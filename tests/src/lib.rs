@@ -18,12 +18,29 @@ use tokio_util::sync::CancellationToken;
 pub mod azure;
 pub mod secantusdb;
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago, for a service started next.
+///
+/// Taken from 10000–19999: below the kernel's ephemeral range (32768–60999 by default), so the
+/// outgoing connections the tests themselves open cannot take it between this check and the
+/// service binding it (a port from `bind(0)` is an ephemeral one, and was taken that way now and
+/// then), and below the 20000+ ports the test servers' scripts pick. Never the same port twice in
+/// one test process.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    use std::sync::Mutex;
+    static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    let seed = u64::from(std::process::id()) ^ uuid::Uuid::new_v4().as_u64_pair().0;
+    for i in 0..10_000u64 {
+        let port = 10_000 + ((seed + i * 7919) % 10_000) as u16;
+        if handed_out.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.push(port);
+            return port;
+        }
+    }
+    panic!("no free port in 10000-19999")
 }
 
 /// The built-in defaults, as a test's starting point.
