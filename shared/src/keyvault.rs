@@ -163,6 +163,37 @@ fn credential(choice: &CredentialChoice, options: &ClientOptions) -> Result<Arc<
     }
 }
 
+/// The credential with a span around each token request (the workload identity's token exchange
+/// with Microsoft Entra, or the Azure CLI), a child of the Key Vault read that needs it. The
+/// credential caches tokens: a request answered from its cache is a short span.
+#[derive(Debug)]
+struct TracedCredential(Arc<dyn TokenCredential>);
+
+#[async_trait]
+impl TokenCredential for TracedCredential {
+    async fn get_token(
+        &self,
+        scopes: &[&str],
+        options: Option<azure_core::credentials::TokenRequestOptions<'_>>,
+    ) -> azure_core::Result<azure_core::credentials::AccessToken> {
+        let span = if crate::telemetry::span_wanted() {
+            tracing::info_span!(
+                "token",
+                otel.name = "Entra get_token",
+                otel.kind = "client",
+                otel.status_code = tracing::field::Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
+        let token = tracing::Instrument::instrument(self.0.get_token(scopes, options), span.clone()).await;
+        if token.is_err() {
+            span.record("otel.status_code", "ERROR");
+        }
+        token
+    }
+}
+
 /// Something that reads the secret's current value (Key Vault, or a script in tests).
 #[async_trait]
 pub trait SecretReader: Send + Sync + 'static {
@@ -256,7 +287,7 @@ pub fn start(config: &KeyVaultConfig, readiness: &Arc<Readiness>) -> Result<Conn
     let url = config.url.trim();
     let choice = choose_credential(|name| std::env::var(name).ok(), on_path)?;
     let options = client_options(config)?;
-    let credential = credential(&choice, &options)?;
+    let credential: Arc<dyn TokenCredential> = Arc::new(TracedCredential(credential(&choice, &options)?));
     let defaults = SecretClientOptions::default();
     let client = SecretClient::new(
         url,
