@@ -1221,6 +1221,25 @@ async fn voter_ids_in_the_query_are_checked_like_ballots_check_them() {
     assert_eq!(res.json::<Value>().await.expect("json")["votes"]["count"], 1);
 }
 
+/// Both services' OpenAPI documents, pinned: any change of the public contract shows up as a
+/// reviewed diff of `tests/tests/snapshots/` (`cargo insta review`, or `INSTA_UPDATE=always`).
+#[tokio::test]
+async fn the_openapi_documents_match_their_snapshots() {
+    let s = Stack::start().await;
+    for (name, base) in [("poll", &s.poll), ("vote", &s.vote)] {
+        let doc: Value = s
+            .http
+            .get(format!("{base}/openapi.json"))
+            .send()
+            .await
+            .expect("doc")
+            .json()
+            .await
+            .expect("json");
+        insta::assert_json_snapshot!(format!("openapi-{name}"), doc);
+    }
+}
+
 #[tokio::test]
 async fn the_openapi_document_states_the_contract_the_server_enforces() {
     let s = Stack::start().await;
