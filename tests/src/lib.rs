@@ -260,6 +260,12 @@ pub async fn wait_ready(http: &reqwest::Client, base: &str, within: Duration) {
     }
 }
 
+/// `GET url` answered with a JSON body, parsed (panics naming the URL otherwise).
+pub async fn get_json(http: &reqwest::Client, url: &str) -> Value {
+    let res = http.get(url).send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    res.json().await.unwrap_or_else(|e| panic!("GET {url}: not JSON: {e}"))
+}
+
 /// Asserts an RFC 9457 problem response and returns its body.
 pub async fn expect_problem(res: reqwest::Response, status: u16) -> Value {
     let got = res.status().as_u16();

@@ -819,14 +819,7 @@ async fn replicas_on_one_database_count_once_and_agree() {
     let mut exact_after = Vec::new();
     for url in poll_urls.iter() {
         loop {
-            let p: Value = http
-                .get(format!("{url}/api/polls/{id}"))
-                .send()
-                .await
-                .expect("get")
-                .json()
-                .await
-                .expect("json");
+            let p: Value = api_tests::get_json(&http, &format!("{url}/api/polls/{id}")).await;
             let counts: Vec<u64> = p["votes"]["by_option"]
                 .as_array()
                 .map(|a| a.iter().filter_map(|o| o["count"].as_u64()).collect())
@@ -841,14 +834,7 @@ async fn replicas_on_one_database_count_once_and_agree() {
     }
     for url in &vote_urls[..2] {
         loop {
-            let t: Value = http
-                .get(format!("{url}/internal/tallies?ids={id}"))
-                .send()
-                .await
-                .expect("tallies")
-                .json()
-                .await
-                .expect("json");
+            let t: Value = api_tests::get_json(&http, &format!("{url}/internal/tallies?ids={id}")).await;
             if t["tallies"][0]["total"] == total && t["tallies"][0]["by_option"] == want {
                 exact_after.push(last_ack.elapsed());
                 break;
@@ -868,28 +854,14 @@ async fn replicas_on_one_database_count_once_and_agree() {
     }
 
     // At rest: the ground truth agrees, each ballot stored once, and identical ballots stay one.
-    let audit: Value = http
-        .get(format!("{}/internal/polls/{id}/audit", vote_urls[0]))
-        .send()
-        .await
-        .expect("audit")
-        .json()
-        .await
-        .expect("json");
+    let audit: Value = api_tests::get_json(&http, &format!("{}/internal/polls/{id}/audit", vote_urls[0])).await;
     assert_eq!(audit["consistent"], true, "{audit}");
     assert_eq!(
         audit["stored"]["total"], total,
         "each ballot stored exactly once: {audit}"
     );
     assert_eq!(audit["stored"]["by_option"], want, "{audit}");
-    let one: Value = http
-        .get(format!("{}/internal/polls/{same}/audit", vote_urls[1]))
-        .send()
-        .await
-        .expect("audit")
-        .json()
-        .await
-        .expect("json");
+    let one: Value = api_tests::get_json(&http, &format!("{}/internal/polls/{same}/audit", vote_urls[1])).await;
     assert_eq!(one["stored"]["total"], 1, "{one}");
     assert_eq!(one["consistent"], true, "{one}");
     api_tests::drop_databases(
