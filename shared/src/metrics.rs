@@ -71,6 +71,8 @@ pub struct StorageMetrics {
     pub batch_size: Histogram,
     /// MongoDB tally reads by result: `hit` (a kept tally served), `miss` (aggregated now).
     pub tally_cache: Family<CacheLabels, Counter>,
+    /// MongoDB: the database work of one tally refresh (counter documents plus the uncounted tail).
+    pub tally_refresh: Histogram,
 }
 
 /// The process's [`StorageMetrics`].
@@ -86,6 +88,7 @@ pub fn storage() -> &'static StorageMetrics {
             retries: Counter::default(),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             tally_cache,
+            tally_refresh: latency_histogram(),
         }
     })
 }
@@ -242,6 +245,11 @@ impl Metrics {
             "pollvote_tally_cache_requests",
             "MongoDB tally reads: a kept tally served (hit) or an aggregation now (miss), in this process",
             st.tally_cache.clone(),
+        );
+        registry.register(
+            "pollvote_tally_refresh_duration_seconds",
+            "MongoDB: database time of one tally refresh (counters plus the uncounted tail), in this process",
+            st.tally_refresh.clone(),
         );
         registry.register(
             "pollvote_db_write_batch_size",

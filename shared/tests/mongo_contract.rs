@@ -258,7 +258,7 @@ async fn opening_twice_is_idempotent_and_keeps_data() {
         let poll_indexes = index_names(&client, &s, &s.polls_collection).await;
         let ballot_indexes = index_names(&client, &s, &s.ballots_collection).await;
         assert_eq!(poll_indexes, vec!["_id_", "newest_first"]);
-        assert_eq!(ballot_indexes, vec!["_id_", "poll_voter"]);
+        assert_eq!(ballot_indexes, vec!["_id_", "poll_voter", "poll_writer_seq"]);
 
         // A second process starting (or a restart) against the same, non-empty database.
         let polls_again = poll_store(&client, &s).await;
@@ -784,4 +784,265 @@ async fn a_store_recovers_by_itself_when_the_server_returns() {
     );
     client.database(&s.database).drop().await.expect("drop");
     drop(server);
+}
+
+/// The counter documents of a poll, `(writer, seq, n)`, read raw.
+async fn counters_of(client: &Client, s: &MongoSettings, poll_id: &str) -> Vec<(i64, i64, i64)> {
+    use futures_util::TryStreamExt;
+    let coll = client
+        .database(&s.database)
+        .collection::<Document>(&format!("{}_counters", s.ballots_collection));
+    let docs: Vec<Document> = coll
+        .find(doc! { "poll_id": poll_id })
+        .await
+        .expect("find counters")
+        .try_collect()
+        .await
+        .expect("read counters");
+    docs.iter()
+        .map(|d| {
+            (
+                d.get_i64("w").expect("w"),
+                d.get_i64("seq").expect("seq"),
+                d.get_i64("n").expect("n"),
+            )
+        })
+        .collect()
+}
+
+/// Evaluates `check` every 50 ms until it holds, for at most `within`.
+macro_rules! eventually {
+    ($within:expr, $what:expr, $check:expr) => {{
+        let deadline = Instant::now() + $within;
+        while !$check {
+            assert!(
+                Instant::now() < deadline,
+                "{} did not happen within {:?}",
+                $what,
+                $within
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }};
+}
+
+/// The counter of the writer that is not `not`, `(seq, n)`.
+async fn counter_other_than(client: &Client, s: &MongoSettings, poll_id: &str, not: i64) -> Option<(i64, i64)> {
+    counters_of(client, s, poll_id)
+        .await
+        .into_iter()
+        .find(|c| c.0 != not)
+        .map(|c| (c.1, c.2))
+}
+
+/// Two writers on one poll: once at rest, every ballot is covered by its writer's counter (no
+/// tail left), each counter equals its writer's ballots, and a third process's tally — counters
+/// plus an empty tail — equals the recount.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_cover_every_ballot_at_rest() {
+    with_database(|client, s| async move {
+        let (a, b) = (
+            Arc::new(ballot_store(&client, &s).await),
+            Arc::new(ballot_store(&client, &s).await),
+        );
+        let poll_id = new_poll_id(Utc::now());
+        let mut tasks = Vec::new();
+        for t in 0..16 {
+            let (store, poll_id) = (if t % 2 == 0 { a.clone() } else { b.clone() }, poll_id.clone());
+            tasks.push(tokio::spawn(async move {
+                for n in 0..50 {
+                    let ballot = sample_ballot(&poll_id, &format!("id:{t}-{n}"), &[(n % 3) as u32]);
+                    assert!(matches!(
+                        store.cast(ballot).await.expect("cast"),
+                        CastOutcome::Accepted(_)
+                    ));
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("task");
+        }
+        eventually!(
+            Duration::from_secs(10),
+            "counters folding every ballot",
+            counters_of(&client, &s, &poll_id)
+                .await
+                .iter()
+                .map(|c| c.2)
+                .sum::<i64>()
+                == 800
+        );
+        let counters = counters_of(&client, &s, &poll_id).await;
+        assert_eq!(counters.len(), 2, "one counter per writer: {counters:?}");
+        let raw = client
+            .database(&s.database)
+            .collection::<Document>(&s.ballots_collection);
+        for (w, seq, n) in &counters {
+            let covered = raw
+                .count_documents(doc! { "poll_id": &poll_id, "w": w, "s": { "$lte": seq } })
+                .await
+                .expect("count");
+            let tail = raw
+                .count_documents(doc! { "poll_id": &poll_id, "w": w, "s": { "$gt": seq } })
+                .await
+                .expect("count");
+            assert_eq!((covered as i64, tail), (*n, 0), "writer {w}");
+        }
+        let third = ballot_store(&client, &s).await;
+        let tally = third.tally(&poll_id).await.expect("tally");
+        assert_eq!(tally, third.recount(&poll_id).await.expect("recount"));
+        assert_eq!(tally.total, 800);
+    })
+    .await;
+}
+
+/// What a dead process leaves (a counter behind its last batches, an expired lease) is counted
+/// exactly from the start, adopted into its counter by another replica, and a counter that went
+/// wrong (a failover replaying or losing updates) is restored by the repair.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_writers_are_adopted_and_repair_restores_counters() {
+    with_database(|client, s| async move {
+        let db = client.database(&s.database);
+        let raw = db.collection::<Document>(&s.ballots_collection);
+        let counters = db.collection::<Document>(&format!("{}_counters", s.ballots_collection));
+        let writers = db.collection::<Document>(&format!("{}_writers", s.ballots_collection));
+        let store = ballot_store(&client, &s).await;
+        let poll_id = new_poll_id(Utc::now());
+        // Writer 7 died: batches 1 and 2 are in its counter, batch 3 is not.
+        for (i, seq) in [1, 1, 2, 3, 3].into_iter().enumerate() {
+            let mut d = shared::store::mongo::ballot_to_doc(&sample_ballot(&poll_id, &format!("id:dead{i}"), &[0]));
+            d.insert("w", 7_i64);
+            d.insert("s", seq as i64);
+            raw.insert_one(d).await.expect("insert");
+        }
+        let counter_id = format!("{poll_id}:7");
+        counters
+            .insert_one(
+                doc! { "_id": &counter_id, "poll_id": &poll_id, "w": 7_i64, "seq": 2_i64, "n": 3_i64,
+                "o": { "0": 3_i64 }, "at": mongodb::bson::DateTime::now() },
+            )
+            .await
+            .expect("counter");
+        let expired = mongodb::bson::DateTime::from_millis(mongodb::bson::DateTime::now().timestamp_millis() - 120_000);
+        writers
+            .insert_one(doc! { "_id": 7_i64, "at": expired })
+            .await
+            .expect("writer");
+        store
+            .cast(sample_ballot(&poll_id, "id:alive", &[1]))
+            .await
+            .expect("cast");
+        assert_eq!(store.tally(&poll_id).await.expect("tally").by_option, vec![5, 1]);
+
+        assert_eq!(store.adopt_dead_writers().await.expect("adopt"), 1);
+        let c = counters
+            .find_one(doc! { "_id": &counter_id })
+            .await
+            .expect("read")
+            .expect("counter");
+        assert_eq!((c.get_i64("seq").expect("seq"), c.get_i64("n").expect("n")), (3, 5));
+        assert!(writers.find_one(doc! { "_id": 7_i64 }).await.expect("read").is_none());
+        assert_eq!(store.adopt_dead_writers().await.expect("adopt again"), 0);
+
+        // A failover replayed an update of writer 7's counter: 2 ballots too many.
+        counters
+            .update_one(
+                doc! { "_id": &counter_id },
+                doc! { "$inc": { "n": 2_i64, "o.0": 2_i64 } },
+            )
+            .await
+            .expect("tamper");
+        let other = ballot_store(&client, &s).await;
+        assert_eq!(
+            other.tally(&poll_id).await.expect("tally").total,
+            8,
+            "the counter is trusted"
+        );
+        let report = store.repair(&poll_id).await.expect("repair");
+        assert_eq!((report.ballots, report.corrected), (6, 1), "{report:?}");
+        let fresh = ballot_store(&client, &s).await;
+        let tally = fresh.tally(&poll_id).await.expect("tally");
+        assert_eq!(tally, fresh.recount(&poll_id).await.expect("recount"));
+        assert_eq!(tally.by_option, vec![5, 1]);
+        // Idempotent: nothing left to correct; and "every poll touched since" finds this one.
+        assert_eq!(store.repair(&poll_id).await.expect("repair").corrected, 0);
+        let since = store
+            .repair_since(Some(Utc::now() - chrono::Duration::minutes(5)))
+            .await
+            .expect("repair since");
+        assert!(
+            since.iter().any(|r| r.poll_id == poll_id && r.corrected == 0),
+            "{since:?}"
+        );
+    })
+    .await;
+}
+
+/// A counter rolled back under a live writer (a failover lost its last updates) is caught up
+/// from the ballots by that writer itself; and ballots written before counters existed are
+/// counted into counters when the store first opens on them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_counter_updates_and_old_ballots_are_recounted() {
+    with_database(|client, s| async move {
+        let db = client.database(&s.database);
+        let raw = db.collection::<Document>(&s.ballots_collection);
+        let poll_id = new_poll_id(Utc::now());
+        // Ballots of an earlier version (writer and batch tags, no counters yet).
+        for i in 0..4 {
+            let mut d = shared::store::mongo::ballot_to_doc(&sample_ballot(&poll_id, &format!("id:old{i}"), &[1]));
+            d.insert("w", 99_i64);
+            d.insert("s", 1_i64);
+            raw.insert_one(d).await.expect("insert");
+        }
+        let store = MongoBallotStore::open(
+            client.clone(),
+            &s.database,
+            StoreTuning {
+                tally_cache_ttl: Duration::from_millis(100),
+                ..s.tuning()
+            },
+        )
+        .await
+        .expect("open");
+        eventually!(
+            Duration::from_secs(10),
+            "old ballots counted",
+            counters_of(&client, &s, &poll_id).await == vec![(99, 1, 4)]
+        );
+        for i in 0..3 {
+            store
+                .cast(sample_ballot(&poll_id, &format!("id:new{i}"), &[0]))
+                .await
+                .expect("cast");
+        }
+        eventually!(
+            Duration::from_secs(10),
+            "own counter folded",
+            counter_other_than(&client, &s, &poll_id, 99)
+                .await
+                .is_some_and(|c| c.1 == 3)
+        );
+        let (seq, _) = counter_other_than(&client, &s, &poll_id, 99)
+            .await
+            .expect("own counter");
+        // The failover: our counter is back at its creation.
+        let counters = db.collection::<Document>(&format!("{}_counters", s.ballots_collection));
+        counters
+            .update_one(
+                doc! { "poll_id": &poll_id, "w": { "$ne": 99_i64 } },
+                doc! { "$set": { "seq": 0_i64, "n": 0_i64, "o": {} } },
+            )
+            .await
+            .expect("roll back");
+        // Still exact (counter + tail), and the writer notices and catches its counter up.
+        eventually!(Duration::from_secs(10), "the counter caught up", {
+            let t = store.tally(&poll_id).await.expect("tally");
+            assert_eq!(t.total, 7, "{t:?}");
+            counter_other_than(&client, &s, &poll_id, 99).await == Some((seq, 3))
+        });
+        let tally = store.tally(&poll_id).await.expect("tally");
+        assert_eq!(tally, store.recount(&poll_id).await.expect("recount"));
+        assert_eq!(tally.by_option, vec![3, 4]);
+    })
+    .await;
 }

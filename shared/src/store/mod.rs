@@ -89,6 +89,33 @@ pub trait BallotStore: Send + Sync + 'static {
     /// Deletes every ballot and the tally of the poll; returns how many ballots were deleted.
     async fn purge(&self, poll_id: &str) -> StoreResult<u64>;
     async fn ping(&self) -> StoreResult<()>;
+    /// Makes the poll's kept tally equal to its stored ballots again (idempotent), after anything
+    /// that may have lost or replayed updates of it (a database failover). A store whose tallies
+    /// change in the same transaction as the ballots has nothing to repair: it reports 0 checked.
+    async fn repair(&self, poll_id: &str) -> StoreResult<Repair> {
+        Ok(Repair {
+            poll_id: poll_id.to_owned(),
+            ..Repair::default()
+        })
+    }
+    /// [`repair`](Self::repair) of every poll whose tally may have changed since `since` (every
+    /// poll with ballots when `None`).
+    async fn repair_since(&self, since: Option<chrono::DateTime<chrono::Utc>>) -> StoreResult<Vec<Repair>> {
+        let _ = since;
+        Ok(Vec::new())
+    }
+}
+
+/// What a [`BallotStore::repair`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Repair {
+    pub poll_id: String,
+    /// Ballots of the poll read.
+    pub ballots: u64,
+    /// Counters checked.
+    pub counters: u64,
+    /// Counters rewritten or created.
+    pub corrected: u64,
 }
 
 pub type DynPollStore = Arc<dyn PollStore>;

@@ -91,9 +91,8 @@
 //! certificate: …)`). No transactions, no change streams.
 //! Error messages are for logs, and are scrubbed of connection strings before they leave here.
 
-use std::collections::HashMap;
 use std::future::{Future, IntoFuture};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -105,10 +104,13 @@ use mongodb::options::{Acknowledgment, ClientOptions, DatabaseOptions, IndexOpti
 use mongodb::{Client, Collection, Database, IndexModel};
 use tokio::sync::{mpsc, oneshot};
 
+mod counters;
 mod tallies;
-use tallies::{Plan, Read, Tallies};
+use counters::Counters;
+use futures_util::TryStreamExt;
+use tallies::{Read, Tallies};
 
-use super::{BallotStore, PollStore, StoreError, StoreResult};
+use super::{BallotStore, PollStore, Repair, StoreError, StoreResult};
 use crate::domain::{
     BallotRecord, CastOutcome, DedupePolicy, PollQuery, PollRecord, ResultsVisibility, StatusFilter, Tally,
 };
@@ -1011,54 +1013,113 @@ async fn ping(db: &Database, retry: &RetryPolicy) -> StoreResult<()> {
 // ---------------------------------------------------------------------------------------------
 // Ballots
 
-/// Ballots in MongoDB / Cosmos DB; tallies are computed from them (see the module docs).
+/// Ballots in MongoDB / Cosmos DB, with their tally counters (see the module docs).
 pub struct MongoBallotStore {
     db: Database,
     ballots: Collection<Document>,
     retry: RetryPolicy,
-    /// What the kept tallies cover of this process's ballots (see the `tallies` module).
-    tallies: Arc<Mutex<Tallies>>,
-    /// This store's writer id, the `w` of the documents it writes.
-    writer_id: i64,
+    /// What the writer, the applier, the lease keeper and the tally reads share.
+    shared: Writer,
     /// The group-commit writer's queue (see [`writer`]).
     inserts: mpsc::Sender<InsertJob>,
-    /// Held while a read aggregates tallies nothing was kept for.
+    /// Held while a read refreshes tallies nothing was kept for.
     inline: Arc<tokio::sync::Mutex<()>>,
+    /// Stops the store's background tasks when the store is dropped.
+    _stop: tokio_util::sync::DropGuard,
 }
 
 fn lock(tallies: &Mutex<Tallies>) -> MutexGuard<'_, Tallies> {
     tallies.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// When this writer's lease was last renewed.
+struct Lease {
+    base: Instant,
+    /// Milliseconds after `base`, plus one (0: never).
+    renewed: AtomicU64,
+}
+
+impl Lease {
+    fn new() -> Self {
+        Self {
+            base: Instant::now(),
+            renewed: AtomicU64::new(0),
+        }
+    }
+
+    fn renew(&self) {
+        let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.renewed.store(ms + 1, Ordering::Relaxed);
+    }
+
+    fn held(&self) -> bool {
+        match self.renewed.load(Ordering::Relaxed) {
+            0 => false,
+            r => {
+                let since = Duration::from_millis(r - 1);
+                self.base.elapsed().saturating_sub(since) < counters::WRITE_LEASE
+            }
+        }
+    }
+}
+
 impl MongoBallotStore {
-    /// Opens the store on `database` (usually `vote`) and creates its collection and indexes.
-    /// Starts the store's writer task, so it must be called inside a tokio runtime.
+    /// Opens the store on `database` (usually `vote`), creates its collections and indexes and
+    /// takes this writer's lease. Starts the store's writer, applier and lease tasks, so it must be
+    /// called inside a tokio runtime.
     pub async fn open(client: Client, database_name: &str, tuning: StoreTuning) -> StoreResult<Self> {
         let db = database(&client, database_name, &tuning.retry);
         let poll_voter = index("poll_voter", doc! { "poll_id": 1, "voter": 1 });
-        ensure_collection(&db, &tuning.ballots_collection, vec![poll_voter], &tuning.retry).await?;
-        let ballots = db.collection(&tuning.ballots_collection);
+        let poll_writer_seq = index("poll_writer_seq", doc! { "poll_id": 1, "w": 1, "s": 1 });
+        ensure_collection(
+            &db,
+            &tuning.ballots_collection,
+            vec![poll_voter, poll_writer_seq],
+            &tuning.retry,
+        )
+        .await?;
+        let ballots: Collection<Document> = db.collection(&tuning.ballots_collection);
+        let me = rand::random::<i64>();
+        let (counters, existed) = Counters::open(&db, &ballots, &tuning.retry, me).await?;
+        counters.heartbeat().await?;
+        let lease = Arc::new(Lease::new());
+        lease.renew();
+        // After this, no attempt of a failed batch can still land (its attempts are bounded by
+        // the deadline; the margin covers a server finishing one it had already received).
+        let settle = tuning.retry.deadline.saturating_mul(2) + Duration::from_secs(5);
+        let shared = Writer {
+            counters,
+            tallies: Arc::new(Mutex::new(Tallies::new(tuning.tally_cache_ttl, settle))),
+            lease,
+            applier: Arc::new(tokio::sync::Notify::new()),
+        };
+        let stop = tokio_util::sync::CancellationToken::new();
         let (inserts, queue) = mpsc::channel(INSERT_QUEUE);
-        let tallies = Arc::new(Mutex::new(Tallies::new(tuning.tally_cache_ttl)));
-        let writer_id = rand::random::<i64>();
-        tokio::spawn(writer(
-            Writer {
-                ballots: ballots.clone(),
-                retry: tuning.retry.clone(),
-                tallies: tallies.clone(),
-                writer_id,
-            },
-            queue,
-            tuning.batches_in_flight.max(1),
-        ));
+        tokio::spawn(writer(shared.clone(), queue, tuning.batches_in_flight.max(1)));
+        tokio::spawn(applier(shared.clone(), stop.clone()));
+        tokio::spawn(lease_keeper(shared.clone(), stop.clone()));
+        if !existed {
+            let n = tuning.retry.run(|| ballots.estimated_document_count()).await?;
+            if n > 0 {
+                // Ballots written before counters existed: count them into counters once.
+                let c = shared.counters.clone();
+                tokio::spawn(async move {
+                    tracing::warn!(ballots = n, "creating tally counters for existing ballots");
+                    match repair_all(&c, None).await {
+                        Ok(r) => tracing::warn!(polls = r.len(), "tally counters created for existing ballots"),
+                        Err(e) => tracing::error!(error = %e, "creating tally counters failed; run the repair"),
+                    }
+                });
+            }
+        }
         Ok(Self {
             db,
             ballots,
             retry: tuning.retry,
-            tallies,
-            writer_id,
+            shared,
             inserts,
             inline: Arc::new(tokio::sync::Mutex::new(())),
+            _stop: stop.drop_guard(),
         })
     }
 
@@ -1083,19 +1144,52 @@ impl MongoBallotStore {
             .map_err(|_| StoreError::Internal("the ballot writer dropped a ballot".into()))?
     }
 
-    /// What the writer and the tally tasks share.
-    fn handle(&self) -> Writer {
-        Writer {
-            ballots: self.ballots.clone(),
-            retry: self.retry.clone(),
-            tallies: self.tallies.clone(),
-            writer_id: self.writer_id,
-        }
-    }
-
     async fn find_ballot(&self, id: &str) -> StoreResult<Option<BallotRecord>> {
         let found = self.retry.run(|| self.ballots.find_one(doc! { "_id": id })).await?;
         found.as_ref().map(doc_to_ballot).transpose()
+    }
+
+    /// Folds the uncounted ballots of dead writers (whose lease ran out) into their counters;
+    /// returns how many writers were adopted. Every replica does this by itself every
+    /// ~30 s; public for operators' tools and tests.
+    pub async fn adopt_dead_writers(&self) -> StoreResult<usize> {
+        self.shared.counters.adopt_dead().await
+    }
+
+    /// Counts the stored ballots of one poll, in chunks of its `_id` range (each chunk its own
+    /// call, so a million ballots are not bound by one operation's deadline).
+    async fn recount_chunked(&self, poll_id: &str) -> StoreResult<Tally> {
+        const CHUNK: i64 = 20_000;
+        let upper = format!("{poll_id};");
+        let mut after = format!("{poll_id}:");
+        let mut tally = Tally::default();
+        loop {
+            let filter = &doc! { "_id": { "$gt": &after, "$lt": &upper } };
+            let chunk: Vec<Document> = self
+                .retry
+                .run(|| async move {
+                    self.ballots
+                        .find(filter.clone())
+                        .sort(doc! { "_id": 1 })
+                        .limit(CHUNK)
+                        .projection(doc! { "poll_id": 1, "choices": 1 })
+                        .await?
+                        .try_collect()
+                        .await
+                })
+                .await?;
+            for d in &chunk {
+                if req_str(d, "poll_id")? == poll_id {
+                    tally.add(&choices_of(d)?);
+                }
+            }
+            match chunk.last() {
+                Some(last) if chunk.len() as i64 == CHUNK => {
+                    after = last.get_str("_id").map_err(|_| bad("_id"))?.to_owned();
+                }
+                _ => return Ok(tally),
+            }
+        }
     }
 }
 
@@ -1128,7 +1222,7 @@ impl BallotStore for MongoBallotStore {
     }
 
     async fn tallies(&self, poll_ids: &[String]) -> StoreResult<Vec<Tally>> {
-        let handle = self.handle();
+        let handle = self.shared.clone();
         let (mut out, missing) = handle.read_kept(poll_ids);
         let cache = &crate::metrics::storage().tally_cache;
         for (result, n) in [("hit", poll_ids.len() - missing.len()), ("miss", missing.len())] {
@@ -1137,26 +1231,15 @@ impl BallotStore for MongoBallotStore {
         }
         if !missing.is_empty() {
             // In a task of its own, so that a caller giving up (a client's timeout) does not
-            // cancel an aggregation the next read can use; and one inline aggregation at a time,
-            // so a crowd of first reads of one poll (a thousand result streams opening) makes one
-            // aggregation, not a thousand.
+            // cancel a refresh the next read can use; and one inline refresh at a time, so a crowd
+            // of first reads of one poll (a thousand result streams opening) makes one refresh.
             let gate = self.inline.clone();
             let task = tokio::spawn(async move {
                 let keeps = lock(&handle.tallies).keeps();
                 let _gate = if keeps { Some(gate.lock_owned().await) } else { None };
                 let (mut filled, missing) = handle.read_kept(&missing);
                 if !missing.is_empty() {
-                    let plan = lock(&handle.tallies).plan(missing.iter().map(String::as_str));
-                    let fresh = aggregate_planned(
-                        &handle.ballots,
-                        &handle.retry,
-                        &handle.tallies,
-                        handle.writer_id,
-                        &missing,
-                        plan,
-                    )
-                    .await?;
-                    let mut fresh = fresh.into_iter();
+                    let mut fresh = handle.refresh(&missing).await?.into_iter();
                     for slot in filled.iter_mut().filter(|t| t.is_none()) {
                         *slot = fresh.next();
                     }
@@ -1198,37 +1281,15 @@ impl BallotStore for MongoBallotStore {
     }
 
     async fn recount(&self, poll_id: &str) -> StoreResult<Tally> {
-        let mut one = self.recount_many(&[poll_id.to_owned()]).await?;
-        Ok(one.pop().unwrap_or_default())
+        self.recount_chunked(poll_id).await
     }
 
-    /// One pass over the ballots of all the polls (one scan on servers without the index).
     async fn recount_many(&self, poll_ids: &[String]) -> StoreResult<Vec<Tally>> {
-        let filter = &doc! { "poll_id": { "$in": poll_ids } };
-        let counted = self
-            .retry
-            .run(|| async move {
-                let mut cursor = self
-                    .ballots
-                    .find(filter.clone())
-                    .projection(doc! { "poll_id": 1, "choices": 1 })
-                    .await?;
-                let mut counted: HashMap<String, Tally> = HashMap::new();
-                while cursor.advance().await? {
-                    let d: Document = cursor.deserialize_current()?;
-                    match (req_str(&d, "poll_id"), choices_of(&d)) {
-                        (Ok(poll), Ok(c)) => counted.entry(poll).or_default().add(&c),
-                        (Err(e), _) | (_, Err(e)) => return Ok(Err(e)),
-                    }
-                }
-                Ok(Ok(counted))
-            })
-            .await??;
-        let mut counted = counted;
-        Ok(poll_ids
-            .iter()
-            .map(|id| counted.remove(id).unwrap_or_default())
-            .collect())
+        let mut out = Vec::with_capacity(poll_ids.len());
+        for id in poll_ids {
+            out.push(self.recount_chunked(id).await?);
+        }
+        Ok(out)
     }
 
     async fn purge(&self, poll_id: &str) -> StoreResult<u64> {
@@ -1236,88 +1297,49 @@ impl BallotStore for MongoBallotStore {
             .retry
             .run(|| self.ballots.delete_many(doc! { "poll_id": poll_id }))
             .await?;
-        lock(&self.tallies).purged(poll_id);
+        self.shared.counters.purge(poll_id).await?;
+        lock(&self.shared.tallies).purged(poll_id);
         Ok(res.deleted_count)
     }
 
     async fn ping(&self) -> StoreResult<()> {
         ping(&self.db, &self.retry).await
     }
+
+    async fn repair(&self, poll_id: &str) -> StoreResult<Repair> {
+        let report = self.shared.counters.repair(poll_id).await?;
+        self.shared.forget_kept(poll_id);
+        Ok(report)
+    }
+
+    async fn repair_since(&self, since: Option<DateTime<Utc>>) -> StoreResult<Vec<Repair>> {
+        let reports = repair_all(&self.shared.counters, since).await?;
+        for r in &reports {
+            self.shared.forget_kept(&r.poll_id);
+        }
+        Ok(reports)
+    }
 }
 
-/// Tallies of `poll_ids` computed by the database, in one aggregation; with `exclude = (w, c)`,
-/// without the documents of writer `w` in batches after `c` (see the `tallies` module).
-async fn aggregate(
-    ballots: &Collection<Document>,
-    retry: &RetryPolicy,
-    poll_ids: &[String],
-    exclude: Option<(i64, u64)>,
-) -> StoreResult<HashMap<String, Tally>> {
-    let mut matching = doc! { "poll_id": { "$in": poll_ids } };
-    if let Some((writer, cutoff)) = exclude {
-        matching.insert("$nor", vec![doc! { "w": writer, "s": { "$gt": to_i64(cutoff) } }]);
+/// Repairs every poll touched since `since` (all polls with ballots when `None`).
+async fn repair_all(counters: &Counters, since: Option<DateTime<Utc>>) -> StoreResult<Vec<Repair>> {
+    let polls = counters.touched_since(since).await?;
+    let mut out = Vec::with_capacity(polls.len());
+    for poll in polls {
+        out.push(counters.repair(&poll).await?);
     }
-    let pipeline = &vec![
-        doc! { "$match": matching },
-        doc! { "$group": { "_id": { "p": "$poll_id", "c": "$choices" }, "n": { "$sum": 1 } } },
-    ];
-    let groups = retry
-        .run(|| async move {
-            let mut cursor = ballots.aggregate(pipeline.clone()).await?;
-            let mut out = Vec::new();
-            while cursor.advance().await? {
-                out.push(cursor.deserialize_current()?);
-            }
-            Ok(out)
-        })
-        .await?;
-    let mut tallies: HashMap<String, Tally> = HashMap::new();
-    for g in &groups {
-        let key = g.get_document("_id").map_err(|_| bad("tally group"))?;
-        let poll = req_str(key, "p")?;
-        let choices = choices_of(&doc! { "choices": key.get("c").cloned().unwrap_or(Bson::Null) })?;
-        let n = g.get("n").and_then(uint_of).ok_or_else(|| bad("tally count"))?;
-        tallies.entry(poll).or_default().add_n(&choices, n);
-    }
-    Ok(tallies)
-}
-
-/// Aggregates `poll_ids` as `plan` says and records the result; the tallies to serve, in order.
-async fn aggregate_planned(
-    ballots: &Collection<Document>,
-    retry: &RetryPolicy,
-    tallies: &Mutex<Tallies>,
-    writer_id: i64,
-    poll_ids: &[String],
-    plan: Plan,
-) -> StoreResult<Vec<Tally>> {
-    let exclude = match plan {
-        Plan::Cutoff { cutoff, .. } => Some((writer_id, cutoff)),
-        Plan::Plain => None,
-    };
-    match aggregate(ballots, retry, poll_ids, exclude).await {
-        Ok(mut counted) => {
-            let now = Instant::now();
-            let mut t = lock(tallies);
-            Ok(poll_ids
-                .iter()
-                .map(|id| t.fill(id, plan, counted.remove(id).unwrap_or_default(), now))
-                .collect())
-        }
-        Err(e) => {
-            lock(tallies).abandon(poll_ids.iter().map(String::as_str), plan);
-            Err(e)
-        }
-    }
+    Ok(out)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Group commit of ballots
+// Group commit of ballots, and the counters that follow them
 
 /// Ballots waiting for the writer at most; `cast` waits for room beyond that (back-pressure).
 const INSERT_QUEUE: usize = 8192;
 /// Most ballots in one `insertMany` (far below the server's 100,000 and 48 MB limits).
 const MAX_BATCH: usize = 1000;
+/// Counter updates sent at once by the applier.
+const UPDATES_AT_ONCE: usize = 16;
 
 struct InsertJob {
     doc: Document,
@@ -1328,24 +1350,25 @@ struct InsertJob {
     span: tracing::Span,
 }
 
-/// What the writer's batches and the tally tasks need.
+/// What the writer's batches, the applier, the lease keeper and the tally reads share.
 #[derive(Clone)]
 struct Writer {
-    ballots: Collection<Document>,
-    retry: RetryPolicy,
+    counters: Counters,
     tallies: Arc<Mutex<Tallies>>,
-    writer_id: i64,
+    lease: Arc<Lease>,
+    /// Woken when a batch finishes.
+    applier: Arc<tokio::sync::Notify>,
 }
 
 impl Writer {
     /// The kept tallies of `poll_ids` (`None` where nothing usable is kept) and the ids without
     /// one. Stale ones are served as they are (exact for this process's own ballots) while one
-    /// background aggregation refreshes them (a plain one would not be kept, so none then).
+    /// background refresh renews them.
     fn read_kept(&self, poll_ids: &[String]) -> (Vec<Option<Tally>>, Vec<String>) {
         let now = Instant::now();
         let mut out = Vec::with_capacity(poll_ids.len());
         let (mut missing, mut stale) = (Vec::new(), Vec::new());
-        let refresh = {
+        {
             let mut t = lock(&self.tallies);
             for id in poll_ids {
                 out.push(match t.read(id, now) {
@@ -1360,22 +1383,49 @@ impl Writer {
                     }
                 });
             }
-            (!stale.is_empty()).then(|| t.plan(stale.iter().map(String::as_str)))
-        };
-        if let Some(plan @ Plan::Cutoff { .. }) = refresh {
-            let (ballots, retry, tallies, writer_id) = (
-                self.ballots.clone(),
-                self.retry.clone(),
-                self.tallies.clone(),
-                self.writer_id,
-            );
+        }
+        if !stale.is_empty() {
+            let this = self.clone();
             tokio::spawn(async move {
-                if let Err(e) = aggregate_planned(&ballots, &retry, &tallies, writer_id, &stale, plan).await {
+                if let Err(e) = this.refresh(&stale).await {
                     tracing::warn!(error = %e, "tally refresh failed");
                 }
             });
         }
         (out, missing)
+    }
+
+    /// Reads the counters and uncounted ballots of `polls` and keeps the result; the tallies to
+    /// serve, in order.
+    async fn refresh(&self, polls: &[String]) -> StoreResult<Vec<Tally>> {
+        let plans = lock(&self.tallies).plan(polls, Instant::now());
+        let start = Instant::now();
+        match self.counters.refresh(&plans).await {
+            Ok(mut read) => {
+                crate::metrics::storage()
+                    .tally_refresh
+                    .observe(start.elapsed().as_secs_f64());
+                let now = Instant::now();
+                let mut t = lock(&self.tallies);
+                let served = plans
+                    .iter()
+                    .map(|p| t.fill(p, read.remove(&p.poll).unwrap_or_default(), now))
+                    .collect();
+                if t.has_suspects() {
+                    self.applier.notify_one();
+                }
+                Ok(served)
+            }
+            Err(e) => {
+                lock(&self.tallies).abandon(polls);
+                Err(e)
+            }
+        }
+    }
+
+    /// Drops the kept tally of `poll` (its counters were repaired): the next read refreshes.
+    fn forget_kept(&self, poll: &str) {
+        lock(&self.tallies).forget_kept(poll);
     }
 }
 
@@ -1393,9 +1443,11 @@ impl Writer {
 /// batch after a lost reply is safe because the documents already stored come back as 11000,
 /// which `cast` recognises by the ballot id as its own.
 ///
-/// Each batch gets a sequence number, written into its documents with the writer id (`s`, `w`),
-/// and its stored ballots are added to the kept tallies before any caller is answered (so a
-/// replica reads its own writes at once; see the `tallies` module).
+/// Before a batch goes out, this writer's counter of every poll in it exists (registered once per
+/// poll), and its lease is held. Each batch gets a sequence number, written into its documents
+/// with the writer id (`s`, `w`); its stored ballots are added to this process's own counts
+/// before any caller is answered (so a replica reads its own writes at once), and the applier is
+/// woken to fold them into the counters.
 async fn writer(w: Writer, mut queue: mpsc::Receiver<InsertJob>, in_flight: usize) {
     let slots = Arc::new(tokio::sync::Semaphore::new(in_flight));
     while let Some(first) = queue.recv().await {
@@ -1417,17 +1469,24 @@ async fn writer(w: Writer, mut queue: mpsc::Receiver<InsertJob>, in_flight: usiz
             &batch.iter().map(|j| &j.span).collect::<Vec<_>>(),
         );
         let work = async move {
+            if let Err(e) = w.prepare(&batch).await {
+                for job in batch {
+                    let _ = job.reply.send(Err(e.clone()));
+                }
+                drop(slot);
+                return;
+            }
             let seq = lock(&w.tallies).begin_batch();
             let docs: Vec<Document> = batch
                 .iter_mut()
                 .map(|j| {
                     let mut d = std::mem::take(&mut j.doc);
-                    d.insert("w", w.writer_id);
+                    d.insert("w", w.counters.me);
                     d.insert("s", to_i64(seq));
                     d
                 })
                 .collect();
-            let (outcomes, clear) = insert_batch(&w.ballots, &w.retry, docs).await;
+            let (outcomes, clear) = insert_batch(&w.counters.ballots, &w.counters.retry, docs).await;
             {
                 let stored: Vec<(&str, &[u32])> = batch
                     .iter()
@@ -1436,14 +1495,189 @@ async fn writer(w: Writer, mut queue: mpsc::Receiver<InsertJob>, in_flight: usiz
                     .map(|(j, _)| (j.poll_id.as_str(), j.choices.as_slice()))
                     .collect();
                 let polls = batch.iter().map(|j| j.poll_id.as_str());
-                lock(&w.tallies).finish_batch(seq, clear.then_some(stored.as_slice()), polls);
+                lock(&w.tallies).finish_batch(seq, clear.then_some(stored.as_slice()), polls, Instant::now());
             }
+            w.applier.notify_one();
             for (job, outcome) in batch.into_iter().zip(outcomes) {
                 let _ = job.reply.send(outcome);
             }
             drop(slot);
         };
         tokio::spawn(tracing::Instrument::instrument(work, span));
+    }
+}
+
+impl Writer {
+    /// Checks the lease and registers this writer's counters of the batch's new polls.
+    async fn prepare(&self, batch: &[InsertJob]) -> StoreResult<()> {
+        if !self.lease.held() {
+            return Err(StoreError::unavailable(
+                "this vote process could not renew its writer lease (the database is unreachable)",
+            ));
+        }
+        let mut new: Vec<&str> = {
+            let t = lock(&self.tallies);
+            batch
+                .iter()
+                .map(|j| j.poll_id.as_str())
+                .filter(|p| !t.is_registered(p))
+                .collect()
+        };
+        new.sort_unstable();
+        new.dedup();
+        if new.is_empty() {
+            return Ok(());
+        }
+        let found = futures_util::future::join_all(new.iter().map(|p| self.counters.register(p))).await;
+        let mut t = lock(&self.tallies);
+        let mut failed = None;
+        for (poll, r) in new.iter().zip(found) {
+            match r {
+                Ok((seq, counted)) => t.registered(poll, seq, counted),
+                Err(e) => failed = Some(e),
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+}
+
+/// Folds finished batches into this writer's counters, one conditional update per poll (see the
+/// `tallies` and `counters` modules); resolves unclear batches once settled, and resynchronises
+/// counters found elsewhere than where this process left them. Runs until the store is dropped
+/// (then makes one last round).
+async fn applier(w: Writer, stop: tokio_util::sync::CancellationToken) {
+    let mut backoff = Duration::ZERO;
+    loop {
+        let wait = if backoff.is_zero() {
+            lock(&w.tallies)
+                .next_settle()
+                .map_or(Duration::from_secs(60), |t| t.saturating_duration_since(Instant::now()))
+        } else {
+            backoff
+        };
+        let stopping = tokio::select! {
+            () = stop.cancelled() => true,
+            () = w.applier.notified() => false,
+            () = tokio::time::sleep(wait) => false,
+        };
+        match apply_round(&w).await {
+            Ok(()) => backoff = Duration::ZERO,
+            Err(e) => {
+                tracing::warn!(error = %e, "tally counter update failed; retrying");
+                backoff = (backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+async fn apply_round(w: &Writer) -> StoreResult<()> {
+    use futures_util::StreamExt;
+    let settled = lock(&w.tallies).settled(Instant::now());
+    for (seq, polls) in settled {
+        let counts = w.counters.count_batch(seq, &polls).await?;
+        lock(&w.tallies).resolved(seq, counts);
+    }
+    let (updates, suspects) = {
+        let mut t = lock(&w.tallies);
+        (t.updates_due(), t.take_suspects())
+    };
+    let me = w.counters.me;
+    let moves = updates
+        .into_iter()
+        .map(|u| (u.poll, Some((u.from, u.delta)), u.to))
+        .chain(suspects.into_iter().map(|(poll, to)| (poll, None, to)));
+    let results: Vec<(String, StoreResult<(u64, Tally)>)> = futures_util::stream::iter(moves)
+        .map(|(poll, update, to)| async move {
+            let r = async {
+                if let Some((from, delta)) = &update
+                    && let Some(done) = w.counters.advance(&poll, me, *from, to, delta).await?
+                {
+                    return Ok(done);
+                }
+                resync(&w.counters, &poll, to).await
+            }
+            .await;
+            (poll, r)
+        })
+        .buffer_unordered(UPDATES_AT_ONCE)
+        .collect()
+        .await;
+    let mut t = lock(&w.tallies);
+    let mut failed = None;
+    for (poll, r) in results {
+        match r {
+            Ok((seq, counted)) => t.updated(&poll, seq, counted),
+            Err(e) => {
+                t.update_failed(&poll);
+                failed = Some(e);
+            }
+        }
+    }
+    failed.map_or(Ok(()), Err)
+}
+
+/// Our counter of `poll` is not where this process left it (a failover rolled it back, or a
+/// repair recreated it): brings it to `to` from the stored ballots themselves (every batch up to
+/// `to` is finished and clear, so the count is exact).
+async fn resync(c: &Counters, poll: &str, to: u64) -> StoreResult<(u64, Tally)> {
+    for _ in 0..3 {
+        match c.read(poll, c.me).await? {
+            Some((seq, counts)) if seq >= to => return Ok((seq, counts)),
+            Some((seq, _)) => {
+                let (caught, _) = c.count_range(poll, c.me, seq, Some(to)).await?;
+                if let Some(done) = c.advance(poll, c.me, seq, to, &caught).await? {
+                    tracing::warn!(
+                        poll,
+                        from = seq,
+                        to,
+                        "tally counter was behind; caught up from the ballots"
+                    );
+                    return Ok(done);
+                }
+            }
+            None => {
+                let (all, _) = c.count_range(poll, c.me, 0, Some(to)).await?;
+                if c.create(poll, c.me, to, &all).await? {
+                    tracing::warn!(poll, to, "tally counter was missing; recreated from the ballots");
+                    return Ok((to, all));
+                }
+            }
+        }
+    }
+    Err(StoreError::unavailable(format!(
+        "the tally counter of poll {poll} kept moving"
+    )))
+}
+
+/// Renews this writer's lease every few seconds, and now and then adopts the uncounted ballots
+/// of dead writers. Runs until the store is dropped.
+async fn lease_keeper(w: Writer, stop: tokio_util::sync::CancellationToken) {
+    let jitter = || Duration::from_millis(rand::random::<u64>() % 10_000);
+    let mut next_adoption = Instant::now() + jitter();
+    loop {
+        let wait = match w.counters.heartbeat().await {
+            Ok(()) => {
+                w.lease.renew();
+                counters::HEARTBEAT
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "writer lease not renewed");
+                counters::HEARTBEAT_RETRY
+            }
+        };
+        if Instant::now() >= next_adoption {
+            if let Err(e) = w.counters.adopt_dead().await {
+                tracing::debug!(error = %e, "adopting dead writers failed");
+            }
+            next_adoption = Instant::now() + counters::ADOPT_EVERY + jitter();
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
     }
 }
 

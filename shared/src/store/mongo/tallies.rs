@@ -1,138 +1,194 @@
-//! Which of this process's own ballots a computed tally covers, so that it can be kept exact
-//! between aggregations without recomputing it after every ballot.
+//! This process's side of the tally counters (see the `counters` module for the documents), and
+//! the tallies it keeps between refreshes. Pure bookkeeping: no I/O here.
 //!
-//! Every batch the writer sends gets a sequence number `s`, and each of its documents carries
-//! `w` (this store's random writer id) and `s`. An aggregation planned with a *cutoff* `c`
-//! excludes this writer's documents with `s > c` (`$nor: [{w, s: {$gt: c}}]`), so what it counts
-//! of our own ballots does not depend on which in-flight inserts it happened to see: exactly the
-//! batches up to `c`, which were all finished before it started (`c` is below every batch in
-//! flight). Our ballots in later batches are added from memory, batch by batch, when the batch is
-//! acknowledged; the result is "aggregation + own batches after the cutoff", exact for this
-//! process at every instant, and as fresh as the aggregation for other replicas' ballots.
+//! Every batch this writer sends gets a sequence number `s` (written into its documents with the
+//! writer id `w`). Per poll, the process remembers its counter document as it last wrote it
+//! (`counter_seq`, `counted`), and its own acknowledged ballots in later batches (`pending`), batch
+//! by batch. A batch is *collected* once it and every batch before it are finished and clear;
+//! the applier then folds a poll's pending batches up to the collected sequence into its counter
+//! document with one conditional update (from `counter_seq` to the collected sequence).
 //!
-//! A batch whose outcome is not known document by document (the command failed as a whole, was
-//! retried, or timed out) is *unclear*: some of its documents may be stored, unknown which. It is
-//! never added from memory; instead every tally whose cutoff is below it is dropped, and until no
-//! batch before it is in flight any more, tallies come from plain aggregations that are not
-//! kept. A purge is handled the same way (every batch in flight may have lost its documents).
+//! A batch whose outcome is not known document by document (the command failed or timed out as a
+//! whole) is *unclear*: some of its documents may be stored, unknown which. It holds collection
+//! back until it has settled (no retry of it can still land), then its stored documents are
+//! counted in the database and it becomes an ordinary pending batch. Until then, refreshes count
+//! its documents in the database, batch by batch.
 //!
-//! Kept tallies are refreshed (one aggregation per poll at a time, in the background) once older
-//! than the TTL; meanwhile the last one plus our own newer batches is served.
+//! A tally served = the other writers' part (their counters plus their uncounted tails, as of the
+//! last refresh) + this process's own part, from memory (`counted` + every pending batch), so a
+//! replica reads its own writes at once + its unclear batches as the last refresh counted them.
+//! When the database's copy of our counter is at the sequence we wrote, its counts are used
+//! instead of ours (a repair may have corrected them); when it is somewhere else, the poll is
+//! *suspect* and the applier resynchronises it from the ballots.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use crate::domain::Tally;
 
-/// Polls remembered at most; past this the state starts over.
-const CAPACITY: usize = 10_000;
-/// A kept tally not refreshed for this many TTLs (nobody reads it) is forgotten.
-const FORGET_AFTER_TTLS: u32 = 10;
+/// Polls whose own state is remembered; past this, idle fully counted ones are forgotten (they
+/// are registered again, reading their counter back, when this process next writes to them).
+const CAPACITY: usize = 100_000;
 /// A kept tally older than the TTL but younger than this many TTLs is served while it is
-/// refreshed in the background; older, a read aggregates at once (unless a refresh is under way).
+/// refreshed in the background; older, a read refreshes at once (unless a refresh is under way).
 const SERVE_STALE_TTLS: u32 = 5;
+/// A kept tally not read for this many TTLs is forgotten.
+const FORGET_AFTER_TTLS: u32 = 10;
 
 #[derive(Debug)]
 pub(super) struct Tallies {
     ttl: Duration,
+    /// How long after an unclear batch's failure none of its documents can still land.
+    settle: Duration,
     next_seq: u64,
     in_flight: BTreeSet<u64>,
-    unclear: BTreeSet<u64>,
-    /// Bumped whenever kept tallies may have lost ballots (unclear batch, purge, reset), so an
-    /// aggregation planned before cannot be kept.
-    epoch: u64,
-    polls: HashMap<String, PollTallies>,
-}
-
-#[derive(Debug, Default)]
-struct PollTallies {
-    base: Option<Base>,
-    /// Cutoffs of aggregations under way.
-    pending: Vec<u64>,
-    /// Our own stored ballots per batch, for batches after the oldest cutoff in use.
-    own: BTreeMap<u64, Tally>,
+    unclear: BTreeMap<u64, Unclear>,
+    own: HashMap<String, Own>,
+    /// Polls with pending batches not yet in their counter.
+    dirty: BTreeSet<String>,
+    /// Polls whose counter document differs from what this process wrote.
+    suspect: BTreeSet<String>,
+    kept: HashMap<String, Kept>,
 }
 
 #[derive(Debug)]
-struct Base {
-    tally: Tally,
-    cutoff: u64,
+struct Unclear {
+    settle_at: Instant,
+    polls: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+struct Own {
+    counter_seq: u64,
+    counted: Tally,
+    pending: BTreeMap<u64, Tally>,
+    unclear: BTreeSet<u64>,
+    /// A counter update is under way; its answer sets `counter_seq`.
+    updating: bool,
+}
+
+impl Own {
+    fn pending_sum(&self) -> Tally {
+        let mut t = Tally::default();
+        for p in self.pending.values() {
+            t.merge(p);
+        }
+        t
+    }
+
+    fn is_idle(&self) -> bool {
+        self.pending.is_empty() && self.unclear.is_empty() && !self.updating
+    }
+}
+
+/// What one refresh read from the database for one poll.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub(super) struct Refreshed {
+    /// Other writers' counters plus their uncounted ballots (and ballots without a writer).
+    pub others: Tally,
+    /// Our counter document, `(seq, counts)`, when our part comes from memory.
+    pub own_doc: Option<(u64, Tally)>,
+    /// Our unclear batches' stored ballots, by batch.
+    pub unclear: BTreeMap<u64, Tally>,
+}
+
+#[derive(Debug)]
+struct Kept {
+    db: Refreshed,
+    /// Whether our part came from memory (else the refresh counted it like another writer's).
+    own_known: bool,
     at: Instant,
+    refreshing: bool,
 }
 
 /// What a read finds.
 #[derive(Debug, PartialEq)]
 pub(super) enum Read {
-    /// A kept tally younger than the TTL, plus our own newer ballots.
+    /// A kept tally younger than the TTL, with our own ballots up to now.
     Fresh(Tally),
-    /// The same, but older than the TTL (not by much): serve it and start a refresh (this read
-    /// was told to).
+    /// The same, but older than the TTL: serve it and start a refresh (this read was told to).
     Stale(Tally),
     /// Older than the TTL, and a refresh is already under way: serve it.
     Refreshing(Tally),
-    /// Nothing kept, or too old: aggregate now.
+    /// Nothing kept, or too old: refresh now.
     Missing,
 }
 
-/// How to aggregate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Plan {
-    /// Exclude our own batches after `cutoff`; the result may be kept (see [`Tallies::fill`]).
-    Cutoff { cutoff: u64, epoch: u64 },
-    /// Count everything; the result is served once and not kept.
-    Plain,
+/// What a refresh of one poll must ask the database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Plan {
+    pub poll: String,
+    /// Whether our part comes from memory (else our counter and tail are read like the others').
+    pub own_known: bool,
+    /// Our unclear batches with documents of this poll.
+    pub unclear: Vec<u64>,
 }
 
-impl PollTallies {
-    fn with_own(&self, base: &Base) -> Tally {
-        let mut t = base.tally.clone();
-        for own in self.own.range(base.cutoff + 1..).map(|(_, t)| t) {
-            t.merge(own);
-        }
-        t
-    }
-
-    /// The oldest cutoff still in use by this poll's kept tally or aggregations under way.
-    fn oldest_cutoff(&self) -> Option<u64> {
-        self.base
-            .iter()
-            .map(|b| b.cutoff)
-            .chain(self.pending.iter().copied())
-            .min()
-    }
-
-    fn prune(&mut self, safe: u64) {
-        let keep_after = self.oldest_cutoff().unwrap_or(safe).min(safe);
-        self.own = self.own.split_off(&(keep_after + 1));
-    }
-
-    fn is_idle(&self) -> bool {
-        self.base.is_none() && self.pending.is_empty() && self.own.is_empty()
-    }
+/// A counter update the applier must make: from `from` to `to`, adding `delta`.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Update {
+    pub poll: String,
+    pub from: u64,
+    pub to: u64,
+    pub delta: Tally,
 }
 
 impl Tallies {
-    /// A zero `ttl` keeps nothing: every read aggregates.
-    pub(super) fn new(ttl: Duration) -> Self {
+    /// A zero `ttl` keeps no tally: every read refreshes.
+    pub(super) fn new(ttl: Duration, settle: Duration) -> Self {
         Self {
             ttl,
+            settle,
             next_seq: 1,
             in_flight: BTreeSet::new(),
-            unclear: BTreeSet::new(),
-            epoch: 0,
-            polls: HashMap::new(),
+            unclear: BTreeMap::new(),
+            own: HashMap::new(),
+            dirty: BTreeSet::new(),
+            suspect: BTreeSet::new(),
+            kept: HashMap::new(),
         }
     }
 
-    /// Whether tallies are kept at all (a non-zero TTL).
     pub(super) fn keeps(&self) -> bool {
         !self.ttl.is_zero()
     }
 
-    /// Every batch up to this one is finished; no aggregation planned from now on will have a
-    /// lower cutoff.
-    fn safe_cutoff(&self) -> u64 {
-        self.in_flight.first().map_or(self.next_seq, |&s| s) - 1
+    /// Whether this process has a counter document for `poll` (and may write ballots of it).
+    pub(super) fn is_registered(&self, poll: &str) -> bool {
+        self.own.contains_key(poll)
+    }
+
+    /// Our counter document for `poll` exists with `(seq, counted)`.
+    pub(super) fn registered(&mut self, poll: &str, seq: u64, counted: Tally) {
+        if self.own.contains_key(poll) {
+            return;
+        }
+        if self.own.len() >= CAPACITY {
+            self.forget_idle();
+        }
+        self.own.insert(
+            poll.to_owned(),
+            Own {
+                counter_seq: seq,
+                counted,
+                ..Own::default()
+            },
+        );
+        // A kept tally counted our (then unknown) counter like another writer's.
+        self.kept.remove(poll);
+    }
+
+    fn forget_idle(&mut self) {
+        let idle: Vec<String> = self
+            .own
+            .iter()
+            .filter(|(p, o)| o.is_idle() && !self.dirty.contains(*p))
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in idle {
+            self.own.remove(&p);
+            self.kept.remove(&p);
+        }
     }
 
     /// A new batch is about to be sent; returns its sequence number (the documents' `s`).
@@ -143,6 +199,13 @@ impl Tallies {
         seq
     }
 
+    /// Every batch up to this one is finished and clear: the counters may cover it.
+    pub(super) fn collected(&self) -> u64 {
+        let first_open = self.in_flight.first().copied().unwrap_or(self.next_seq);
+        let first_unclear = self.unclear.keys().next().copied().unwrap_or(self.next_seq);
+        first_open.min(first_unclear) - 1
+    }
+
     /// The batch `seq` is over. `stored` holds the poll and choices of each document known to be
     /// stored by it, when every document's outcome is known (`None`: unclear, see the module docs;
     /// `polls` are then the polls of all its documents).
@@ -151,144 +214,252 @@ impl Tallies {
         seq: u64,
         stored: Option<&[(&'a str, &'a [u32])]>,
         polls: impl IntoIterator<Item = &'a str>,
+        now: Instant,
     ) {
         self.in_flight.remove(&seq);
-        if !self.keeps() {
-            return;
-        }
-        let safe = self.safe_cutoff();
         match stored {
             Some(stored) => {
                 for &(poll, choices) in stored {
-                    // With nothing kept or under way, later aggregations (cutoff ≥ `safe`) count it.
-                    let needed = self.polls.get(poll).is_some_and(|p| !p.is_idle()) || seq > safe;
-                    if needed {
-                        let p = self.polls.entry(poll.to_owned()).or_default();
-                        p.own.entry(seq).or_default().add(choices);
-                    }
-                }
-                let forget_before = Instant::now().checked_sub(self.ttl.saturating_mul(FORGET_AFTER_TTLS));
-                for &(poll, _) in stored {
-                    if let Some(p) = self.polls.get_mut(poll) {
-                        // A tally nobody read for long would otherwise collect every later batch.
-                        if p.base.as_ref().is_some_and(|b| forget_before.is_some_and(|f| b.at < f)) {
-                            p.base = None;
-                        }
-                        p.prune(safe);
-                        if p.is_idle() {
-                            self.polls.remove(poll);
-                        }
+                    // A poll purged meanwhile has no counter any more: its ballots are not counted.
+                    if let Some(own) = self.own.get_mut(poll) {
+                        own.pending.entry(seq).or_default().add(choices);
+                        self.dirty.insert(poll.to_owned());
                     }
                 }
             }
             None => {
-                self.unclear.insert(seq);
-                self.epoch += 1;
+                let mut touched: Vec<String> = Vec::new();
                 for poll in polls {
-                    if let Some(p) = self.polls.get_mut(poll)
-                        && p.base.as_ref().is_some_and(|b| b.cutoff < seq)
+                    if let Some(own) = self.own.get_mut(poll)
+                        && own.unclear.insert(seq)
                     {
-                        p.base = None;
+                        touched.push(poll.to_owned());
+                        self.kept.remove(poll);
                     }
+                }
+                self.unclear.insert(
+                    seq,
+                    Unclear {
+                        settle_at: now + self.settle,
+                        polls: touched,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Unclear batches that have settled: `(seq, polls)` to count in the database.
+    pub(super) fn settled(&self, now: Instant) -> Vec<(u64, Vec<String>)> {
+        self.unclear
+            .iter()
+            .filter(|(_, u)| u.settle_at <= now)
+            .map(|(&s, u)| (s, u.polls.clone()))
+            .collect()
+    }
+
+    /// When the next unclear batch settles.
+    pub(super) fn next_settle(&self) -> Option<Instant> {
+        self.unclear.values().map(|u| u.settle_at).min()
+    }
+
+    /// The settled unclear batch `seq` stored `counts` (by poll): it is pending like any other.
+    pub(super) fn resolved(&mut self, seq: u64, mut counts: HashMap<String, Tally>) {
+        let Some(u) = self.unclear.remove(&seq) else {
+            return;
+        };
+        for poll in u.polls {
+            if let Some(own) = self.own.get_mut(&poll) {
+                own.unclear.remove(&seq);
+                if let Some(t) = counts.remove(&poll).filter(|t| t.total > 0) {
+                    own.pending.insert(seq, t);
+                    self.dirty.insert(poll.clone());
                 }
             }
         }
-        self.unclear = self.unclear.split_off(&(safe + 1));
-        if self.polls.len() > CAPACITY {
-            self.reset();
+    }
+
+    /// The counter updates to make now (each poll at most once at a time).
+    pub(super) fn updates_due(&mut self) -> Vec<Update> {
+        let to = self.collected();
+        let mut out = Vec::new();
+        for poll in &self.dirty {
+            let Some(own) = self.own.get_mut(poll) else { continue };
+            if own.updating || own.counter_seq >= to {
+                continue;
+            }
+            let mut delta = Tally::default();
+            let mut any = false;
+            for t in own.pending.range(..=to).map(|(_, t)| t) {
+                delta.merge(t);
+                any = true;
+            }
+            if !any {
+                continue;
+            }
+            own.updating = true;
+            out.push(Update {
+                poll: poll.clone(),
+                from: own.counter_seq,
+                to,
+                delta,
+            });
+        }
+        out
+    }
+
+    pub(super) fn has_suspects(&self) -> bool {
+        !self.suspect.is_empty()
+    }
+
+    /// Polls to resynchronise from the database, with the sequence their counter should reach
+    /// (marked as updating).
+    pub(super) fn take_suspects(&mut self) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        for poll in std::mem::take(&mut self.suspect) {
+            if let Some(own) = self.own.get_mut(&poll)
+                && !own.updating
+            {
+                own.updating = true;
+                out.push((poll, own.counter_seq));
+            }
+        }
+        out
+    }
+
+    /// Our counter of `poll` is now `(seq, counted)` in the database (an update succeeded, or a
+    /// resync read it): batches up to `seq` are in it.
+    pub(super) fn updated(&mut self, poll: &str, seq: u64, counted: Tally) {
+        let Some(own) = self.own.get_mut(poll) else { return };
+        own.updating = false;
+        own.counter_seq = seq;
+        own.counted = counted;
+        own.pending = own.pending.split_off(&(seq + 1));
+        if own.pending.is_empty() {
+            self.dirty.remove(poll);
         }
     }
 
-    /// Forgets everything (ballots of `poll` were deleted while batches may be in flight).
-    pub(super) fn purged(&mut self, poll: &str) {
-        self.polls.remove(poll);
-        self.epoch += 1;
-        // Every batch in flight may have had its documents deleted, or not.
-        self.unclear.extend(self.in_flight.iter().copied());
+    /// A counter update or resync of `poll` failed; it is tried again later.
+    pub(super) fn update_failed(&mut self, poll: &str) {
+        if let Some(own) = self.own.get_mut(poll) {
+            own.updating = false;
+        }
     }
 
-    fn reset(&mut self) {
-        self.polls.clear();
-        self.epoch += 1;
+    /// Ballots of `poll` were deleted, with its counters.
+    pub(super) fn purged(&mut self, poll: &str) {
+        self.own.remove(poll);
+        self.kept.remove(poll);
+        self.dirty.remove(poll);
+        self.suspect.remove(poll);
+    }
+
+    fn serve(&self, poll: &str, kept: &Kept) -> Option<Tally> {
+        let own = self.own.get(poll);
+        if kept.own_known != own.is_some() {
+            return None;
+        }
+        let mut t = kept.db.others.clone();
+        if let Some(own) = own {
+            match &kept.db.own_doc {
+                Some((seq, counts)) if *seq == own.counter_seq && !own.updating => t.merge(counts),
+                _ => t.merge(&own.counted),
+            }
+            t.merge(&own.pending_sum());
+            for (seq, counts) in &kept.db.unclear {
+                if own.unclear.contains(seq) {
+                    t.merge(counts);
+                }
+            }
+        }
+        Some(t)
     }
 
     pub(super) fn read(&mut self, poll: &str, now: Instant) -> Read {
-        let ttl = self.ttl;
-        let Some(p) = self.polls.get_mut(poll) else {
+        let Some(kept) = self.kept.get(poll) else {
             return Read::Missing;
         };
-        let Some(base) = &p.base else {
+        let Some(tally) = self.serve(poll, kept) else {
             return Read::Missing;
         };
-        let age = now.duration_since(base.at);
-        if age < ttl {
-            Read::Fresh(p.with_own(base))
-        } else if !p.pending.is_empty() {
-            Read::Refreshing(p.with_own(base))
-        } else if age < ttl.saturating_mul(SERVE_STALE_TTLS) {
-            Read::Stale(p.with_own(base))
+        let age = now.duration_since(kept.at);
+        if age < self.ttl {
+            Read::Fresh(tally)
+        } else if kept.refreshing {
+            Read::Refreshing(tally)
+        } else if age < self.ttl.saturating_mul(SERVE_STALE_TTLS) {
+            if let Some(k) = self.kept.get_mut(poll) {
+                k.refreshing = true;
+            }
+            Read::Stale(tally)
         } else {
             Read::Missing
         }
     }
 
-    /// Plans an aggregation of `polls` (registering it, so our batches finished meanwhile are
-    /// kept for it). Every `Cutoff` plan must be ended with [`fill`](Self::fill) or
-    /// [`abandon`](Self::abandon).
-    pub(super) fn plan<'a>(&mut self, polls: impl IntoIterator<Item = &'a str>) -> Plan {
-        let cutoff = self.safe_cutoff();
-        if !self.keeps() || self.unclear.iter().any(|&s| s > cutoff) {
-            return Plan::Plain;
+    /// What to ask the database to refresh `polls`.
+    pub(super) fn plan(&mut self, polls: &[String], now: Instant) -> Vec<Plan> {
+        if let Some(forget) = now.checked_sub(self.ttl.saturating_mul(FORGET_AFTER_TTLS))
+            && self.kept.len() > 1024
+        {
+            self.kept.retain(|_, k| k.refreshing || k.at >= forget);
         }
-        for poll in polls {
-            self.polls.entry(poll.to_owned()).or_default().pending.push(cutoff);
-        }
-        Plan::Cutoff {
-            cutoff,
-            epoch: self.epoch,
-        }
+        polls
+            .iter()
+            .map(|poll| {
+                if let Some(k) = self.kept.get_mut(poll) {
+                    k.refreshing = true;
+                }
+                let own = self.own.get(poll);
+                Plan {
+                    poll: poll.clone(),
+                    own_known: own.is_some(),
+                    unclear: own.map(|o| o.unclear.iter().copied().collect()).unwrap_or_default(),
+                }
+            })
+            .collect()
     }
 
-    fn unregister(&mut self, poll: &str, cutoff: u64) -> Option<&mut PollTallies> {
-        let p = self.polls.get_mut(poll)?;
-        if let Some(i) = p.pending.iter().position(|&c| c == cutoff) {
-            p.pending.swap_remove(i);
+    /// The refresh planned as `plan` read `db`: keeps it and returns the tally to serve.
+    pub(super) fn fill(&mut self, plan: &Plan, db: Refreshed, now: Instant) -> Tally {
+        if let (Some(own), Some((seq, _))) = (self.own.get(&plan.poll), &db.own_doc)
+            && *seq != own.counter_seq
+            && !own.updating
+        {
+            self.suspect.insert(plan.poll.clone());
         }
-        Some(p)
-    }
-
-    /// The aggregation planned as `plan` for `poll` counted `counted`; returns the tally to serve
-    /// (with our own later batches) and keeps it unless something was lost meanwhile.
-    pub(super) fn fill(&mut self, poll: &str, plan: Plan, counted: Tally, now: Instant) -> Tally {
-        let Plan::Cutoff { cutoff, epoch } = plan else {
-            return counted;
-        };
-        let safe = self.safe_cutoff();
-        let current = self.epoch == epoch;
-        let Some(p) = self.unregister(poll, cutoff) else {
-            return counted;
-        };
-        let base = Base {
-            tally: counted,
-            cutoff,
+        let kept = Kept {
+            db,
+            own_known: plan.own_known,
             at: now,
+            refreshing: false,
         };
-        let tally = p.with_own(&base);
-        if current && p.base.as_ref().is_none_or(|b| b.cutoff <= cutoff) {
-            p.base = Some(base);
+        let tally = self.serve(&plan.poll, &kept).unwrap_or_else(|| {
+            // Registered meanwhile: what the database said, our newest batches aside.
+            let mut t = kept.db.others.clone();
+            if let Some((_, c)) = &kept.db.own_doc {
+                t.merge(c);
+            }
+            t
+        });
+        if self.keeps() && kept.own_known == self.own.contains_key(&plan.poll) {
+            self.kept.insert(plan.poll.clone(), kept);
+        } else {
+            self.kept.remove(&plan.poll);
         }
-        p.prune(safe);
         tally
     }
 
-    /// The aggregation planned as `plan` failed.
-    pub(super) fn abandon<'a>(&mut self, polls: impl IntoIterator<Item = &'a str>, plan: Plan) {
-        if let Plan::Cutoff { cutoff, .. } = plan {
-            let safe = self.safe_cutoff();
-            for poll in polls {
-                if let Some(p) = self.unregister(poll, cutoff) {
-                    p.prune(safe);
-                }
+    /// Drops the kept tally of `poll`.
+    pub(super) fn forget_kept(&mut self, poll: &str) {
+        self.kept.remove(poll);
+    }
+
+    /// The refresh of `polls` failed.
+    pub(super) fn abandon(&mut self, polls: &[String]) {
+        for p in polls {
+            if let Some(k) = self.kept.get_mut(p) {
+                k.refreshing = false;
             }
         }
     }
@@ -306,122 +477,141 @@ mod tests {
     }
 
     const TTL: Duration = Duration::from_secs(1);
+    const SETTLE: Duration = Duration::from_secs(10);
+
+    fn refreshed(others: &[u64], own_doc: Option<(u64, &[u64])>) -> Refreshed {
+        Refreshed {
+            others: t(others),
+            own_doc: own_doc.map(|(s, c)| (s, t(c))),
+            unclear: BTreeMap::new(),
+        }
+    }
 
     #[test]
-    fn own_batches_after_the_cutoff_are_added_exactly_once() {
+    fn own_ballots_are_served_at_once_and_folded_into_the_counter_in_order() {
         let now = Instant::now();
-        let mut s = Tallies::new(TTL);
+        let mut s = Tallies::new(TTL, SETTLE);
+        s.registered("p", 0, t(&[]));
+        let plan = s.plan(&["p".into()], now).remove(0);
+        assert_eq!(s.fill(&plan, refreshed(&[5], Some((0, &[]))), now), t(&[5]));
         let b1 = s.begin_batch();
-        s.finish_batch(b1, Some(&[("p", &[0])]), ["p"]);
-        // Batch 2 is in flight while the aggregation runs: it is excluded from it, whatever the
-        // database had stored when it looked.
         let b2 = s.begin_batch();
+        // Batch 2 ends first: served at once, but not collected while batch 1 is in flight.
+        s.finish_batch(b2, Some(&[("p", &[1])]), ["p"], now);
+        assert_eq!(s.read("p", now), Read::Fresh(t(&[5, 1])));
+        assert_eq!(s.collected(), 0);
+        assert!(s.updates_due().is_empty());
+        s.finish_batch(b1, Some(&[("p", &[0]), ("p", &[1])]), ["p"], now);
+        assert_eq!(s.read("p", now), Read::Fresh(t(&[6, 2])));
+        let due = s.updates_due();
+        assert_eq!(
+            due,
+            vec![Update {
+                poll: "p".into(),
+                from: 0,
+                to: 2,
+                delta: t(&[1, 2])
+            }]
+        );
+        // One update at a time per poll.
+        assert!(s.updates_due().is_empty());
+        // While it is under way, a refresh that sees the counter already moved is not suspect.
+        assert_eq!(s.read("p", now), Read::Fresh(t(&[6, 2])));
+        s.updated("p", 2, t(&[1, 2]));
+        assert_eq!(s.read("p", now), Read::Fresh(t(&[6, 2])));
+        assert!(s.updates_due().is_empty());
+        assert!(s.dirty.is_empty());
+    }
+
+    #[test]
+    fn unclear_batches_hold_collection_back_until_counted() {
+        let now = Instant::now();
+        let mut s = Tallies::new(TTL, SETTLE);
+        s.registered("p", 0, t(&[]));
+        let b1 = s.begin_batch();
+        s.finish_batch(b1, None, ["p"], now);
+        let b2 = s.begin_batch();
+        s.finish_batch(b2, Some(&[("p", &[0])]), ["p"], now);
+        assert_eq!(s.collected(), 0);
+        assert!(s.updates_due().is_empty());
+        // A refresh counts the unclear batch in the database.
         assert_eq!(s.read("p", now), Read::Missing);
-        let plan = s.plan(["p"]);
-        assert_eq!(plan, Plan::Cutoff { cutoff: 1, epoch: 0 });
-        s.finish_batch(b2, Some(&[("p", &[1]), ("p", &[1]), ("q", &[0])]), ["p", "q"]);
-        // The aggregation (batch 1 only, by its filter) ends after batch 2 was acknowledged.
-        assert_eq!(s.fill("p", plan, t(&[1]), now), t(&[1, 2]));
-        assert_eq!(s.read("p", now), Read::Fresh(t(&[1, 2])));
-        let b3 = s.begin_batch();
-        s.finish_batch(b3, Some(&[("p", &[0])]), ["p"]);
-        assert_eq!(s.read("p", now), Read::Fresh(t(&[2, 2])));
-        // "q" had nothing kept or planned when batch 2 ended after every earlier batch: an
-        // aggregation from now on counts it, so nothing was kept for it.
-        assert_eq!(s.read("q", now), Read::Missing);
-        assert!(s.polls.get("q").is_none_or(PollTallies::is_idle));
+        let plan = s.plan(&["p".into()], now).remove(0);
+        assert_eq!(plan.unclear, vec![b1]);
+        let mut db = refreshed(&[], Some((0, &[])));
+        db.unclear.insert(b1, t(&[0, 1]));
+        assert_eq!(s.fill(&plan, db, now), t(&[1, 1]));
+        assert!(s.settled(now).is_empty());
+        let later = now + SETTLE;
+        assert_eq!(s.settled(later), vec![(b1, vec!["p".to_owned()])]);
+        s.resolved(b1, HashMap::from([("p".to_owned(), t(&[0, 1]))]));
+        // Counted once: now from memory, no longer from the refresh's unclear counts.
+        assert_eq!(s.read("p", now), Read::Fresh(t(&[1, 1])));
+        assert_eq!(s.collected(), 2);
+        let due = s.updates_due();
+        assert_eq!(due[0].delta, t(&[1, 1]));
+        assert_eq!((due[0].from, due[0].to), (0, 2));
+    }
+
+    #[test]
+    fn a_counter_moved_by_someone_else_makes_the_poll_suspect() {
+        let now = Instant::now();
+        let mut s = Tallies::new(TTL, SETTLE);
+        s.registered("p", 3, t(&[4]));
+        let plan = s.plan(&["p".into()], now).remove(0);
+        // A repair rewrote our counter at the same sequence: its counts win.
+        assert_eq!(s.fill(&plan, refreshed(&[1], Some((3, &[2]))), now), t(&[3]));
+        assert!(s.take_suspects().is_empty());
+        // The database lost updates (a failover): our counter is behind what we wrote.
+        let plan = s.plan(&["p".into()], now).remove(0);
+        assert_eq!(s.fill(&plan, refreshed(&[1], Some((1, &[1]))), now), t(&[5]));
+        assert_eq!(s.take_suspects(), vec![("p".to_owned(), 3)]);
+        s.updated("p", 3, t(&[3]));
+        assert_eq!(s.read("p", now), Read::Fresh(t(&[4])));
     }
 
     #[test]
     fn stale_tallies_are_served_while_one_refresh_runs() {
         let now = Instant::now();
-        let mut s = Tallies::new(TTL);
-        let plan = s.plan(["p"]);
-        s.fill("p", plan, t(&[3]), now);
+        let mut s = Tallies::new(TTL, SETTLE);
+        let plan = s.plan(&["p".into()], now).remove(0);
+        assert!(!plan.own_known);
+        s.fill(&plan, refreshed(&[3], None), now);
         let later = now + TTL;
         assert_eq!(s.read("p", later), Read::Stale(t(&[3])));
-        let refresh = s.plan(["p"]);
         assert_eq!(s.read("p", later), Read::Refreshing(t(&[3])));
-        let b = s.begin_batch();
-        s.finish_batch(b, Some(&[("p", &[0])]), ["p"]);
-        assert_eq!(s.read("p", later), Read::Refreshing(t(&[4])));
-        assert_eq!(s.fill("p", refresh, t(&[3]), later), t(&[4]));
-        assert_eq!(s.read("p", later), Read::Fresh(t(&[4])));
-        // A failed refresh leaves the stale tally to be refreshed again.
-        let refresh = s.plan(["p"]);
-        s.abandon(["p"], refresh);
-        assert_eq!(s.read("p", later + TTL), Read::Stale(t(&[4])));
+        s.abandon(&["p".into()]);
+        assert_eq!(s.read("p", later), Read::Stale(t(&[3])));
+        s.abandon(&["p".into()]);
         // Long unread, it is not served without asking the database.
-        assert_eq!(s.read("p", later + TTL * SERVE_STALE_TTLS), Read::Missing);
-        let inline = s.plan(["p"]);
-        assert_eq!(s.fill("p", inline, t(&[9]), later + TTL * SERVE_STALE_TTLS), t(&[9]));
+        assert_eq!(s.read("p", now + TTL * SERVE_STALE_TTLS), Read::Missing);
+        // Registering (this process writes to the poll now) drops what was counted without it.
+        s.registered("p", 0, t(&[]));
+        assert_eq!(s.read("p", later), Read::Missing);
     }
 
     #[test]
-    fn unclear_batches_are_left_to_the_database() {
+    fn a_purge_forgets_the_poll() {
         let now = Instant::now();
-        let mut s = Tallies::new(TTL);
-        let plan = s.plan(["p"]);
-        s.fill("p", plan, t(&[0]), now);
-        let b1 = s.begin_batch();
-        let b2 = s.begin_batch();
-        // An aggregation planned while both are in flight...
-        let racing = s.plan(["p"]);
-        // ...batch 2 fails as a whole: its documents may or may not be stored.
-        s.finish_batch(b2, None, ["p"]);
-        assert_eq!(s.read("p", now), Read::Missing, "the kept tally could miss them");
-        // Batch 1 is still in flight, so no cutoff can cover batch 2 yet: plain aggregations.
-        assert_eq!(s.plan(["p"]), Plan::Plain);
-        assert_eq!(s.fill("p", Plan::Plain, t(&[5]), now), t(&[5]));
-        assert_eq!(s.read("p", now), Read::Missing);
-        // The racing aggregation must not be kept either.
-        s.fill("p", racing, t(&[0]), now);
-        assert_eq!(s.read("p", now), Read::Missing);
-        s.finish_batch(b1, Some(&[("p", &[0])]), ["p"]);
-        let plan = s.plan(["p"]);
-        assert_eq!(plan, Plan::Cutoff { cutoff: 2, epoch: 1 });
-        assert_eq!(s.fill("p", plan, t(&[6]), now), t(&[6]));
-        assert_eq!(s.read("p", now), Read::Fresh(t(&[6])));
-        assert!(s.unclear.is_empty());
-    }
-
-    #[test]
-    fn a_purge_drops_the_poll_and_distrusts_batches_in_flight() {
-        let now = Instant::now();
-        let mut s = Tallies::new(TTL);
-        let plan = s.plan(["p"]);
-        s.fill("p", plan, t(&[2]), now);
+        let mut s = Tallies::new(TTL, SETTLE);
+        s.registered("p", 0, t(&[]));
         let b = s.begin_batch();
         s.purged("p");
-        s.finish_batch(b, Some(&[("p", &[0])]), ["p"]);
+        s.finish_batch(b, Some(&[("p", &[0])]), ["p"], now);
+        assert!(!s.is_registered("p"));
+        assert!(s.updates_due().is_empty());
         assert_eq!(s.read("p", now), Read::Missing);
-        let plan = s.plan(["p"]);
-        assert!(matches!(plan, Plan::Cutoff { cutoff: 1, .. }));
-        assert_eq!(s.fill("p", plan, t(&[1]), now), t(&[1]));
-    }
-
-    #[test]
-    fn tallies_nobody_reads_do_not_collect_batches() {
-        let ttl = Duration::from_millis(1);
-        let mut s = Tallies::new(ttl);
-        let plan = s.plan(["p"]);
-        s.fill("p", plan, t(&[0]), Instant::now());
-        std::thread::sleep(ttl * (FORGET_AFTER_TTLS + 5));
-        for _ in 0..100 {
-            let b = s.begin_batch();
-            s.finish_batch(b, Some(&[("p", &[0])]), ["p"]);
-        }
-        assert!(s.polls.is_empty(), "{:?}", s.polls);
     }
 
     #[test]
     fn a_zero_ttl_keeps_nothing() {
         let now = Instant::now();
-        let mut s = Tallies::new(Duration::ZERO);
-        assert_eq!(s.plan(["p"]), Plan::Plain);
+        let mut s = Tallies::new(Duration::ZERO, SETTLE);
+        s.registered("p", 0, t(&[]));
         let b = s.begin_batch();
-        s.finish_batch(b, Some(&[("p", &[0])]), ["p"]);
+        s.finish_batch(b, Some(&[("p", &[0])]), ["p"], now);
+        let plan = s.plan(&["p".into()], now).remove(0);
+        assert_eq!(s.fill(&plan, refreshed(&[2], Some((0, &[]))), now), t(&[3]));
         assert_eq!(s.read("p", now), Read::Missing);
-        assert!(s.polls.is_empty());
     }
 }
