@@ -49,6 +49,8 @@ pub fn router(state: Arc<AppState>) -> OpenApiRouter {
         .route("/internal/polls/{id}/ballots", axum::routing::delete(purge))
         .route("/internal/polls/{id}/audit", axum::routing::get(audit))
         .route("/internal/audit", axum::routing::get(audit_many))
+        .route("/internal/polls/{id}/repair", axum::routing::post(repair))
+        .route("/internal/repair", axum::routing::post(repair_since))
         .with_state(state)
 }
 
@@ -534,6 +536,42 @@ async fn audit(State(s): St, Path(id): Path<String>) -> Result<Json<Audit>, Prob
     let tally = s.store.tally(&id).await?;
     let stored = s.store.recount(&id).await?;
     Ok(Json(Audit::new(id, tally, stored)))
+}
+
+/// Internal: makes the poll's kept tally equal to its stored ballots again (idempotent; for an
+/// operator after a database failover, see the README). Answers what was checked and corrected.
+async fn repair(State(s): St, Path(id): Path<String>) -> Result<Json<shared::store::Repair>, Problem> {
+    let id = normalise_poll_id(&id).ok_or_else(|| Problem::invalid("id", "must be a poll id"))?;
+    Ok(Json(s.store.repair(&id).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RepairQuery {
+    /// RFC 3339; omitted: every poll with ballots.
+    since: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct Repairs {
+    repairs: Vec<shared::store::Repair>,
+}
+
+/// Internal: [`repair`] of every poll whose tally may have changed since `?since=` (RFC 3339),
+/// e.g. the start of a failover; of every poll with ballots without it.
+async fn repair_since(State(s): St, AppQuery(q): AppQuery<RepairQuery>) -> Result<Json<Repairs>, Problem> {
+    let since = q
+        .since
+        .as_deref()
+        .map(|t| {
+            DateTime::parse_from_rfc3339(t)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|_| Problem::invalid("since", "must be an RFC 3339 time, e.g. 2026-11-29T22:00:00Z"))
+        })
+        .transpose()?;
+    Ok(Json(Repairs {
+        repairs: s.store.repair_since(since).await?,
+    }))
 }
 
 #[derive(Debug, Deserialize)]

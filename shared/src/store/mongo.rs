@@ -31,32 +31,29 @@
 //! Concurrent ballots share one unordered `insertMany` (group commit, see [`writer`]); a
 //! duplicate in a batch fails alone, with the same 11000.
 //!
-//! # Tallies: derived from the ballots, never maintained beside them
+//! # Tallies: counters that are a cache of the ballots
 //!
-//! There are no multi-document transactions to lean on (FerretDB and several Cosmos DB tiers have
-//! none). Keeping a counter document next to the ballots needs two writes per ballot (insert, then
-//! `$inc`), and a `kill -9` between them leaves the counter wrong: one short if the process dies
-//! before the `$inc`; and a "counted" flag on the ballot, set after the `$inc`, only moves the
-//! problem (dying between the `$inc` and the flag makes any repair count the ballot twice, and a
-//! repair racing a live writer can double count too, unless leases with time assumptions are
-//! added). So this store keeps no counter at all: **a tally is computed from the ballots**, with
-//! one `$group` aggregation (`$match` on `poll_id`, grouped by `(poll_id, choices)`; the per-option
-//! counts follow in Rust). A vote is exactly one write, so a `kill -9` at any instant leaves either
-//! no ballot (the client got no 2xx and may retry: the `_id` makes the retry safe) or one ballot
-//! that every later tally counts. Tally equals recount at rest by construction, and even in
-//! flight. `recount` reads the ballots one by one (a different code path) as the ground truth.
+//! There are no multi-document transactions to lean on (several Cosmos DB tiers and
+//! MongoDB-protocol servers have none), so a vote stays exactly one write, and the counters are
+//! kept so that a crash at any instant cannot make them count a ballot twice or lose one for good:
 //!
-//! Cost: an aggregation is proportional to the poll's ballots (served by the `{poll_id, voter}`
-//! index), so it is not repeated per read. Each batch of ballots this process writes carries a
-//! sequence number and the store's writer id (`s`, `w`); an aggregation excludes this writer's
-//! batches after a cutoff below every batch in flight, and the ballots of later batches are added
-//! from memory when their batch is acknowledged (the `tallies` module). A kept tally is therefore
-//! exact for this process's own ballots at every instant (a replica reads its own writes, with no
-//! aggregation per ballot), and other replicas' ballots show up when it is refreshed: once older
-//! than `tally_cache_ttl` (default 1 s) it is served while one background aggregation refreshes it;
-//! past 5 TTLs without a read, a read aggregates at once. A batch whose outcome is unclear (a
-//! command that failed or timed out as a whole) is left to plain aggregations until a cutoff can
-//! cover it. `tally_cache_ttl = 0` keeps nothing: every read aggregates.
+//! - every batch of this process (writer `w`, random per store) has a sequence number `s`, written
+//!   into its ballots; a counter document per (poll, writer) holds the counts of that writer's
+//!   ballots in batches `s <= seq`, and only moves by one conditional update from a known `seq`
+//!   (the `counters` module), after every batch up to the new `seq` is acknowledged (the
+//!   [`applier`]); a retry or a replay finds `seq` moved and changes nothing;
+//! - a tally is the sum of the counters plus one aggregation of the ballots no counter covers yet
+//!   (`s > seq` per writer, index `{poll_id, w, s}`): every stored ballot is counted once, by its
+//!   counter or by that tail, at every instant, and a refresh costs the writers plus the new
+//!   ballots, not the poll's size. This process's own part comes from memory (the `tallies`
+//!   module), so it reads its own writes at once; other writers' part is kept for
+//!   `tally_cache_ttl` and then refreshed in the background;
+//! - a batch whose outcome is unclear (the command failed or timed out as a whole) holds the
+//!   counter back until it has settled, then its stored ballots are counted in the database;
+//! - writers hold a lease (`<ballots>_writers`); a dead writer's tail is adopted by another
+//!   replica once no batch of it can still land; [`BallotStore::repair`] rebuilds counters from
+//!   the ballots (after a failover); `recount` reads the ballots one by one, in chunks, as the
+//!   ground truth the tally must equal.
 //!
 //! # Shard keys (MongoDB sharded clusters, Cosmos DB partition keys)
 //!
@@ -165,7 +162,7 @@ impl MongoSettings {
             connect_timeout: Duration::from_secs(3),
             server_selection_timeout: Duration::from_secs(3),
             operation_timeout: Duration::from_secs(5),
-            tally_cache_ttl: Duration::from_secs(1),
+            tally_cache_ttl: Duration::from_millis(250),
             write_batches_in_flight: 2,
             polls_collection: POLLS_COLLECTION.into(),
             ballots_collection: BALLOTS_COLLECTION.into(),
