@@ -1337,6 +1337,9 @@ const INSERT_QUEUE: usize = 8192;
 const MAX_BATCH: usize = 1000;
 /// Counter updates sent at once by the applier.
 const UPDATES_AT_ONCE: usize = 16;
+/// The applier's rounds start at most this often; the tail a refresh aggregates is about this
+/// much of the writers' ballots.
+const APPLY_EVERY: Duration = Duration::from_millis(50);
 
 struct InsertJob {
     doc: Document,
@@ -1567,6 +1570,8 @@ async fn applier(w: Writer, stop: tokio_util::sync::CancellationToken) {
         if stopping {
             return;
         }
+        // Rounds at most this often: under load one update per poll folds many batches.
+        tokio::time::sleep(APPLY_EVERY).await;
     }
 }
 
@@ -1590,7 +1595,7 @@ async fn apply_round(w: &Writer) -> StoreResult<()> {
         .map(|(poll, update, to)| async move {
             let r = async {
                 if let Some((from, delta)) = &update
-                    && let Some(done) = w.counters.advance(&poll, me, *from, to, delta).await?
+                    && let Some(done) = w.counters.advance(&poll, me, (*from, to), delta, true).await?
                 {
                     return Ok(done);
                 }
@@ -1625,7 +1630,7 @@ async fn resync(c: &Counters, poll: &str, to: u64) -> StoreResult<(u64, Tally)> 
             Some((seq, counts)) if seq >= to => return Ok((seq, counts)),
             Some((seq, _)) => {
                 let (caught, _) = c.count_range(poll, c.me, seq, Some(to)).await?;
-                if let Some(done) = c.advance(poll, c.me, seq, to, &caught).await? {
+                if let Some(done) = c.advance(poll, c.me, (seq, to), &caught, false).await? {
                     tracing::warn!(
                         poll,
                         from = seq,

@@ -119,6 +119,10 @@ async fn collect(
 #[derive(Clone)]
 pub(super) struct Counters {
     pub counters: Collection<Document>,
+    /// The same collection with write concern `{w: 1, j: false}`, for the applier's routine
+    /// updates: losing one (a crash, a rollback) only leaves its ballots in the tail, where every
+    /// refresh counts them, and the writer finds its counter behind and catches it up.
+    fast: Collection<Document>,
     pub writers: Collection<Document>,
     pub ballots: Collection<Document>,
     pub retry: RetryPolicy,
@@ -143,8 +147,17 @@ impl Counters {
         let by_time = index("at", doc! { "at": 1 });
         super::ensure_collection(db, &counters_name, vec![by_poll, by_writer, by_time], retry).await?;
         super::ensure_collection(db, &writers_name, Vec::new(), retry).await?;
+        let fast = mongodb::options::CollectionOptions::builder()
+            .write_concern(
+                mongodb::options::WriteConcern::builder()
+                    .w(mongodb::options::Acknowledgment::Nodes(1))
+                    .journal(false)
+                    .build(),
+            )
+            .build();
         let this = Self {
             counters: db.collection(&counters_name),
+            fast: db.collection_with_options(&counters_name, fast),
             writers: db.collection(&writers_name),
             ballots: ballots.clone(),
             retry: retry.clone(),
@@ -195,22 +208,23 @@ impl Counters {
     }
 
     /// Moves writer `w`'s counter of `poll` from `from` to `to`, adding `delta`: the counter after,
-    /// or `None` when it was not at `from` (or does not exist).
+    /// or `None` when it was not at `from` (or does not exist). `fast`: without waiting for the
+    /// journal or a majority (see [`Counters::fast`]).
     pub async fn advance(
         &self,
         poll: &str,
         w: i64,
-        from: u64,
-        to: u64,
+        (from, to): (u64, u64),
         delta: &Tally,
+        fast: bool,
     ) -> StoreResult<Option<(u64, Tally)>> {
         let filter = doc! { "_id": counter_id(poll, w), "seq": to_i64(from) };
         let update = doc! { "$inc": inc_of(delta), "$set": { "seq": to_i64(to), "at": now() } };
+        let coll = if fast { &self.fast } else { &self.counters };
         let found = self
             .retry
             .run(|| {
-                self.counters
-                    .find_one_and_update(filter.clone(), update.clone())
+                coll.find_one_and_update(filter.clone(), update.clone())
                     .return_document(ReturnDocument::After)
             })
             .await?;
@@ -365,7 +379,7 @@ impl Counters {
                 let (tail, last) = self.count_range(&poll, w, seq, None).await?;
                 if tail.total > 0 {
                     // `None`: another replica adopted it first.
-                    self.advance(&poll, w, seq, last, &tail).await?;
+                    self.advance(&poll, w, (seq, last), &tail, false).await?;
                 }
             }
             let gone = doc! { "_id": w, "at": d.get("at").cloned().unwrap_or(Bson::Null) };
