@@ -31,6 +31,8 @@ pub struct ServerConfig {
     pub host: String,
     pub port: u16,
     pub request_timeout_ms: u64,
+    /// The deadline of `/internal/` requests (audits and repairs read every ballot of a poll).
+    pub internal_request_timeout_ms: u64,
     pub body_limit_bytes: usize,
     pub drain_timeout_ms: u64,
     pub cors_allowed_origins: Vec<String>,
@@ -349,6 +351,9 @@ impl Config {
         }
         if s.request_timeout_ms == 0 {
             problems.push("server.request_timeout_ms: must be greater than 0".into());
+        }
+        if s.internal_request_timeout_ms < s.request_timeout_ms {
+            problems.push("server.internal_request_timeout_ms: must be at least server.request_timeout_ms".into());
         }
         if s.body_limit_bytes < 1024 {
             problems.push("server.body_limit_bytes: must be at least 1024".into());

@@ -228,6 +228,28 @@ pub async fn observe(State(metrics): State<Arc<Metrics>>, req: Request, next: Ne
 /// Any error response without a JSON body (unknown route, wrong method, timeout, framework
 /// rejections) becomes a problem document, keeping its status and headers such as `Allow`.
 /// JSON error bodies are the handlers' own (problems, `/health/deep`) and pass unchanged.
+/// Request deadlines: `public` for every route but `/internal/`, whose operator calls (an audit
+/// or a repair of a poll with a million ballots) get `internal`.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub public: Duration,
+    pub internal: Duration,
+}
+
+/// Answers 503 when the handler has not answered within the route's deadline (the body is then
+/// turned into a problem by [`problem_for_errors`]).
+pub async fn timeout(State(t): State<Timeouts>, req: Request, next: Next) -> Response {
+    let limit = if req.uri().path().starts_with("/internal/") {
+        t.internal
+    } else {
+        t.public
+    };
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+    }
+}
+
 pub async fn problem_for_errors(req: Request, next: Next) -> Response {
     let res = next.run(req).await;
     let status = res.status();

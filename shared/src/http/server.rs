@@ -8,14 +8,13 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderName, HeaderValue, Method, header};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::compression::CompressionLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::timeout::TimeoutLayer;
 use utoipa::openapi::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_swagger_ui::SwaggerUi;
@@ -60,9 +59,12 @@ pub fn assemble(api: OpenApiRouter, ops: Arc<Ops>, config: &Config, describe: im
         ))
         .layer(axum::middleware::from_fn_with_state(front_door, middleware::front_door))
         .layer(DefaultBodyLimit::max(server.body_limit_bytes))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
-            Duration::from_millis(server.request_timeout_ms),
+        .layer(axum::middleware::from_fn_with_state(
+            middleware::Timeouts {
+                public: Duration::from_millis(server.request_timeout_ms),
+                internal: Duration::from_millis(server.internal_request_timeout_ms),
+            },
+            middleware::timeout,
         ))
         .layer(CompressionLayer::new())
         .layer(cors(&server.cors_allowed_origins))
