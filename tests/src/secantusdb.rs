@@ -52,6 +52,36 @@ impl OwnSecantusDb {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.state.path().join("secantusd.log")).unwrap_or_default()
     }
+
+    /// SIGKILL, now (a crash: what was journalled and synced stays); returns once it has exited.
+    /// [`OwnSecantusDb::restart`] brings it back; dropping the handle still cleans up.
+    pub fn kill(&self) {
+        self.script("kill", &[]);
+    }
+
+    /// Starts it again after [`OwnSecantusDb::kill`]: same state directory, so the same port (the
+    /// same URI), data and arguments; returns once it accepts connections.
+    pub fn restart(&self) {
+        let uri = self.script("start", &[]);
+        assert_eq!(uri, self.uri, "restarted on the same address");
+    }
+
+    fn script(&self, command: &str, args: &[&str]) -> String {
+        let out = Command::new("bash")
+            .arg(script())
+            .arg(command)
+            .arg(self.state.path())
+            .args(args)
+            .output()
+            .expect("run scripts/secantusdb");
+        assert!(
+            out.status.success(),
+            "scripts/secantusdb {command}: {}\nserver log:\n{}",
+            String::from_utf8_lossy(&out.stderr).trim(),
+            self.log()
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
 }
 
 impl Drop for OwnSecantusDb {

@@ -2,27 +2,12 @@
 //! (scripts/secantusdb), cut while ballots flow and brought back.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use api_tests::Stack;
+use api_tests::secantusdb::OwnSecantusDb;
 use serde_json::{Value, json};
-
-fn secantusdb(args: &[&str]) -> String {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/secantusdb");
-    let out = std::process::Command::new("bash")
-        .arg(script)
-        .args(args)
-        .output()
-        .expect("run scripts/secantusdb");
-    assert!(
-        out.status.success(),
-        "scripts/secantusdb {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8").trim().to_owned()
-}
 
 fn enabled() -> bool {
     let on = std::env::var("POLLVOTE_TEST_BACKEND").as_deref() == Ok("mongodb");
@@ -34,9 +19,13 @@ fn enabled() -> bool {
 }
 
 struct Outcome {
+    /// When the request was sent.
+    sent: Instant,
     latency: Duration,
     status: u16,
     retry_after: bool,
+    /// The `Retry-After` header, when it is delta-seconds.
+    retry_after_secs: Option<u64>,
 }
 
 #[tokio::test]
@@ -44,9 +33,9 @@ async fn a_database_outage_gives_fast_503s_and_recovers_without_restart() {
     if !enabled() {
         return;
     }
-    let state = tempfile::tempdir().expect("tempdir");
-    let dir: &Path = state.path();
-    let uri = secantusdb(&["start", dir.to_str().expect("path")]);
+    // Killed when the test ends, also when it fails.
+    let db = OwnSecantusDb::start(&[]).unwrap_or_else(|why| panic!("SecantusDB for the fault test: {why}"));
+    let uri = db.uri.clone();
     let s = Arc::new(
         Stack::start_with(|c| {
             c.storage.mongodb_uri = shared::Secret::new(uri.clone());
@@ -80,10 +69,17 @@ async fn a_database_outage_gives_fast_503s_and_recovers_without_restart() {
                         .expect("the vote service answers");
                     let status = res.status().as_u16();
                     let retry_after = res.headers().contains_key("retry-after");
+                    let retry_after_secs = res
+                        .headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok());
                     outcomes.lock().expect("lock").push(Outcome {
+                        sent: started,
                         latency: started.elapsed(),
                         status,
                         retry_after,
+                        retry_after_secs,
                     });
                     if status == 201 {
                         acknowledged.push(voter.clone());
@@ -98,7 +94,7 @@ async fn a_database_outage_gives_fast_503s_and_recovers_without_restart() {
     }
 
     tokio::time::sleep(Duration::from_secs(1)).await;
-    secantusdb(&["kill", dir.to_str().expect("path")]);
+    db.kill();
     let cut_at = Instant::now();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let deep = s
@@ -118,7 +114,8 @@ async fn a_database_outage_gives_fast_503s_and_recovers_without_restart() {
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
     let down_for = cut_at.elapsed();
-    secantusdb(&["start", dir.to_str().expect("path")]);
+    let restart_began = Instant::now();
+    db.restart();
     let restarted = Instant::now();
 
     // Recovery: a ballot is acknowledged again, with no restart of the services.
@@ -137,6 +134,34 @@ async fn a_database_outage_gives_fast_503s_and_recovers_without_restart() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let recovered_in = restarted.elapsed();
+    // Recovery without a restart: the same in-process services acknowledge a ballot sent after
+    // the database came back, and say the database is up again.
+    assert!(
+        outcomes
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|o| o.status == 201 && o.sent >= restarted),
+        "a ballot sent after the database came back is acknowledged"
+    );
+    loop {
+        let deep = s
+            .http
+            .get(format!("{}/health/deep", s.vote))
+            .send()
+            .await
+            .expect("deep");
+        let status = deep.status();
+        let deep: Value = deep.json().await.expect("json");
+        if status == 200 && deep["dependencies"]["database"]["status"] == "up" {
+            break;
+        }
+        assert!(
+            restarted.elapsed() < Duration::from_secs(30),
+            "/health/deep still says the database is down: {deep}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let mut acknowledged = Vec::new();
@@ -161,6 +186,29 @@ async fn a_database_outage_gives_fast_503s_and_recovers_without_restart() {
     assert!(
         by_status.get(&503).copied().unwrap_or(0) > 0,
         "the outage was seen: {by_status:?}"
+    );
+    // During the cut (sent after the kill, answered before the restart began): no ballot is
+    // acknowledged, and the ballots are refused with 503 and a Retry-After of whole seconds.
+    let during: Vec<&Outcome> = outcomes
+        .iter()
+        .filter(|o| o.sent >= cut_at && o.sent + o.latency < restart_began)
+        .collect();
+    assert!(
+        !during.is_empty() && during.iter().all(|o| o.status == 503),
+        "every ballot sent during the cut is refused with 503: {:?}",
+        during.iter().map(|o| o.status).collect::<Vec<_>>()
+    );
+    for o in &during {
+        assert!(
+            o.retry_after_secs.is_some_and(|secs| secs >= 1),
+            "a 503 during the cut says when to retry, in seconds (Retry-After: {:?})",
+            o.retry_after_secs
+        );
+    }
+    let slowest = during.iter().map(|o| o.latency).max().unwrap_or_default();
+    eprintln!(
+        "during the cut: {} ballots refused with 503 + Retry-After, slowest answer {slowest:?}",
+        during.len()
     );
     eprintln!("outage {down_for:?}, recovered {recovered_in:?} after restart, outcomes {by_status:?}");
 
@@ -214,10 +262,52 @@ async fn a_database_outage_gives_fast_503s_and_recovers_without_restart() {
         .expect("json");
     assert_eq!(audit["consistent"], true, "{audit}");
     assert_eq!(audit["stored"]["total"], acknowledged.len() as u64, "{audit}");
+    // Per-option counts as three numbers (a tally may leave out trailing options without votes).
+    let three = |counts: &Value| -> Vec<u64> {
+        let mut v: Vec<u64> = counts
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|c| c.as_u64().or_else(|| c["count"].as_u64()).unwrap_or(u64::MAX))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.resize(3, 0);
+        v
+    };
+    let stored = three(&audit["stored"]["by_option"]);
+    assert_eq!(
+        stored,
+        vec![acknowledged.len() as u64, 0, 0],
+        "every ballot was for red: {audit}"
+    );
     let p = s.get_poll(&id).await;
     assert_eq!(p["votes"]["count"], acknowledged.len() as u64);
+
+    // At rest after the recovery, the tally the services serve (the vote service's tally and the
+    // poll service's results) equals the audit's recount, within 10 s.
+    let at_rest = Instant::now();
+    let bound = Duration::from_secs(10);
+    loop {
+        let t: Value = api_tests::get_json(&s.http, &format!("{}/internal/tallies?ids={id}", s.vote)).await;
+        let p = s.get_poll(&id).await;
+        if t["tallies"][0]["total"] == audit["stored"]["total"]
+            && three(&t["tallies"][0]["by_option"]) == stored
+            && p["votes"]["count"] == audit["stored"]["total"]
+            && three(&p["votes"]["by_option"]) == stored
+        {
+            break;
+        }
+        assert!(
+            at_rest.elapsed() < bound,
+            "tally {t} and results {} are not the audit's {} within {bound:?}",
+            p["votes"],
+            audit["stored"]
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     drop(s);
-    secantusdb(&["kill", dir.to_str().expect("path")]);
+    drop(db);
 }
 
 #[tokio::test]
