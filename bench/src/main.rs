@@ -7,6 +7,7 @@ mod procs;
 mod report;
 mod scenarios;
 mod storage;
+mod viral;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -40,18 +41,39 @@ Options:
                         bench_reference_<run id>) and MongoBallotStore::cast (bench_store_<run id>)
   --mongodb-uri URI     the MongoDB server (required with --backend mongodb); or set LOADGEN_MONGODB_URI,
                         which keeps the URI (and any password in it) out of the process list
-  --scenarios LIST      comma-separated, default all: get-ceiling,store-raw,hot-poll,hot-poll-open,
-                        many-polls,duplicates,watchers
-  --duration SECS       per scenario (default 10; --smoke: 1.5)
+  --scenarios LIST      comma-separated; `all` = get-ceiling,store-raw,hot-poll,hot-poll-open,many-polls,
+                        duplicates,watchers; plus viral (e.g. `all,viral`). Default: all; with --smoke
+                        all,viral
+  --duration SECS       per scenario (default 10; --smoke: 1.5); not viral, which runs to its ballot count
   --clients N           concurrent clients (default 64)
   --polls N             polls of many-polls (default 1000)
   --watchers N          SSE subscribers of watchers (default 1000)
   --open-rate N         ballots/s of hot-poll-open (default: 70 % of the hot-poll rate)
+  --viral-ballots N     viral: ballots on its one poll (dedupe none), sent by --clients clients at full
+                        speed (default 1000000; --smoke: 20000)
+  --viral-watchers N    viral: SSE subscribers of the poll's live results (default 200)
+  --viral-read-after S  viral: seconds the reader (GET /api/polls/{id}, 20 per second, from the start of
+                        the burst) keeps reading after the last ballot (default 10; --smoke: 2)
+  --db-pid PID          viral: the database server's process (same machine), for its CPU share during the
+                        burst and the read phase (scripts/bench passes the SecantusDB it started)
   --scratch DIR         where the raw-store and fsync references put their temp files (default: --data-dir)
   --out PREFIX          write PREFIX.json and PREFIX.md
   --label TEXT          recorded in the result (e.g. the git commit)
   --service-env LIST    extra environment of started services, KEY=VALUE[,KEY=VALUE...]
   --smoke               short runs; only the invariants and error statuses decide the exit code
+
+viral: one poll with dedupe none takes --viral-ballots ballots as fast as --clients clients can send
+them, while --viral-watchers SSE subscribers and one reader (GET /api/polls/{id}, 20 per second)
+follow it, during the burst and for --viral-read-after seconds after it. Reported: ballots/s and
+ballot latency; the reader's GET latency (p50/p99/max), 5xx and other non-200 answers, during and
+after the burst; how late each watcher and the reader saw the final tally after the last
+acknowledged ballot (max; goal <= 1 s; not within 30 s fails the run); the audit of the poll, its
+duration and whether it is consistent; the vote service's tally refresh time (mean and p99 of the
+`pollvote_tally_refresh_duration_seconds` histogram on its /metrics during the scenario, n/a
+without it); CPU-seconds per second of poll, vote and (--db-pid) the database server, during the
+burst and the read phase. It fails the run on a 5xx or any non-200 to the reader, a watcher or the
+reader not seeing the final tally, or an audit that is inconsistent or differs from the accepted
+count.
 Exit code: 0 when every invariant holds and no unexpected status was seen, 1 otherwise, 2 on bad usage.";
 
 struct Args {
@@ -63,6 +85,10 @@ struct Args {
     polls: usize,
     watchers: usize,
     open_rate: Option<f64>,
+    viral_ballots: u64,
+    viral_watchers: usize,
+    viral_read_after: Duration,
+    db_pid: Option<u32>,
     scratch: PathBuf,
     out: Option<PathBuf>,
     label: String,
@@ -72,6 +98,7 @@ struct Args {
     attach: Option<((SocketAddr, u32), (SocketAddr, u32))>,
 }
 
+/// `--scenarios all`: the scenarios of a full run.
 const ALL: [&str; 7] = [
     "get-ceiling",
     "store-raw",
@@ -81,6 +108,9 @@ const ALL: [&str; 7] = [
     "duplicates",
     "watchers",
 ];
+/// Scenarios run only when asked for (in a full run): `viral` alone takes about as long as all the
+/// others together (a million ballots). Smoke runs include them.
+const EXTRA: [&str; 1] = ["viral"];
 
 fn parse_args() -> Result<Args, String> {
     let mut kv: BTreeMap<String, String> = BTreeMap::new();
@@ -120,17 +150,41 @@ fn parse_args() -> Result<Args, String> {
     {
         return Err("--mongodb-uri: must start with mongodb:// or mongodb+srv://".into());
     }
-    let scenarios: Vec<String> = match take("scenarios") {
-        Some(s) => s.split(',').map(str::to_owned).collect(),
-        None => ALL.iter().map(|s| (*s).to_owned()).collect(),
-    };
-    if let Some(bad) = scenarios.iter().find(|s| !ALL.contains(&s.as_str())) {
-        return Err(format!("unknown scenario {bad:?}"));
+    let default = if smoke { "all,viral" } else { "all" };
+    let mut scenarios: Vec<String> = Vec::new();
+    for s in take("scenarios").as_deref().unwrap_or(default).split(',') {
+        let names: Vec<&str> = if s == "all" { ALL.to_vec() } else { vec![s] };
+        for name in names {
+            if !ALL.contains(&name) && !EXTRA.contains(&name) {
+                return Err(format!("unknown scenario {name:?}"));
+            }
+            if !scenarios.iter().any(|x| x == name) {
+                scenarios.push(name.to_owned());
+            }
+        }
     }
     let duration = Duration::from_secs_f64(num(take("duration"), if smoke { 1.5 } else { 10.0 }, "duration")?);
     let clients = num(take("clients"), 64.0, "clients")? as usize;
     let polls = num(take("polls"), 1000.0, "polls")? as usize;
     let watchers = num(take("watchers"), 1000.0, "watchers")? as usize;
+    let viral_ballots = num(
+        take("viral-ballots"),
+        if smoke { 20_000.0 } else { 1_000_000.0 },
+        "viral-ballots",
+    )? as u64;
+    let viral_watchers = num(take("viral-watchers"), 200.0, "viral-watchers")? as usize;
+    let viral_read_after = Duration::from_secs_f64(
+        num(
+            take("viral-read-after"),
+            if smoke { 2.0 } else { 10.0 },
+            "viral-read-after",
+        )?
+        .max(0.0),
+    );
+    let db_pid = take("db-pid")
+        .map(|s| s.parse::<u32>())
+        .transpose()
+        .map_err(|_| "--db-pid: not a pid")?;
     let open_rate = take("open-rate")
         .map(|s| s.parse::<f64>())
         .transpose()
@@ -194,6 +248,10 @@ fn parse_args() -> Result<Args, String> {
         polls,
         watchers,
         open_rate,
+        viral_ballots,
+        viral_watchers,
+        viral_read_after,
+        db_pid,
         scratch,
         out,
         label,
@@ -266,6 +324,7 @@ pub struct Scenario {
     pub cpu: Cpu,
     pub invariants: Option<Invariants>,
     pub watchers: Option<Watchers>,
+    pub viral: Option<viral::Viral>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -470,7 +529,7 @@ impl Bench {
     }
 
     async fn hot_poll(&mut self, name: &str, mode: Mode) -> Result<(), String> {
-        let polls = scenarios::create_polls(self.poll.addr, 1, &format!("bench {name}"), 1).await?;
+        let polls = scenarios::create_polls(self.poll.addr, 1, &format!("bench {name}"), 1, "voter").await?;
         let w = Ballots::new(self.vote.addr, polls.clone(), &format!("{}-{name}", self.run_id), 0);
         let s = self.measure(name, "vote", mode, Arc::new(w), &polls).await?;
         self.add(s);
@@ -479,7 +538,7 @@ impl Bench {
 
     async fn watchers(&mut self) -> Result<(), String> {
         let name = "watchers";
-        let polls = scenarios::create_polls(self.poll.addr, 1, "bench watchers", 1).await?;
+        let polls = scenarios::create_polls(self.poll.addr, 1, "bench watchers", 1, "voter").await?;
         let n = self.args.watchers;
         eprintln!("== {name}: {n} subscribers");
         let ready = Arc::new(AtomicUsize::new(0));
@@ -590,6 +649,7 @@ impl Bench {
             want("duplicates"),
             want("watchers"),
         );
+        let want_viral = want("viral");
         if want_store {
             eprintln!("== fsync rate (write + fdatasync, 1 thread)");
             let r = storage::fsync_rate(&self.args.scratch, self.args.duration.min(Duration::from_secs(3))).await?;
@@ -651,7 +711,7 @@ impl Bench {
         if want_many {
             let n = self.args.polls;
             eprintln!("== many-polls: creating {n} polls");
-            let polls = scenarios::create_polls(self.poll.addr, n, "bench many-polls", 8).await?;
+            let polls = scenarios::create_polls(self.poll.addr, n, "bench many-polls", 8, "voter").await?;
             let w = Ballots::new(self.vote.addr, polls.clone(), &format!("{}-many", self.run_id), 0);
             let s = self
                 .measure("many-polls", "vote", self.closed(), Arc::new(w), &polls)
@@ -659,7 +719,7 @@ impl Bench {
             self.add(s);
         }
         if want_dup {
-            let polls = scenarios::create_polls(self.poll.addr, 1, "bench duplicates", 1).await?;
+            let polls = scenarios::create_polls(self.poll.addr, 1, "bench duplicates", 1, "voter").await?;
             let w = Ballots::new(self.vote.addr, polls.clone(), &format!("{}-dup", self.run_id), 30);
             let s = self
                 .measure("duplicates", "vote", self.closed(), Arc::new(w), &polls)
@@ -673,6 +733,9 @@ impl Bench {
         }
         if want_watch {
             self.watchers().await?;
+        }
+        if want_viral {
+            self.viral().await?;
         }
         Ok(())
     }
@@ -710,6 +773,7 @@ fn scenario(
         cpu,
         invariants,
         watchers: None,
+        viral: None,
     }
 }
 

@@ -94,6 +94,28 @@ fn targets(r: &Report) -> Vec<Target> {
             met: Some(w.lateness.max_ms <= 1000.0 && w.saw_final == w.subscribers),
         });
     }
+    if let Some(v) = r.scenario("viral").and_then(|s| s.viral.as_ref()) {
+        out.push(Target {
+            what: "viral: every watcher and the reader see the final tally (max lateness)",
+            goal: "≤ 1 s".into(),
+            measured: v.max_lateness_ms.map_or_else(
+                || {
+                    format!(
+                        "not all saw it ({} of {} watchers; reader {})",
+                        v.watchers_saw_final,
+                        v.watchers,
+                        if v.reader_lateness_ms.is_some() {
+                            "did"
+                        } else {
+                            "did not"
+                        }
+                    )
+                },
+                |m| format!("{} ms", ms(m)),
+            ),
+            met: Some(v.max_lateness_ms.is_some_and(|m| m <= 1000.0)),
+        });
+    }
     for s in &r.services {
         out.push(Target {
             what: if s.name == "poll" {
@@ -277,6 +299,9 @@ pub fn markdown(r: &Report) -> String {
             ))
         );
     }
+    if let Some(v) = r.scenario("viral").and_then(|s| s.viral.as_ref()) {
+        viral(&mut o, v);
+    }
     let _ = writeln!(
         o,
         "\n| service | start to ready | idle RSS MiB | peak RSS (VmHWM) after the run MiB |"
@@ -328,4 +353,117 @@ pub fn markdown(r: &Report) -> String {
         }
     }
     o
+}
+
+fn statuses(m: &std::collections::BTreeMap<String, u64>) -> String {
+    if m.is_empty() {
+        "0".into()
+    } else {
+        m.iter().map(|(k, v)| format!("{v}×{k}")).collect::<Vec<_>>().join(", ")
+    }
+}
+
+fn viral(o: &mut String, v: &crate::viral::Viral) {
+    let opt = |x: Option<f64>| x.map_or("n/a".to_owned(), |m| format!("{} ms", ms(m)));
+    let _ = writeln!(
+        o,
+        "\nViral (one poll, dedupe `none`): {} of {} ballots accepted in {:.1} s = {:.0} ballots/s, ballot p50 {} ms, \
+         p99 {} ms, max {} ms; meanwhile {} SSE watchers ({} receiving before the burst) and one reader of \
+         `GET /api/polls/{{id}}` at 20/s, during the burst and for {:.0} s after it.\n",
+        v.accepted,
+        v.ballots,
+        v.burst_s,
+        v.ballots_per_s,
+        ms(v.ballot_latency.p50_ms),
+        ms(v.ballot_latency.p99_ms),
+        ms(v.ballot_latency.max_ms),
+        v.watchers,
+        v.watchers_connected,
+        v.read_after_s
+    );
+    let _ = writeln!(
+        o,
+        "| reader `GET /api/polls/{{id}}` | GETs | p50 | p99 | max | 5xx | not 200 |"
+    );
+    let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|---|");
+    for (phase, r) in [
+        ("during the burst", &v.reader_during_burst),
+        ("after the burst", &v.reader_after_burst),
+    ] {
+        let _ = writeln!(
+            o,
+            "| {phase} | {} | {} | {} | {} | {} | {} |",
+            r.requests,
+            ms(r.latency.p50_ms),
+            ms(r.latency.p99_ms),
+            ms(r.latency.max_ms),
+            r.server_errors,
+            statuses(&r.not_ok)
+        );
+    }
+    let _ = writeln!(
+        o,
+        "\nFinal tally seen after the last acknowledged ballot: watchers {} of {} (p50 {} ms, max {} ms{}), reader {}; \
+         max of all: {} (goal ≤ 1 s).",
+        v.watchers_saw_final,
+        v.watchers,
+        ms(v.watcher_lateness.p50_ms),
+        ms(v.watcher_lateness.max_ms),
+        if v.watcher_failures.is_empty() {
+            String::new()
+        } else {
+            format!("; failures: {}", statuses(&v.watcher_failures))
+        },
+        opt(v.reader_lateness_ms),
+        v.max_lateness_ms
+            .map_or("**not everyone saw it within 30 s**".to_owned(), |m| format!(
+                "{} ms",
+                ms(m)
+            ))
+    );
+    let audit = match (&v.audit_error, v.audit_s, v.audit_consistent) {
+        (Some(e), _, _) => format!("**failed**: {e}"),
+        (None, Some(s), Some(c)) => format!(
+            "{s:.2} s, {}",
+            if c {
+                "consistent (tally = recount of the stored ballots)"
+            } else {
+                "**inconsistent**"
+            }
+        ),
+        _ => "n/a".into(),
+    };
+    let _ = writeln!(
+        o,
+        "Audit of the poll (`GET /internal/audit` on the vote service): {audit}."
+    );
+    let _ = writeln!(
+        o,
+        "Tally refresh (vote service, `pollvote_tally_refresh_duration_seconds` during the scenario): {}.",
+        v.tally_refresh.as_ref().map_or(
+            if v.tally_refresh_metric {
+                "n/a (no refresh during the scenario)".to_owned()
+            } else {
+                "n/a (the vote service has no such metric)".to_owned()
+            },
+            |t| format!(
+                "{} refreshes, mean {} ms, p99 {} (interpolated in its buckets)",
+                t.refreshes,
+                ms(t.mean_ms),
+                opt(t.p99_ms)
+            )
+        )
+    );
+    let db = |d: Option<f64>| d.map_or("n/a".to_owned(), |x| format!("{x:.2}"));
+    let _ = writeln!(
+        o,
+        "CPU-seconds per second, burst / read phase after it: database server {} / {}, vote {:.2} / {:.2}, \
+         poll {:.2} / {:.2}.",
+        db(v.cpu_burst.database),
+        db(v.cpu_read_phase.database),
+        v.cpu_burst.vote,
+        v.cpu_read_phase.vote,
+        v.cpu_burst.poll,
+        v.cpu_read_phase.poll
+    );
 }

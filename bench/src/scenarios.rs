@@ -168,8 +168,15 @@ async fn json_call(conn: &mut Conn, req: &[u8]) -> Result<(u16, Value), String> 
     Ok((res.status, v))
 }
 
-/// Creates `n` polls (options a, b, c; `dedupe: voter`) over `parallel` connections.
-pub async fn create_polls(poll: SocketAddr, n: usize, label: &str, parallel: usize) -> Result<Vec<String>, String> {
+/// Creates `n` polls (options a, b, c; `dedupe` as given: `voter`, or `none` so that every ballot
+/// counts) over `parallel` connections.
+pub async fn create_polls(
+    poll: SocketAddr,
+    n: usize,
+    label: &str,
+    parallel: usize,
+    dedupe: &'static str,
+) -> Result<Vec<String>, String> {
     let next = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for _ in 0..parallel.clamp(1, n.max(1)) {
@@ -185,7 +192,7 @@ pub async fn create_polls(poll: SocketAddr, n: usize, label: &str, parallel: usi
                 let body = serde_json::json!({
                     "name": format!("{label} {k}"),
                     "options": OPTIONS,
-                    "dedupe": "voter",
+                    "dedupe": dedupe,
                 });
                 let req = request("POST", poll, "/api/polls", &[], Some(body.to_string().as_bytes()));
                 let (status, v) = json_call(&mut conn, &req).await?;
@@ -215,6 +222,8 @@ pub struct Invariants {
     pub stored: u64,
     pub tallied: u64,
     pub ok: bool,
+    /// Every audit answered `consistent: true` (maintained tally = recount of stored ballots).
+    pub consistent: bool,
     pub problems: Vec<String>,
     /// How long reading the audits took (they read every stored ballot of each poll).
     pub audit_s: f64,
@@ -266,6 +275,7 @@ pub async fn audit(
     let mut inv = Invariants {
         polls_checked: polls.len(),
         ok: true,
+        consistent: true,
         ..Invariants::default()
     };
     let counts = |v: &Value| -> (u64, Vec<u64>) {
@@ -288,6 +298,9 @@ pub async fn audit(
         inv.accepted += expected_total;
         inv.stored += stored_total;
         inv.tallied += tally_total;
+        if v["consistent"] != Value::Bool(true) {
+            inv.consistent = false;
+        }
         if v["consistent"] != Value::Bool(true) || tally_total != stored_total || tally_by != stored_by {
             inv.problems.push(format!(
                 "poll {poll}: tally {tally_total} {tally_by:?} != stored {stored_total} {stored_by:?}"
@@ -327,7 +340,7 @@ pub struct Subscriber {
 }
 
 /// `"votes":{"count":N` in a poll's JSON.
-fn count_in(data: &[u8]) -> Option<u64> {
+pub fn count_in(data: &[u8]) -> Option<u64> {
     const NEEDLE: &[u8] = br#""votes":{"count":"#;
     let at = data.windows(NEEDLE.len()).position(|w| w == NEEDLE)? + NEEDLE.len();
     let digits: &[u8] = &data[at..];
