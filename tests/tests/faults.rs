@@ -358,7 +358,15 @@ async fn a_poll_written_by_the_predecessor_is_served_by_the_api() {
 
     // New ballots add to the old count; the old poll cannot be administered (it has no token).
     assert_eq!(s.vote(json!({"poll_id": id, "option": "no"})).await.status(), 201);
-    let p = s.get_poll(&id).await;
+    // Reads are served from a snapshot at most 250 ms old: the ballot shows within a second.
+    let acknowledged = Instant::now();
+    let p = loop {
+        let p = s.get_poll(&id).await;
+        if p["votes"]["count"] != 5 || acknowledged.elapsed() > Duration::from_secs(1) {
+            break p;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(p["votes"]["count"], 6);
     assert_eq!(p["votes"]["by_option"][1]["count"], 1);
     let res = s

@@ -1986,3 +1986,227 @@ async fn traces_follow_a_ballot_and_a_read_through_both_services() {
         "an unsampled request exports no span: {body}"
     );
 }
+
+/// Reads are served from a snapshot shared by every reader: each view carries a strong `ETag`,
+/// `If-None-Match` answers 304 while it is current, a view that is the same for everyone may be
+/// cached for a second, and a ballot shows up within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_have_validators_and_show_a_ballot_within_a_second() {
+    let s = Stack::start().await;
+    let (id, _) = s.simple_poll(json!({"results": "always"})).await;
+    let url = format!("{}/api/polls/{id}", s.poll);
+    let header = |r: &reqwest::Response, name: &str| {
+        r.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let first = s.http.get(&url).send().await.expect("get");
+    assert_eq!(first.status(), 200);
+    let etag = header(&first, "etag");
+    assert!(
+        etag.starts_with('"') && etag.ends_with('"') && etag.len() > 10,
+        "{etag:?}"
+    );
+    assert_eq!(header(&first, "cache-control"), "public, max-age=1");
+    for validator in [
+        etag.clone(),
+        format!("W/{etag}"),
+        format!("\"other\", {etag}"),
+        "*".to_owned(),
+    ] {
+        let res = s
+            .http
+            .get(&url)
+            .header("if-none-match", &validator)
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(res.status(), 304, "If-None-Match: {validator}");
+        assert_eq!(header(&res, "etag"), etag);
+        assert_eq!(header(&res, "cache-control"), "public, max-age=1");
+        assert!(res.bytes().await.expect("body").is_empty());
+    }
+    let stale = s
+        .http
+        .get(&url)
+        .header("if-none-match", "\"not-this-one\"")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(stale.status(), 200);
+
+    // A ballot changes the view (and its validator) within a second of its 201.
+    assert_eq!(s.vote(json!({"poll_id": id, "option": "red"})).await.status(), 201);
+    let acknowledged = Instant::now();
+    let fresh = loop {
+        let res = s
+            .http
+            .get(&url)
+            .header("if-none-match", &etag)
+            .send()
+            .await
+            .expect("get");
+        if res.status() == 200 {
+            break res;
+        }
+        assert_eq!(res.status(), 304);
+        assert!(
+            acknowledged.elapsed() < Duration::from_secs(1),
+            "the ballot was not shown within a second"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let new_etag = header(&fresh, "etag");
+    assert_ne!(new_etag, etag);
+    let body: Value = fresh.json().await.expect("json");
+    assert_eq!(body["votes"]["count"], 1);
+
+    // The list: a validator and 304 too.
+    let list_url = format!("{}/api/polls?limit=5", s.poll);
+    let list = s.http.get(&list_url).send().await.expect("list");
+    assert_eq!(list.status(), 200);
+    let list_etag = header(&list, "etag");
+    assert_eq!(header(&list, "cache-control"), "public, max-age=1");
+    let again = s
+        .http
+        .get(&list_url)
+        .header("if-none-match", &list_etag)
+        .send()
+        .await
+        .expect("list");
+    assert_eq!(again.status(), 304);
+    s.stop().await;
+}
+
+/// A view that depends on the caller (whether they voted; whether they are the admin) is never
+/// served to another caller, through the snapshot or through a cache: such views are
+/// `private, no-store` with `Vary`, and a voter and a non-voter alternating each see their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caller_dependent_views_are_private_and_never_leak() {
+    let s = Stack::start_with(|c| {
+        c.server.client_ip_source = shared::config::ClientIpSource::XForwardedFor;
+    })
+    .await;
+    let (id, _) = s.simple_poll(json!({"results": "after_vote"})).await;
+    let voted = s
+        .http
+        .post(format!("{}/api/votes", s.vote))
+        .header("x-forwarded-for", "10.0.0.1")
+        .json(&json!({"poll_id": id, "option": "red"}))
+        .send()
+        .await
+        .expect("vote");
+    assert_eq!(voted.status(), 201);
+    let url = format!("{}/api/polls/{id}", s.poll);
+    let read = |from: &'static str, validator: Option<String>| {
+        let mut req = s.http.get(&url).header("x-forwarded-for", from);
+        if let Some(v) = validator {
+            req = req.header("if-none-match", v);
+        }
+        async move {
+            let res = req.send().await.expect("get");
+            let status = res.status().as_u16();
+            let h = |n: &str| {
+                res.headers()
+                    .get(n)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            let (etag, cache, vary) = (h("etag"), h("cache-control"), h("vary"));
+            let body: Value = if status == 200 {
+                res.json().await.expect("json")
+            } else {
+                Value::Null
+            };
+            (status, etag, cache, vary, body)
+        }
+    };
+    let mut voter_etag = None;
+    for round in 0..20 {
+        let (status, etag, cache, vary, body) = read("10.0.0.1", None).await;
+        assert_eq!(
+            (status, body["votes"]["count"].clone()),
+            (200, json!(1)),
+            "round {round}: the voter"
+        );
+        assert_eq!(cache, "private, no-store");
+        assert!(
+            vary.contains("Authorization") && vary.contains("X-Voter-Id"),
+            "{vary:?}"
+        );
+        // The non-voter, even when sending the voter's validator, gets their own view.
+        let (status, other_etag, cache, _, body) = read("10.0.0.2", Some(etag.clone())).await;
+        assert_eq!(
+            (status, body["votes"].clone()),
+            (200, Value::Null),
+            "round {round}: the non-voter"
+        );
+        assert_eq!(cache, "private, no-store");
+        assert_ne!(other_etag, etag);
+        voter_etag = Some(etag);
+    }
+    // The voter's own validator is honoured for the voter.
+    assert_eq!(read("10.0.0.1", voter_etag).await.0, 304);
+
+    // after_close: the admin sees counts while the poll is open, nobody else does; once closed
+    // the view is the same for everyone and may be cached.
+    let (closing, token) = s.simple_poll(json!({"results": "after_close"})).await;
+    let voted = s
+        .http
+        .post(format!("{}/api/votes", s.vote))
+        .header("x-forwarded-for", "10.0.0.3")
+        .json(&json!({"poll_id": closing, "option": "red"}))
+        .send()
+        .await
+        .expect("vote");
+    assert_eq!(voted.status(), 201);
+    let curl = format!("{}/api/polls/{closing}", s.poll);
+    let as_admin = || async {
+        let res = s.http.get(&curl).bearer_auth(&token).send().await.expect("get");
+        let cache = res.headers().get("cache-control").cloned();
+        (cache, res.json::<Value>().await.expect("json"))
+    };
+    let as_anyone = || async {
+        let res = s.http.get(&curl).send().await.expect("get");
+        let cache = res.headers().get("cache-control").cloned();
+        (cache, res.json::<Value>().await.expect("json"))
+    };
+    for _ in 0..10 {
+        let (cache, body) = as_admin().await;
+        assert_eq!(
+            (
+                cache.as_ref().map(|c| c.to_str().unwrap_or_default()),
+                body["votes"]["count"].clone()
+            ),
+            (Some("private, no-store"), json!(1))
+        );
+        let (cache, body) = as_anyone().await;
+        assert_eq!(
+            (
+                cache.as_ref().map(|c| c.to_str().unwrap_or_default()),
+                body["votes"].clone()
+            ),
+            (Some("private, no-store"), Value::Null)
+        );
+    }
+    let closed = s
+        .http
+        .post(format!("{curl}/close"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("close");
+    assert_eq!(closed.status(), 200);
+    let (cache, admin_view) = as_admin().await;
+    assert_eq!(
+        cache.as_ref().map(|c| c.to_str().unwrap_or_default()),
+        Some("public, max-age=1")
+    );
+    let (_, anyone_view) = as_anyone().await;
+    assert_eq!(admin_view, anyone_view);
+    assert_eq!(anyone_view["votes"]["count"], 1);
+    s.stop().await;
+}

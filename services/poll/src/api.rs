@@ -22,12 +22,14 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::model::*;
+use crate::snapshots::{Rendered, Snapshots};
 use crate::stream::{self, Hub};
 use crate::votes::{Viewer, VoteClient};
 
 pub struct AppState {
     pub store: DynPollStore,
     pub votes: VoteClient,
+    pub snapshots: Arc<Snapshots>,
     pub hub: Arc<Hub>,
     pub shutdown: tokio_util::sync::CancellationToken,
     pub metrics: Arc<shared::metrics::Metrics>,
@@ -161,6 +163,7 @@ async fn create_poll(State(s): St, AppJson(body): AppJson<CreatePoll>) -> Result
         revision: 1,
     };
     s.store.create(&poll).await?;
+    s.snapshots.invalidate(&poll.id).await;
     tracing::info!(poll_id = %poll.id, "poll created");
     let tally = Tally::default().padded(poll.options.len());
     let created = CreatedPoll {
@@ -207,7 +210,10 @@ fn decode_cursor(c: &str) -> Option<PollCursor> {
 /// List polls, newest first.
 #[utoipa::path(get, path = "/api/polls", tag = "polls", params(ListParams, ViewerParams), responses(
     (status = 200, description = "A page of polls; the next page is in `Link: <…>; rel=\"next\"`", body = Vec<PollView>,
-        headers(("Link" = String, description = "URL of the next page, when there is one"))),
+        headers(("Link" = String, description = "URL of the next page, when there is one"),
+            ("ETag" = String, description = "Validator of this page; send it back as `If-None-Match`"),
+            ("Cache-Control" = String, description = "`public, max-age=1` unless a poll of the page shows its counts only to voters (`private, no-store`)"))),
+    (status = 304, description = "Not modified: the `If-None-Match` ETag is current"),
     (status = 400, description = "Invalid query parameter, named", body = ProblemBody, content_type = "application/problem+json"),
     (status = 503, description = "Database or vote service unavailable", body = ProblemBody, content_type = "application/problem+json"),
 ))]
@@ -256,7 +262,11 @@ async fn list_polls(
     });
     let viewer = Viewer::new(addr, &headers, voter_id);
     let body = views(&s, &polls, &viewer, false).await?;
-    let mut res = Json(body).into_response();
+    // The list never recognises an admin, so only `after_vote` polls make it caller-dependent.
+    let shared = polls.iter().all(|p| p.results != ResultsVisibility::AfterVote);
+    let bytes = serde_json::to_vec(&body).map_err(|_| Problem::internal())?;
+    let view = Rendered::new(bytes, shared);
+    let mut res = conditional(&headers, &view);
     if let Some(Some(cursor)) = next {
         let mut link = format!("/api/polls?limit={limit}&cursor={cursor}");
         if let Some(status) = q.status {
@@ -273,8 +283,14 @@ async fn list_polls(
 }
 
 /// Get one poll with its counts (or `votes: null` while hidden from this caller).
+///
+/// Served from the poll's snapshot (at most 250 ms old, shared by every reader); `ETag` / `If-None-Match` give 304,
+/// and a view that is the same for everyone may be cached for a second by browsers and the edge.
 #[utoipa::path(get, path = "/api/polls/{id}", tag = "polls", params(PollIdPath, ViewerParams), responses(
-    (status = 200, body = PollView),
+    (status = 200, body = PollView, headers(
+        ("ETag" = String, description = "Validator of this view; send it back as `If-None-Match`"),
+        ("Cache-Control" = String, description = "`public, max-age=1` when the view is the same for everyone (results `always`, or a closed `after_close` poll), else `private, no-store`"))),
+    (status = 304, description = "Not modified: the `If-None-Match` ETag is current"),
     (status = 400, description = "Malformed id", body = ProblemBody, content_type = "application/problem+json"),
     (status = 404, description = "No such poll", body = ProblemBody, content_type = "application/problem+json"),
     (status = 503, description = "Database or vote service unavailable", body = ProblemBody, content_type = "application/problem+json"),
@@ -285,13 +301,54 @@ async fn get_poll(
     ClientAddr(addr): ClientAddr,
     headers: HeaderMap,
     AppQuery(v): AppQuery<ViewerParams>,
-) -> Result<Json<PollView>, Problem> {
+) -> Result<Response, Problem> {
     let voter_id = v.voter_id()?;
-    let poll = load(&s.store, &id).await?;
+    let id = parse_id(&id)?;
+    let snap = s
+        .snapshots
+        .get(&id)
+        .await?
+        .ok_or_else(|| Problem::not_found(format!("there is no poll {id}")))?;
+    let admin = is_admin(&snap.poll, &headers);
+    if let Some(public) = snap.public.as_ref().filter(|p| p.shared || !admin) {
+        return Ok(conditional(&headers, public));
+    }
+    // Caller-dependent: the admin's view, or a poll that shows its counts only to voters.
     let viewer = Viewer::new(addr, &headers, voter_id);
-    let admin = is_admin(&poll, &headers);
-    let mut views = views(&s, std::slice::from_ref(&poll), &viewer, admin).await?;
-    views.pop().map(Json).ok_or_else(Problem::internal)
+    let mut views = views(&s, std::slice::from_ref(&*snap.poll), &viewer, admin).await?;
+    let view = views.pop().ok_or_else(Problem::internal)?;
+    let body = serde_json::to_vec(&view).map_err(|_| Problem::internal())?;
+    Ok(conditional(&headers, &Rendered::new(body, false)))
+}
+
+/// Answers `view`: 304 when `If-None-Match` names its ETag (or is `*`), else the body; with
+/// `Cache-Control` by whether the view is the same for everyone.
+fn conditional(headers: &HeaderMap, view: &Rendered) -> Response {
+    let not_modified = headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().trim_start_matches("W/"))
+        .any(|t| t == "*" || view.etag.to_str().is_ok_and(|e| e == t));
+    let mut res = if not_modified {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        (
+            [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+            view.body.clone(),
+        )
+            .into_response()
+    };
+    let h = res.headers_mut();
+    h.insert(header::ETAG, view.etag.clone());
+    if view.shared {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=1"));
+    } else {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-store"));
+        h.insert(header::VARY, HeaderValue::from_static("Authorization, X-Voter-Id"));
+    }
+    res
 }
 
 /// Change a poll (admin only). Options and dedupe cannot change once a vote exists.
@@ -339,6 +396,7 @@ async fn update_poll(
         next.updated_at = now;
         next.revision = poll.revision + 1;
         if s.store.replace(&next, poll.revision).await? {
+            s.snapshots.invalidate(&next.id).await;
             return Ok(Json(PollView::new(&next, Some(&tally.padded(next.options.len())), now)));
         }
     }
@@ -422,6 +480,7 @@ async fn close_poll(State(s): St, Path(id): Path<String>, headers: HeaderMap) ->
         next.updated_at = now;
         next.revision = poll.revision + 1;
         if s.store.replace(&next, poll.revision).await? {
+            s.snapshots.invalidate(&next.id).await;
             tracing::info!(poll_id = %next.id, "poll closed");
             poll = next;
             break;
@@ -461,6 +520,7 @@ async fn delete_poll(State(s): St, Path(id): Path<String>, headers: HeaderMap) -
     if !s.store.delete(&poll.id).await? {
         return Err(Problem::not_found(format!("there is no poll {}", poll.id)));
     }
+    s.snapshots.invalidate(&poll.id).await;
     tracing::info!(poll_id = %poll.id, "poll deleted");
     s.votes.purge(&poll.id).await;
     Ok(StatusCode::NO_CONTENT)

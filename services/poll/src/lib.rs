@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod model;
+pub mod snapshots;
 pub mod stream;
 pub mod votes;
 
@@ -41,10 +42,12 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Server
     )?
     .with_metrics(metrics.clone());
     let votes = votes::VoteClient { peer: peer.clone() };
-    let hub = stream::Hub::new(store.clone(), votes.clone(), STREAM_INTERVAL, shutdown.clone());
+    let snapshots = Arc::new(snapshots::Snapshots::new(store.clone(), votes.clone()));
+    let hub = stream::Hub::new(snapshots.clone(), STREAM_INTERVAL, shutdown.clone());
     let state = Arc::new(api::AppState {
         store: store.clone(),
         votes,
+        snapshots,
         hub,
         shutdown: shutdown.clone(),
         metrics: metrics.clone(),

@@ -20,7 +20,6 @@ use shared::Problem;
 use shared::domain::{PollRecord, PollStatus, ResultsVisibility, Tally};
 use shared::http::{AppQuery, ClientAddr};
 use shared::problem::ProblemBody;
-use shared::store::DynPollStore;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use utoipa::openapi::RefOr;
@@ -30,7 +29,8 @@ use utoipa::{PartialSchema, ToSchema};
 
 use crate::api::{St, parse_id, results_visible};
 use crate::model::{PollIdPath, PollView, ViewerParams};
-use crate::votes::{Viewer, VoteClient};
+use crate::snapshots::Snapshots;
+use crate::votes::Viewer;
 
 #[derive(Clone, Debug)]
 pub enum Snapshot {
@@ -51,18 +51,17 @@ const FIRST_SNAPSHOT_WAIT: Duration = Duration::from_secs(8);
 
 pub struct Hub {
     polls: Mutex<HashMap<String, Arc<watch::Sender<Snapshot>>>>,
-    store: DynPollStore,
-    votes: VoteClient,
+    /// The pollers read the same snapshots as `GET /api/polls/{id}`.
+    snapshots: Arc<Snapshots>,
     interval: Duration,
     shutdown: CancellationToken,
 }
 
 impl Hub {
-    pub fn new(store: DynPollStore, votes: VoteClient, interval: Duration, shutdown: CancellationToken) -> Arc<Self> {
+    pub fn new(snapshots: Arc<Snapshots>, interval: Duration, shutdown: CancellationToken) -> Arc<Self> {
         Arc::new(Self {
             polls: Mutex::new(HashMap::new()),
-            store,
-            votes,
+            snapshots,
             interval,
             shutdown,
         })
@@ -107,20 +106,16 @@ impl Hub {
                     return;
                 }
             }
-            let poll = match self.store.get(&id).await {
-                Ok(Some(p)) => p,
+            let (poll, tally) = match self.snapshots.get(&id).await {
+                Ok(Some(snap)) => (snap.poll.clone(), snap.tally.clone()),
                 Ok(None) => {
                     tx.send_replace(Snapshot::Gone);
                     break;
                 }
                 Err(e) => {
-                    tracing::debug!(poll_id = %id, error = %e, "results stream: poll read failed");
+                    tracing::debug!(poll_id = %id, error = %e.detail, "results stream: poll read failed");
                     continue;
                 }
-            };
-            let tally = match self.votes.tallies(&[&poll], None).await {
-                Ok(mut t) => t.pop().map(|(t, _)| t).unwrap_or_default(),
-                Err(_) => continue,
             };
             let status = poll.status_at(Utc::now());
             tx.send_if_modified(|current| {
@@ -129,15 +124,11 @@ impl Hub {
                         poll: p,
                         tally: t,
                         status: s,
-                    } => p.revision != poll.revision || **t != tally || *s != status,
+                    } => p.revision != poll.revision || **t != *tally || *s != status,
                     _ => true,
                 };
                 if changed {
-                    *current = Snapshot::Live {
-                        poll: Arc::new(poll),
-                        tally: Arc::new(tally),
-                        status,
-                    };
+                    *current = Snapshot::Live { poll, tally, status };
                 }
                 changed
             });
