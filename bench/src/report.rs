@@ -446,12 +446,22 @@ fn viral(o: &mut String, v: &crate::viral::Viral) {
             } else {
                 "n/a (the vote service has no such metric)".to_owned()
             },
-            |t| format!(
-                "{} refreshes, mean {} ms, p99 {} (interpolated in its buckets)",
-                t.refreshes,
-                ms(t.mean_ms),
-                opt(t.p99_ms)
-            )
+            |t| {
+                let part = |p: &Option<crate::viral::TallyRefresh>| {
+                    p.as_ref().map_or("none".to_owned(), |t| {
+                        format!("{}, mean {} ms, p99 {}", t.refreshes, ms(t.mean_ms), opt(t.p99_ms))
+                    })
+                };
+                format!(
+                    "{} refreshes, mean {} ms, p99 {} (interpolated in its buckets); during the burst {}; in the read \
+                     phase {}",
+                    t.refreshes,
+                    ms(t.mean_ms),
+                    opt(t.p99_ms),
+                    part(&v.tally_refresh_burst),
+                    part(&v.tally_refresh_read_phase)
+                )
+            }
         )
     );
     let db = |d: Option<f64>| d.map_or("n/a".to_owned(), |x| format!("{x:.2}"));

@@ -321,13 +321,48 @@ pub async fn scrape_histogram(addr: SocketAddr, name: &str) -> Result<Option<His
     Ok(HistogramSnapshot::parse(&String::from_utf8_lossy(&res.body), name))
 }
 
-/// The vote service's tally refreshes during the scenario.
+/// The vote service's tally refreshes in a part of the scenario.
 #[derive(Debug, Clone, Serialize)]
 pub struct TallyRefresh {
     pub refreshes: u64,
     pub mean_ms: f64,
     /// Interpolated inside the histogram's buckets, so only as fine as they are.
     pub p99_ms: Option<f64>,
+}
+
+impl TallyRefresh {
+    /// The refreshes between two scrapes; `None` without the metric or without a refresh.
+    fn between(earlier: Option<&HistogramSnapshot>, later: Option<&HistogramSnapshot>) -> Option<Self> {
+        let h = match (earlier, later?) {
+            (Some(a), b) => b.since(a),
+            (None, b) => b.clone(),
+        };
+        (h.count > 0.0).then(|| Self {
+            refreshes: h.count as u64,
+            mean_ms: h.sum / h.count * 1000.0,
+            p99_ms: h.quantile(0.99).map(|s| s * 1000.0),
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "{} refreshes, mean {:.1} ms, p99 {}",
+            self.refreshes,
+            self.mean_ms,
+            self.p99_ms.map_or("n/a".into(), |p| format!("{p:.1} ms"))
+        )
+    }
+}
+
+/// The vote service's refresh histogram now (`None`, with a warning, when `/metrics` fails).
+async fn refresh_histogram(vote: SocketAddr, when: &str) -> Option<HistogramSnapshot> {
+    match scrape_histogram(vote, REFRESH_METRIC).await {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("   warning: vote /metrics {when}: {e}");
+            None
+        }
+    }
 }
 
 /// CPU seconds per second of wall time (1.0 = one core busy).
@@ -370,8 +405,11 @@ pub struct Viral {
     pub audit_error: Option<String>,
     /// Whether the vote service's `/metrics` has `pollvote_tally_refresh_duration_seconds`.
     pub tally_refresh_metric: bool,
-    /// `None`: the vote service has no such metric, or it saw no refresh (printed as n/a).
+    /// Burst and read phase; `None`: the vote service has no such metric, or it saw no refresh
+    /// (printed as n/a).
     pub tally_refresh: Option<TallyRefresh>,
+    pub tally_refresh_burst: Option<TallyRefresh>,
+    pub tally_refresh_read_phase: Option<TallyRefresh>,
     pub cpu_burst: CpuShare,
     pub cpu_read_phase: CpuShare,
 }
@@ -433,13 +471,7 @@ impl Bench {
             eprintln!("   warning: --db-pid {pid}: no such process; the database's CPU is not measured");
         }
         let db_pid = db_pid.filter(|pid| std::path::Path::new(&format!("/proc/{pid}/stat")).exists());
-        let refresh0 = match scrape_histogram(self.vote.addr, REFRESH_METRIC).await {
-            Ok(h) => h,
-            Err(e) => {
-                eprintln!("   warning: vote /metrics before the burst: {e}");
-                None
-            }
-        };
+        let refresh0 = refresh_histogram(self.vote.addr, "before the burst").await;
         let reader = tokio::spawn(read_poll(self.poll.addr, id.clone(), end_rx, after, !self.args.smoke));
         let probe = Probe::start(&self.poll, &self.vote);
         let (pid_poll, pid_vote) = (self.poll.pid, self.vote.pid);
@@ -456,6 +488,7 @@ impl Bench {
         let run = load::run(&plan, Arc::new(w)).await;
         let burst_end = Instant::now();
         let (c1, d1) = (cpu_now(pid_poll, pid_vote), db_cpu(db_pid));
+        let refresh1 = refresh_histogram(self.vote.addr, "at the end of the burst").await;
         let final_count = run.tallies.ok;
         let last_ack = run.tallies.last_ok.unwrap_or(burst_end);
         let _ = target_tx.send(Some(final_count));
@@ -468,6 +501,7 @@ impl Bench {
         tokio::time::sleep_until((burst_end + after).into()).await;
         let read_s = burst_end.elapsed().as_secs_f64();
         let (c2, d2) = (cpu_now(pid_poll, pid_vote), db_cpu(db_pid));
+        let refresh2 = refresh_histogram(self.vote.addr, "at the end of the read phase").await;
         // Watchers: each has until SEE_FINAL_WITHIN after the last acknowledged ballot.
         let mut lateness = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("valid bounds");
         let mut failures: BTreeMap<String, u64> = BTreeMap::new();
@@ -498,25 +532,10 @@ impl Bench {
             _ => None,
         };
         let (cpu, poll_memory, vote_memory) = probe.finish().await;
-        let refresh1 = match scrape_histogram(self.vote.addr, REFRESH_METRIC).await {
-            Ok(h) => h,
-            Err(e) => {
-                eprintln!("   warning: vote /metrics after the read phase: {e}");
-                None
-            }
-        };
-        let tally_refresh_metric = refresh1.is_some();
-        let tally_refresh = refresh1.and_then(|h1| {
-            let h = match &refresh0 {
-                Some(h0) => h1.since(h0),
-                None => h1,
-            };
-            (h.count > 0.0).then(|| TallyRefresh {
-                refreshes: h.count as u64,
-                mean_ms: h.sum / h.count * 1000.0,
-                p99_ms: h.quantile(0.99).map(|s| s * 1000.0),
-            })
-        });
+        let tally_refresh_metric = refresh2.is_some();
+        let tally_refresh = TallyRefresh::between(refresh0.as_ref(), refresh2.as_ref());
+        let tally_refresh_burst = TallyRefresh::between(refresh0.as_ref(), refresh1.as_ref());
+        let tally_refresh_read_phase = TallyRefresh::between(refresh1.as_ref(), refresh2.as_ref());
         let audit_start = Instant::now();
         let (invariants, audit_error) =
             match scenarios::audit(self.vote.addr, &polls, &run.tallies.accepted, run.tallies.ambiguous).await {
@@ -567,10 +586,14 @@ impl Bench {
         }
         match &tally_refresh {
             Some(t) => eprintln!(
-                "   tally refresh: {} refreshes, mean {:.2} ms, p99 {}",
-                t.refreshes,
-                t.mean_ms,
-                t.p99_ms.map_or("n/a".into(), |p| format!("{p:.2} ms"))
+                "   tally refresh: {}; burst: {}; read phase: {}",
+                t.describe(),
+                tally_refresh_burst
+                    .as_ref()
+                    .map_or("none".into(), TallyRefresh::describe),
+                tally_refresh_read_phase
+                    .as_ref()
+                    .map_or("none".into(), TallyRefresh::describe)
             ),
             None => eprintln!(
                 "   tally refresh: n/a ({})",
@@ -648,6 +671,8 @@ impl Bench {
             audit_error,
             tally_refresh_metric,
             tally_refresh,
+            tally_refresh_burst,
+            tally_refresh_read_phase,
             cpu_burst,
             cpu_read_phase,
         });
