@@ -279,8 +279,11 @@ impl Counters {
 
     /// Our ballots stored by batch `seq`, by poll (an unclear batch that has settled).
     pub async fn count_batch(&self, seq: u64, polls: &[String]) -> StoreResult<HashMap<String, Tally>> {
+        if polls.is_empty() {
+            return Ok(HashMap::new());
+        }
         let pipeline = vec![
-            doc! { "$match": { "poll_id": { "$in": polls }, "w": self.me, "s": to_i64(seq) } },
+            doc! { "$match": { "$or": polls.iter().map(|p| doc! { "poll_id": p, "w": self.me, "s": to_i64(seq) }).collect::<Vec<_>>() } },
             doc! { "$group": { "_id": { "p": "$poll_id", "c": "$choices" }, "n": { "$sum": 1 } } },
         ];
         let mut out: HashMap<String, Tally> = HashMap::new();
@@ -308,7 +311,9 @@ impl Counters {
             .await?;
         let mut out: HashMap<String, Refreshed> =
             ids.iter().map(|id| ((*id).to_owned(), Refreshed::default())).collect();
-        let mut tails = vec![doc! { "poll_id": { "$in": &ids }, "w": Bson::Null }];
+        // One clause per poll and writer, each an equality prefix of the `{poll_id, w, s}` index
+        // (a `$in` on `poll_id` inside an `$or` is planned as a scan by some servers).
+        let mut tails: Vec<Document> = ids.iter().map(|id| doc! { "poll_id": *id, "w": Bson::Null }).collect();
         for d in &found {
             let poll = req_str(d, "poll_id")?;
             let w = writer_of(d, "w")?;
