@@ -191,6 +191,17 @@ impl BallotStore for ObservedBallots {
     async fn purge(&self, poll_id: &str) -> StoreResult<u64> {
         self.o.call("ballots", "purge", self.inner.purge(poll_id)).await
     }
+    async fn repair(&self, poll_id: &str) -> StoreResult<crate::store::Repair> {
+        self.o.call("ballots", "repair", self.inner.repair(poll_id)).await
+    }
+    async fn repair_since(
+        &self,
+        since: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> StoreResult<Vec<crate::store::Repair>> {
+        self.o
+            .call("ballots", "repair_since", self.inner.repair_since(since))
+            .await
+    }
     async fn ping(&self) -> StoreResult<()> {
         self.o.call("ballots", "ping", self.inner.ping()).await
     }

@@ -205,6 +205,11 @@ impl Stack {
         self.databases.first().map(String::as_str)
     }
 
+    /// The vote service's MongoDB database, when the stack runs on MongoDB.
+    pub fn vote_database(&self) -> Option<&str> {
+        self.databases.get(1).map(String::as_str)
+    }
+
     /// Stops both services and waits for them.
     pub async fn stop(mut self) {
         self.poll_shutdown.cancel();

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use api_tests::Stack;
 use api_tests::secantusdb::OwnSecantusDb;
+use api_tests::{Stack, expect_problem, get_json, names_field};
 use serde_json::{Value, json};
 
 fn enabled() -> bool {
@@ -377,4 +377,111 @@ async fn a_poll_written_by_the_predecessor_is_served_by_the_api() {
         .await
         .expect("close");
     assert_eq!(res.status(), 403);
+}
+
+/// Issue 16: the tally counters are a cache of the ballots. One that went wrong (here: an update
+/// replayed by a failover) makes the audit report the poll inconsistent at rest, and the repair
+/// endpoints rebuild it from the ballots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_tally_counter_is_found_by_the_audit_and_repaired() {
+    if !enabled() {
+        return;
+    }
+    use mongodb::bson::{Document, doc};
+    let s = Stack::start().await;
+    let (id, _) = s.simple_poll(json!({"dedupe": "none"})).await;
+    for option in ["red", "red", "green"] {
+        assert_eq!(s.vote(json!({"poll_id": id, "option": option})).await.status(), 201);
+    }
+    let client = mongodb::Client::with_uri_str(s.config.storage.mongodb_uri.expose())
+        .await
+        .expect("client");
+    let counters = client
+        .database(s.vote_database().expect("a MongoDB stack"))
+        .collection::<Document>("ballots_counters");
+    let folded = || async {
+        let mut cursor = counters.find(doc! { "poll_id": &id }).await.expect("find");
+        let mut n = 0;
+        while cursor.advance().await.expect("advance") {
+            n += cursor.deserialize_current().expect("doc").get_i64("n").unwrap_or(0);
+        }
+        n
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while folded().await != 3 {
+        assert!(Instant::now() < deadline, "the counter never folded the 3 ballots");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    counters
+        .update_one(doc! { "poll_id": &id }, doc! { "$inc": { "n": 2_i64, "o.0": 2_i64 } })
+        .await
+        .expect("replay an update");
+    let audit_url = format!("{}/internal/polls/{id}/audit", s.vote);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let audit = get_json(&s.http, &audit_url).await;
+        if audit["consistent"] == false {
+            assert_eq!(audit["tally"]["total"], 5, "{audit}");
+            assert_eq!(audit["stored"]["total"], 3, "{audit}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the audit never saw the wrong counter: {audit}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let res = s
+        .http
+        .post(format!("{}/internal/polls/{id}/repair", s.vote))
+        .send()
+        .await
+        .expect("repair");
+    assert_eq!(res.status(), 200);
+    let report: Value = res.json().await.expect("json");
+    assert_eq!(
+        (report["ballots"].clone(), report["corrected"].clone()),
+        (json!(3), json!(1)),
+        "{report}"
+    );
+    let audit = get_json(&s.http, &audit_url).await;
+    assert_eq!(audit["consistent"], true, "{audit}");
+    assert_eq!(audit["tally"]["by_option"], json!([2, 1]));
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while s.get_poll(&id).await["votes"]["count"] != 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the poll's results never showed the repaired count"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Every poll touched in the last five minutes: this one, with nothing left to correct.
+    let since = (chrono::Utc::now() - chrono::Duration::minutes(5)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let res = s
+        .http
+        .post(format!("{}/internal/repair", s.vote))
+        .query(&[("since", since)])
+        .send()
+        .await
+        .expect("repair since");
+    assert_eq!(res.status(), 200);
+    let all: Value = res.json().await.expect("json");
+    let ours = all["repairs"]
+        .as_array()
+        .expect("repairs")
+        .iter()
+        .find(|r| r["poll_id"] == id.as_str())
+        .cloned()
+        .unwrap_or_else(|| panic!("poll missing from {all}"));
+    assert_eq!(ours["corrected"], 0);
+    let bad = s
+        .http
+        .post(format!("{}/internal/repair?since=yesterday", s.vote))
+        .send()
+        .await
+        .expect("repair since");
+    let problem = expect_problem(bad, 400).await;
+    assert!(names_field(&problem, "since"), "{problem}");
+    s.stop().await;
 }

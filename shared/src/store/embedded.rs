@@ -422,6 +422,18 @@ impl BallotStore for EmbeddedBallotStore {
         .await
     }
 
+    /// Tallies change in the ballot's own transaction: there is nothing to repair.
+    async fn repair(&self, poll_id: &str) -> StoreResult<super::Repair> {
+        Ok(super::Repair {
+            poll_id: poll_id.to_owned(),
+            ..super::Repair::default()
+        })
+    }
+
+    async fn repair_since(&self, _since: Option<chrono::DateTime<chrono::Utc>>) -> StoreResult<Vec<super::Repair>> {
+        Ok(Vec::new())
+    }
+
     async fn purge(&self, poll_id: &str) -> StoreResult<u64> {
         let db = self.db.clone();
         let poll_id = poll_id.to_owned();

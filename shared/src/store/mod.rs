@@ -91,19 +91,11 @@ pub trait BallotStore: Send + Sync + 'static {
     async fn ping(&self) -> StoreResult<()>;
     /// Makes the poll's kept tally equal to its stored ballots again (idempotent), after anything
     /// that may have lost or replayed updates of it (a database failover). A store whose tallies
-    /// change in the same transaction as the ballots has nothing to repair: it reports 0 checked.
-    async fn repair(&self, poll_id: &str) -> StoreResult<Repair> {
-        Ok(Repair {
-            poll_id: poll_id.to_owned(),
-            ..Repair::default()
-        })
-    }
+    /// change in the same transaction as the ballots has nothing to repair: it reports 0 counters.
+    async fn repair(&self, poll_id: &str) -> StoreResult<Repair>;
     /// [`repair`](Self::repair) of every poll whose tally may have changed since `since` (every
     /// poll with ballots when `None`).
-    async fn repair_since(&self, since: Option<chrono::DateTime<chrono::Utc>>) -> StoreResult<Vec<Repair>> {
-        let _ = since;
-        Ok(Vec::new())
-    }
+    async fn repair_since(&self, since: Option<chrono::DateTime<chrono::Utc>>) -> StoreResult<Vec<Repair>>;
 }
 
 /// What a [`BallotStore::repair`] did.

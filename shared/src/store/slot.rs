@@ -251,6 +251,12 @@ impl BallotStore for Slot<dyn BallotStore> {
     async fn purge(&self, poll_id: &str) -> StoreResult<u64> {
         self.call(|s| async move { s.purge(poll_id).await }).await
     }
+    async fn repair(&self, poll_id: &str) -> StoreResult<super::Repair> {
+        self.call(|s| async move { s.repair(poll_id).await }).await
+    }
+    async fn repair_since(&self, since: Option<chrono::DateTime<chrono::Utc>>) -> StoreResult<Vec<super::Repair>> {
+        self.call(|s| async move { s.repair_since(since).await }).await
+    }
     async fn ping(&self) -> StoreResult<()> {
         self.call(|s| async move { s.ping().await }).await
     }
