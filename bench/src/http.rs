@@ -4,11 +4,11 @@
 //! or chunked). No pipelining: one request in flight per connection.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 /// What the load generator needs from a response.
 #[derive(Debug)]
@@ -120,7 +120,27 @@ impl Chunked {
 
 impl Conn {
     pub async fn connect(addr: SocketAddr) -> io::Result<Self> {
-        let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
+        Self::connect_from(addr, None).await
+    }
+
+    /// Like [`Self::connect`], from the local address `source` (port chosen by the kernel) if
+    /// given: more connections to one server than one source address has ephemeral ports.
+    pub async fn connect_from(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<Self> {
+        let connect = async {
+            match source {
+                None => TcpStream::connect(addr).await,
+                Some(ip) => {
+                    let socket = if ip.is_ipv4() {
+                        TcpSocket::new_v4()?
+                    } else {
+                        TcpSocket::new_v6()?
+                    };
+                    socket.bind(SocketAddr::new(ip, 0))?;
+                    socket.connect(addr).await
+                }
+            }
+        };
+        let stream = tokio::time::timeout(Duration::from_secs(5), connect)
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
         stream.set_nodelay(true)?;

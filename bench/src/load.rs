@@ -51,6 +51,9 @@ impl Mode {
 pub struct Tag {
     pub poll: u32,
     pub option: u8,
+    /// A read of a mixed workload (`Plan::read_addr`, success 200, counted apart from the
+    /// workload's own requests in `Tallies::reads`).
+    pub read: bool,
 }
 
 /// Produces the requests of a run. `i` is the request's number, unique within the run.
@@ -64,6 +67,14 @@ pub trait Workload: Send + Sync + 'static {
     fn conflicts_expected(&self) -> bool;
     /// The success status (201 for ballots, 200 for `GET /`).
     fn success(&self) -> u16;
+}
+
+/// The reads of a mixed workload (requests tagged `read`): success is 200, anything else an
+/// error (counted in `Tallies::errors` as `read <status>`).
+pub struct Reads {
+    pub hist: Histogram<u64>,
+    pub ok: u64,
+    pub sent: u64,
 }
 
 /// What a run observed.
@@ -81,13 +92,19 @@ pub struct Tallies {
     pub accepted: Vec<Vec<u64>>,
     pub last_ok: Option<Instant>,
     pub sent: u64,
+    /// Requests tagged `read` (mixed workloads); `ok`, `hist` and `sent` above exclude them.
+    pub reads: Reads,
+}
+
+fn latency_histogram() -> Histogram<u64> {
+    // 1 µs to 60 s, 3 significant digits.
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
 }
 
 impl Tallies {
     fn new(polls: usize, options: usize) -> Self {
         Self {
-            // 1 µs to 60 s, 3 significant digits.
-            hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds"),
+            hist: latency_histogram(),
             ok: 0,
             replayed: 0,
             conflicts: 0,
@@ -96,6 +113,11 @@ impl Tallies {
             accepted: vec![vec![0; options]; polls],
             last_ok: None,
             sent: 0,
+            reads: Reads {
+                hist: latency_histogram(),
+                ok: 0,
+                sent: 0,
+            },
         }
     }
 
@@ -118,6 +140,9 @@ impl Tallies {
             (a, b) => a.or(b),
         };
         self.sent += other.sent;
+        let _ = self.reads.hist.add(&other.reads.hist);
+        self.reads.ok += other.reads.ok;
+        self.reads.sent += other.reads.sent;
     }
 }
 
@@ -135,6 +160,8 @@ pub struct Plan {
     pub duration: Duration,
     pub max_requests: u64,
     pub addr: SocketAddr,
+    /// Where requests tagged `read` go (mixed workloads; each client keeps a connection to both).
+    pub read_addr: Option<SocketAddr>,
 }
 
 pub async fn run(plan: &Plan, workload: Arc<dyn Workload>) -> RunResult {
@@ -150,9 +177,10 @@ pub async fn run(plan: &Plan, workload: Arc<dyn Workload>) -> RunResult {
     };
     let mut tasks = Vec::with_capacity(clients);
     for _ in 0..clients {
-        let (next, workload, addr) = (next.clone(), workload.clone(), plan.addr);
+        let (next, workload) = (next.clone(), workload.clone());
+        let addrs = [plan.addr, plan.read_addr.unwrap_or(plan.addr)];
         tasks.push(tokio::spawn(async move {
-            worker(addr, workload, next, start, deadline, period, planned).await
+            worker(addrs, workload, next, start, deadline, period, planned).await
         }));
     }
     let mut total = Tallies::new(workload.polls(), workload.options());
@@ -175,7 +203,7 @@ pub async fn run(plan: &Plan, workload: Arc<dyn Workload>) -> RunResult {
 }
 
 async fn worker(
-    addr: SocketAddr,
+    addrs: [SocketAddr; 2],
     workload: Arc<dyn Workload>,
     next: Arc<AtomicU64>,
     start: Instant,
@@ -184,7 +212,8 @@ async fn worker(
     planned: u64,
 ) -> Tallies {
     let mut t = Tallies::new(workload.polls(), workload.options());
-    let mut conn: Option<Conn> = None;
+    // One connection per target: the workload's own, and the reads' (mixed workloads).
+    let mut conns: [Option<Conn>; 2] = [None, None];
     let mut buf = Vec::with_capacity(512);
     loop {
         let i = next.fetch_add(1, Ordering::Relaxed);
@@ -210,9 +239,11 @@ async fn worker(
             }
         };
         let tag = workload.build(i, &mut buf);
+        let which = usize::from(tag.read);
+        let conn = &mut conns[which];
         if conn.as_ref().is_none_or(Conn::is_closed) {
-            match Conn::connect(addr).await {
-                Ok(c) => conn = Some(c),
+            match Conn::connect(addrs[which]).await {
+                Ok(c) => *conn = Some(c),
                 Err(_) => {
                     *t.errors.entry("connect".into()).or_default() += 1;
                     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -221,9 +252,35 @@ async fn worker(
             }
         }
         let Some(c) = conn.as_mut() else { continue };
-        t.sent += 1;
-        let answer = tokio::time::timeout(REQUEST_TIMEOUT, c.send(&buf)).await;
+        let answer = if tag.read {
+            t.reads.sent += 1;
+            tokio::time::timeout(REQUEST_TIMEOUT, c.send(&buf)).await
+        } else {
+            t.sent += 1;
+            tokio::time::timeout(REQUEST_TIMEOUT, c.send(&buf)).await
+        };
         let done = Instant::now();
+        if tag.read {
+            match answer {
+                Ok(Ok(res)) if res.status == 200 => {
+                    let _ = t
+                        .reads
+                        .hist
+                        .record(done.duration_since(intended).as_micros().max(1) as u64);
+                    t.reads.ok += 1;
+                }
+                Ok(Ok(res)) => *t.errors.entry(format!("read {}", res.status)).or_default() += 1,
+                Ok(Err(_)) => {
+                    *t.errors.entry("read io".into()).or_default() += 1;
+                    *conn = None;
+                }
+                Err(_) => {
+                    *t.errors.entry("read timeout".into()).or_default() += 1;
+                    *conn = None;
+                }
+            }
+            continue;
+        }
         match answer {
             Ok(Ok(res)) => {
                 let _ = t.hist.record(done.duration_since(intended).as_micros().max(1) as u64);
@@ -252,12 +309,12 @@ async fn worker(
             Ok(Err(_)) => {
                 *t.errors.entry("io".into()).or_default() += 1;
                 t.ambiguous += 1;
-                conn = None;
+                *conn = None;
             }
             Err(_) => {
                 *t.errors.entry("timeout".into()).or_default() += 1;
                 t.ambiguous += 1;
-                conn = None;
+                *conn = None;
             }
         }
     }

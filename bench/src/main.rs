@@ -22,7 +22,7 @@ use tokio::sync::watch;
 
 use crate::load::{Latency, Mode, Plan, RunResult, Workload};
 use crate::procs::{Memory, Service, SpawnSpec};
-use crate::scenarios::{Ballots, GetRoot, Invariants};
+use crate::scenarios::{Ballots, GetPath, GetRoot, Invariants, Mixed};
 use crate::storage::{Backend, StoreReference};
 
 const HELP: &str = "\
@@ -42,12 +42,14 @@ Options:
   --mongodb-uri URI     the MongoDB server (required with --backend mongodb); or set LOADGEN_MONGODB_URI,
                         which keeps the URI (and any password in it) out of the process list
   --scenarios LIST      comma-separated; `all` = get-ceiling,store-raw,hot-poll,hot-poll-open,many-polls,
-                        duplicates,watchers; plus viral (e.g. `all,viral`). Default: all; with --smoke
-                        all,viral
+                        duplicates,reads,mixed,watchers; plus viral (e.g. `all,viral`). Default: all; with
+                        --smoke all,viral. get-ceiling measures `GET /` of both services
+  --watchers N          SSE subscribers of watchers (default 1000); beyond 20,000 they are spread over
+                        local source addresses 127.0.0.1, .2, … (one per 20,000: the ephemeral port
+                        range); loadgen and the poll service each need N + ~200 file descriptors
   --duration SECS       per scenario (default 10; --smoke: 1.5); not viral, which runs to its ballot count
   --clients N           concurrent clients (default 64)
   --polls N             polls of many-polls (default 1000)
-  --watchers N          SSE subscribers of watchers (default 1000)
   --open-rate N         ballots/s of hot-poll-open (default: 70 % of the hot-poll rate)
   --viral-ballots N     viral: ballots on its one poll (dedupe none), sent by --clients clients at full
                         speed (default 1000000; --smoke: 20000)
@@ -61,6 +63,11 @@ Options:
   --label TEXT          recorded in the result (e.g. the git commit)
   --service-env LIST    extra environment of started services, KEY=VALUE[,KEY=VALUE...]
   --smoke               short runs; only the invariants and error statuses decide the exit code
+
+reads: --clients clients read one poll (results always, 300 ballots) with `GET /api/polls/{id}`, no
+If-None-Match: every answer must be a full 200. mixed: the viral profile from one pool of --clients
+clients: 10 % ballots on one poll (dedupe none), 45 % `GET /api/polls/{id}` of that poll, 45 %
+`GET /api/polls?limit=20`; reads/s and ballots/s with the p99 of each; any non-200 read is an error.
 
 viral: one poll with dedupe none takes --viral-ballots ballots as fast as --clients clients can send
 them, while --viral-watchers SSE subscribers and one reader (GET /api/polls/{id}, 20 per second)
@@ -99,13 +106,15 @@ struct Args {
 }
 
 /// `--scenarios all`: the scenarios of a full run.
-const ALL: [&str; 7] = [
+const ALL: [&str; 9] = [
     "get-ceiling",
     "store-raw",
     "hot-poll",
     "hot-poll-open",
     "many-polls",
     "duplicates",
+    "reads",
+    "mixed",
     "watchers",
 ];
 /// Scenarios run only when asked for (in a full run): `viral` alone takes about as long as all the
@@ -301,6 +310,15 @@ pub struct Watchers {
     /// Poll-service CPU from the start of the load until every subscriber saw the final tally.
     pub poll_cpu_s: f64,
     pub poll_cpu_s_per_s: f64,
+    /// Poll-service VmRSS before the subscribers connected, once all were receiving, and after
+    /// every one saw the final tally (KiB).
+    pub poll_rss_before_kib: u64,
+    pub poll_rss_connected_kib: u64,
+    pub poll_rss_after_kib: u64,
+    /// (connected − before) ÷ receiving subscribers.
+    pub rss_per_subscriber_kib: f64,
+    /// Local source addresses the subscribers were spread over (one 127.0.0.x each).
+    pub source_addresses: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -325,6 +343,18 @@ pub struct Scenario {
     pub invariants: Option<Invariants>,
     pub watchers: Option<Watchers>,
     pub viral: Option<viral::Viral>,
+    /// Mixed workloads (`mixed`): the reads, apart from the ballots above.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reads: Option<MixedReads>,
+}
+
+/// The reads of `mixed` (poll service, full 200 answers, no `If-None-Match`).
+#[derive(Debug, Clone, Serialize)]
+pub struct MixedReads {
+    pub requests: u64,
+    pub ok: u64,
+    pub ok_per_s: f64,
+    pub latency: Latency,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -432,6 +462,7 @@ impl Bench {
             duration: self.args.duration,
             max_requests: 50_000_000,
             addr: self.vote.addr,
+            read_addr: None,
         }
     }
 
@@ -449,6 +480,19 @@ impl Bench {
         workload: Arc<dyn Workload>,
         polls: &[String],
     ) -> Result<Scenario, String> {
+        self.measure_with(name, target, mode, workload, polls, None).await
+    }
+
+    /// [`Self::measure`]; requests tagged `read` go to `read_addr`.
+    async fn measure_with(
+        &self,
+        name: &str,
+        target: &'static str,
+        mode: Mode,
+        workload: Arc<dyn Workload>,
+        polls: &[String],
+        read_addr: Option<SocketAddr>,
+    ) -> Result<Scenario, String> {
         eprintln!(
             "== {name}: {} for {:.1} s",
             mode.describe(),
@@ -459,6 +503,7 @@ impl Bench {
         if target == "poll" {
             plan.addr = self.poll.addr;
         }
+        plan.read_addr = read_addr;
         let run = load::run(&plan, workload).await;
         let (cpu, poll_memory, vote_memory) = probe.finish().await;
         let invariants = if polls.is_empty() {
@@ -508,6 +553,12 @@ impl Bench {
             t.latency.p99_ms,
             t.latency.max_ms
         );
+        if let Some(r) = &s.reads {
+            eprintln!(
+                "   reads: {:.0} ok/s ({} of {} ok), p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                r.ok_per_s, r.ok, r.requests, r.latency.p50_ms, r.latency.p99_ms, r.latency.max_ms
+            );
+        }
         if !s.errors.is_empty() {
             self.report
                 .failures
@@ -536,19 +587,98 @@ impl Bench {
         Ok(())
     }
 
+    /// `reads`: every client reads one poll with a few hundred ballots (full answers).
+    async fn reads(&mut self) -> Result<(), String> {
+        let name = "reads";
+        let polls = scenarios::create_polls(self.poll.addr, 1, "bench reads", 1, "voter").await?;
+        let seed = Plan {
+            mode: Mode::Closed { clients: 8 },
+            duration: Duration::from_secs(30),
+            max_requests: 300,
+            addr: self.vote.addr,
+            read_addr: None,
+        };
+        let w = Ballots::new(self.vote.addr, polls.clone(), &format!("{}-{name}", self.run_id), 0);
+        let seeded = load::run(&seed, Arc::new(w)).await;
+        if seeded.tallies.ok != 300 {
+            return Err(format!(
+                "reads: seeding 300 ballots: {} accepted, errors {:?}",
+                seeded.tallies.ok, seeded.tallies.errors
+            ));
+        }
+        let w = Arc::new(GetPath::new(self.poll.addr, &format!("/api/polls/{}", polls[0])));
+        let s = self.measure(name, "poll", self.closed(), w, &[]).await?;
+        self.add(s);
+        Ok(())
+    }
+
+    /// `mixed`: the viral profile (90 % reads, 10 % ballots) from one client pool.
+    async fn mixed(&mut self) -> Result<(), String> {
+        let name = "mixed";
+        let polls = scenarios::create_polls(self.poll.addr, 1, "bench mixed", 1, "none").await?;
+        // A full page of the list: at least 20 polls exist by now in a full run; make sure.
+        scenarios::create_polls(self.poll.addr, 20, "bench mixed list", 4, "none").await?;
+        let w = Mixed::new(
+            self.poll.addr,
+            self.vote.addr,
+            &polls[0],
+            &format!("{}-{name}", self.run_id),
+        );
+        let s = self
+            .measure_with(name, "vote", self.closed(), Arc::new(w), &polls, Some(self.poll.addr))
+            .await?;
+        if s.reads.as_ref().is_none_or(|r| r.ok == 0) || s.ok == 0 {
+            self.report
+                .failures
+                .push("mixed: no successful read or no accepted ballot".into());
+        }
+        self.add(s);
+        Ok(())
+    }
+
     async fn watchers(&mut self) -> Result<(), String> {
         let name = "watchers";
         let polls = scenarios::create_polls(self.poll.addr, 1, "bench watchers", 1, "voter").await?;
         let n = self.args.watchers;
-        eprintln!("== {name}: {n} subscribers");
+        // Descriptors: one per subscriber in loadgen and in the poll service, plus the load's
+        // connections and some slack.
+        let need = (n + self.args.clients + 200) as u64;
+        let mine = procs::nofile(0);
+        let theirs = procs::nofile(self.poll.pid);
+        if let (Some(m), Some(t)) = (mine, theirs)
+            && (m.0 < need || t.0 < need)
+        {
+            self.report.failures.push(format!(
+                "watchers: {n} subscribers need about {need} file descriptors in loadgen and in the poll service; \
+                 their limits are {} (hard {}) and {} (hard {}); raise the hard limit (ulimit -Hn, needs \
+                 CAP_SYS_RESOURCE) or run fewer --watchers",
+                m.0, m.1, t.0, t.1
+            ));
+            eprintln!(
+                "== {name}: skipped: {}",
+                self.report.failures.last().map_or("", |f| f.as_str())
+            );
+            return Ok(());
+        }
+        let sources = scenarios::source_addresses(self.poll.addr, n);
+        eprintln!(
+            "== {name}: {n} subscribers{}",
+            if sources.len() > 1 {
+                format!(" from {} local addresses", sources.len())
+            } else {
+                String::new()
+            }
+        );
+        let rss_before = procs::memory(self.poll.pid).rss_kib;
         let ready = Arc::new(AtomicUsize::new(0));
         let (target_tx, target_rx) = watch::channel(None);
         // Subscribers give up 30 s after the load ends at the latest (see the deadline below).
         let until = Instant::now() + self.args.duration + Duration::from_secs(60);
         let mut subs = Vec::with_capacity(n);
-        for _ in 0..n {
+        for k in 0..n {
             subs.push(tokio::spawn(scenarios::subscribe(
                 self.poll.addr,
+                sources.get(k % sources.len().max(1)).copied(),
                 polls[0].clone(),
                 ready.clone(),
                 target_rx.clone(),
@@ -563,7 +693,13 @@ impl Bench {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let connected = ready.load(std::sync::atomic::Ordering::Relaxed);
-        eprintln!("   {connected} subscribers receiving");
+        let rss_connected = procs::memory(self.poll.pid).rss_kib;
+        let per_sub = rss_connected.saturating_sub(rss_before) as f64 / connected.max(1) as f64;
+        eprintln!(
+            "   {connected} subscribers receiving; poll RSS {:.1} MiB before, {:.1} MiB now: {per_sub:.1} KiB per subscriber",
+            rss_before as f64 / 1024.0,
+            rss_connected as f64 / 1024.0
+        );
         let w = Ballots::new(self.vote.addr, polls.clone(), &format!("{}-{name}", self.run_id), 0);
         let probe = Probe::start(&self.poll, &self.vote);
         let poll_cpu0 = self.poll.cpu_seconds();
@@ -599,6 +735,7 @@ impl Bench {
             }
         }
         let poll_cpu_s = self.poll.cpu_seconds() - poll_cpu0;
+        let rss_after = procs::memory(self.poll.pid).rss_kib;
         let busy = load_start.elapsed().as_secs_f64();
         let (cpu, poll_memory, vote_memory) = probe.finish().await;
         let invariants = scenarios::audit(self.vote.addr, &polls, &run.tallies.accepted, run.tallies.ambiguous).await?;
@@ -633,6 +770,11 @@ impl Bench {
             events,
             poll_cpu_s,
             poll_cpu_s_per_s: poll_cpu_s / busy,
+            poll_rss_before_kib: rss_before,
+            poll_rss_connected_kib: rss_connected,
+            poll_rss_after_kib: rss_after,
+            rss_per_subscriber_kib: per_sub,
+            source_addresses: sources.len().max(1),
         });
         self.add(s);
         Ok(())
@@ -649,7 +791,7 @@ impl Bench {
             want("duplicates"),
             want("watchers"),
         );
-        let want_viral = want("viral");
+        let (want_viral, want_reads, want_mixed) = (want("viral"), want("reads"), want("mixed"));
         if want_store {
             eprintln!("== fsync rate (write + fdatasync, 1 thread)");
             let r = storage::fsync_rate(&self.args.scratch, self.args.duration.min(Duration::from_secs(3))).await?;
@@ -691,6 +833,10 @@ impl Bench {
             let w = Arc::new(GetRoot::new(self.vote.addr));
             let s = self.measure("get-ceiling", "vote", self.closed(), w, &[]).await?;
             self.add(s);
+            // The poll service's own ceiling: the reference of `reads`.
+            let w = Arc::new(GetRoot::new(self.poll.addr));
+            let s = self.measure("get-ceiling-poll", "poll", self.closed(), w, &[]).await?;
+            self.add(s);
         }
         if want_hot {
             self.hot_poll("hot-poll", self.closed()).await?;
@@ -730,6 +876,12 @@ impl Bench {
                     .push("duplicates: no 409 and no replay seen: the workload did not repeat ballots".into());
             }
             self.add(s);
+        }
+        if want_reads {
+            self.reads().await?;
+        }
+        if want_mixed {
+            self.mixed().await?;
         }
         if want_watch {
             self.watchers().await?;
@@ -774,6 +926,12 @@ fn scenario(
         invariants,
         watchers: None,
         viral: None,
+        reads: (t.reads.sent > 0).then(|| MixedReads {
+            requests: t.reads.sent,
+            ok: t.reads.ok,
+            ok_per_s: t.reads.ok as f64 / secs,
+            latency: Latency::of(&t.reads.hist),
+        }),
     }
 }
 
@@ -944,6 +1102,9 @@ fn main() -> ExitCode {
         }
     };
     let out = args.out.clone();
+    // Every subscriber and client connection is a descriptor here and in the services (which
+    // inherit the limit): the soft limit goes up to the hard one.
+    procs::raise_nofile();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

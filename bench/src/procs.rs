@@ -42,6 +42,52 @@ pub fn memory(pid: u32) -> Memory {
     }
 }
 
+/// The open-files limit (soft, hard) of a process from `/proc/<pid>/limits`; `pid` 0 means this
+/// process. `u64::MAX` for unlimited.
+pub fn nofile(pid: u32) -> Option<(u64, u64)> {
+    let path = if pid == 0 {
+        "/proc/self/limits".to_owned()
+    } else {
+        format!("/proc/{pid}/limits")
+    };
+    let text = std::fs::read_to_string(path).ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    let mut v = line["Max open files".len()..].split_whitespace().map(|x| {
+        if x == "unlimited" {
+            Some(u64::MAX)
+        } else {
+            x.parse().ok()
+        }
+    });
+    Some((v.next()??, v.next()??))
+}
+
+/// Raises this process's soft open-files limit to its hard limit (services started later inherit
+/// it). Without `unsafe` (forbidden in the workspace) there is no setrlimit: util-linux's
+/// `prlimit` does it, if installed; otherwise the limit stays (scripts/bench raises it with
+/// `ulimit -n` before starting loadgen).
+pub fn raise_nofile() {
+    let Some((soft, hard)) = nofile(0) else { return };
+    if soft >= hard {
+        return;
+    }
+    let limit = if hard == u64::MAX {
+        "unlimited".to_owned()
+    } else {
+        hard.to_string()
+    };
+    let ok = std::process::Command::new("prlimit")
+        .arg(format!("--pid={}", std::process::id()))
+        .arg(format!("--nofile={limit}:{limit}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("loadgen: could not raise the open-files limit from {soft} to {hard} (no prlimit?)");
+    }
+}
+
 /// Linux reports utime and stime in USER_HZ ticks, which is 100 per second on every architecture
 /// Linux supports (the value exported to user space is fixed, whatever the kernel's HZ).
 const TICKS_PER_SECOND: f64 = 100.0;

@@ -86,7 +86,32 @@ fn targets(r: &Report) -> Vec<Target> {
             met: Some(rss <= 64 * 1024),
         });
     }
+    // Issue 15: reads of one poll at the speed of the HTTP stack.
+    if let (Some(rd), Some(c)) = (r.scenario("reads"), r.scenario("get-ceiling-poll")) {
+        let ratio = rd.ok_per_s / c.ok_per_s.max(1e-9);
+        let goal = if embedded { 0.50 } else { 0.25 };
+        out.push(Target {
+            what: "reads / GET / ceiling of the poll service",
+            goal: format!("≥ {:.0} %", goal * 100.0),
+            measured: format!("{:.0} %", ratio * 100.0),
+            met: Some(ratio >= goal),
+        });
+    }
+    if let (Some(rd), false) = (r.scenario("reads"), embedded) {
+        out.push(Target {
+            what: "reads/s (one hot poll)",
+            goal: "≥ 17,700".into(),
+            measured: format!("{:.0}", rd.ok_per_s),
+            met: Some(rd.ok_per_s >= 17_700.0),
+        });
+    }
     if let Some(w) = r.scenario("watchers").and_then(|s| s.watchers.as_ref()) {
+        out.push(Target {
+            what: "watchers: poll RSS per subscriber",
+            goal: "≤ 8 KiB".into(),
+            measured: format!("{:.1} KiB", w.rss_per_subscriber_kib),
+            met: Some(w.rss_per_subscriber_kib <= 8.0),
+        });
         out.push(Target {
             what: "watchers see the final tally (max lateness)",
             goal: "≤ 1 s".into(),
@@ -200,7 +225,7 @@ pub fn markdown(r: &Report) -> String {
             ),
             Some(i) => format!("**VIOLATED**: {}", i.problems.join("; ")),
         };
-        let rate = if s.name == "get-ceiling" {
+        let rate = if s.name.starts_with("get-ceiling") || s.name == "reads" {
             format!("{:.0} req/s", s.ok_per_s)
         } else {
             format!("{:.0}", s.ok_per_s)
@@ -274,6 +299,64 @@ pub fn markdown(r: &Report) -> String {
                 ""
             },
             ratio(f)
+        );
+    }
+    if let Some(c) = r.scenario("get-ceiling-poll") {
+        let _ = writeln!(
+            o,
+            "| `GET /` of the poll service, {} clients (HTTP ceiling of `reads`) | {:.0}/s | {} | {} | – |",
+            c.mode.clients(),
+            c.ok_per_s,
+            ms(c.latency.p50_ms),
+            ms(c.latency.p99_ms),
+        );
+    }
+    if let Some(rd) = r.scenario("reads") {
+        let _ = writeln!(
+            o,
+            "\nReads (`GET /api/polls/{{id}}` of one poll, full 200 answers, {} clients): {:.0}/s, p50 {} ms, p99 {} ms{}.",
+            rd.mode.clients(),
+            rd.ok_per_s,
+            ms(rd.latency.p50_ms),
+            ms(rd.latency.p99_ms),
+            r.scenario("get-ceiling-poll").map_or(String::new(), |c| format!(
+                "; {:.0} % of the poll service's `GET /` ceiling",
+                100.0 * rd.ok_per_s / c.ok_per_s.max(1e-9)
+            ))
+        );
+    }
+    if let Some(m) = r.scenario("mixed")
+        && let Some(rd) = &m.reads
+    {
+        let _ = writeln!(
+            o,
+            "\nMixed (one pool of {} clients: 10 % ballots on one dedupe-none poll, 45 % `GET /api/polls/{{id}}` of it, \
+             45 % `GET /api/polls?limit=20`): reads {:.0}/s (p50 {} ms, p99 {} ms), ballots {:.0}/s (p50 {} ms, p99 {} ms); \
+             errors {}.",
+            m.mode.clients(),
+            rd.ok_per_s,
+            ms(rd.latency.p50_ms),
+            ms(rd.latency.p99_ms),
+            m.ok_per_s,
+            ms(m.latency.p50_ms),
+            ms(m.latency.p99_ms),
+            errors(m)
+        );
+    }
+    if let Some(s) = r.scenario("watchers")
+        && let Some(w) = &s.watchers
+    {
+        let _ = writeln!(
+            o,
+            "\nWatchers' memory: poll-service RSS {} MiB before subscribing, {} MiB with {} subscribers receiving ({:.1} KiB \
+             per subscriber), {} MiB after all saw the final tally; {} local source address{}.",
+            mib(w.poll_rss_before_kib),
+            mib(w.poll_rss_connected_kib),
+            w.connected,
+            w.rss_per_subscriber_kib,
+            mib(w.poll_rss_after_kib),
+            w.source_addresses,
+            if w.source_addresses == 1 { "" } else { "es" }
         );
     }
     if let Some(s) = r.scenario("watchers")

@@ -56,6 +56,109 @@ impl Workload for GetRoot {
     }
 }
 
+/// `GET` of one path: a poll read (`GET /api/polls/{id}`) without `If-None-Match`, so that every
+/// answer is a full 200 (a 304 counts as an error).
+pub struct GetPath {
+    req: Vec<u8>,
+}
+
+impl GetPath {
+    pub fn new(addr: SocketAddr, path: &str) -> Self {
+        Self {
+            req: request("GET", addr, path, &[], None),
+        }
+    }
+}
+
+impl Workload for GetPath {
+    fn build(&self, _i: u64, buf: &mut Vec<u8>) -> Tag {
+        buf.clear();
+        buf.extend_from_slice(&self.req);
+        Tag::default()
+    }
+    fn polls(&self) -> usize {
+        0
+    }
+    fn options(&self) -> usize {
+        0
+    }
+    fn conflicts_expected(&self) -> bool {
+        false
+    }
+    fn success(&self) -> u16 {
+        200
+    }
+}
+
+/// The viral profile from one client pool: [`MIXED_BALLOT_PCT`] % ballots on the hot poll (one
+/// poll, dedupe none, to the vote service), the rest reads of the poll service without
+/// `If-None-Match` (tagged `read`), half `GET /api/polls/{id}` of the hot poll and half
+/// `GET /api/polls?limit=20`.
+pub struct Mixed {
+    vote: SocketAddr,
+    poll_id: String,
+    read_poll: Vec<u8>,
+    read_list: Vec<u8>,
+    run: String,
+}
+
+pub const MIXED_BALLOT_PCT: u64 = 10;
+
+impl Mixed {
+    pub fn new(poll: SocketAddr, vote: SocketAddr, poll_id: &str, run: &str) -> Self {
+        Self {
+            vote,
+            poll_id: poll_id.to_owned(),
+            read_poll: request("GET", poll, &format!("/api/polls/{poll_id}"), &[], None),
+            read_list: request("GET", poll, "/api/polls?limit=20", &[], None),
+            run: run.to_owned(),
+        }
+    }
+}
+
+impl Workload for Mixed {
+    fn build(&self, i: u64, buf: &mut Vec<u8>) -> Tag {
+        let roll = mix(i ^ 0x3c3c) % 200;
+        if roll < 2 * MIXED_BALLOT_PCT {
+            let option = (i % 3) as usize;
+            let mut body = Vec::with_capacity(128);
+            let _ = write!(
+                body,
+                r#"{{"poll_id":"{}","option":"{}","voter_id":"{}-{i}"}}"#,
+                self.poll_id, OPTIONS[option], self.run
+            );
+            write_request(buf, "POST", self.vote, "/api/votes", &[], Some(&body));
+            return Tag {
+                poll: 0,
+                option: option as u8,
+                read: false,
+            };
+        }
+        buf.clear();
+        buf.extend_from_slice(if roll.is_multiple_of(2) {
+            &self.read_poll
+        } else {
+            &self.read_list
+        });
+        Tag {
+            read: true,
+            ..Tag::default()
+        }
+    }
+    fn polls(&self) -> usize {
+        1
+    }
+    fn options(&self) -> usize {
+        OPTIONS.len()
+    }
+    fn conflicts_expected(&self) -> bool {
+        false
+    }
+    fn success(&self) -> u16 {
+        201
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Fresh,
@@ -146,6 +249,7 @@ impl Workload for Ballots {
         Tag {
             poll: poll as u32,
             option: option as u8,
+            read: false,
         }
     }
     fn polls(&self) -> usize {
@@ -348,10 +452,29 @@ pub fn count_in(data: &[u8]) -> Option<u64> {
     std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
 }
 
-/// Subscribes to the poll's results stream; counts in `ready` once the first event arrived; then
+/// Subscribers per local source address: one address has the ephemeral port range
+/// (`/proc/sys/net/ipv4/ip_local_port_range`, 28,232 ports by default) for its connections to one
+/// server address.
+pub const SUBSCRIBERS_PER_SOURCE: usize = 20_000;
+
+/// The local addresses `n` subscribers to `server` are spread over: none (the kernel's choice)
+/// up to [`SUBSCRIBERS_PER_SOURCE`], else 127.0.0.1, 127.0.0.2, … (all of 127/8 is loopback on
+/// Linux) for an IPv4 loopback server.
+pub fn source_addresses(server: SocketAddr, n: usize) -> Vec<std::net::IpAddr> {
+    if n <= SUBSCRIBERS_PER_SOURCE || !matches!(server.ip(), std::net::IpAddr::V4(ip) if ip.is_loopback()) {
+        return Vec::new();
+    }
+    let k = n.div_ceil(SUBSCRIBERS_PER_SOURCE).min(254);
+    (1..=k as u8)
+        .map(|i| std::net::Ipv4Addr::new(127, 0, 0, i).into())
+        .collect()
+}
+
+/// Subscribes to the poll's results stream (from the local address `source`, if given); counts in `ready` once the first event arrived; then
 /// reads until it has seen a count of at least the target (once the target is known) or `until`.
 pub async fn subscribe(
     poll: SocketAddr,
+    source: Option<std::net::IpAddr>,
     id: String,
     ready: Arc<AtomicUsize>,
     mut target: watch::Receiver<Option<u64>>,
@@ -373,7 +496,7 @@ pub async fn subscribe(
         &[("accept", "text/event-stream")],
         None,
     );
-    let conn = match Conn::connect(poll).await {
+    let conn = match Conn::connect_from(poll, source).await {
         Ok(c) => c,
         Err(e) => return fail(out, format!("connect: {e}")),
     };
@@ -418,6 +541,16 @@ pub async fn subscribe(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spreads_many_subscribers_over_loopback_sources() {
+        let server: SocketAddr = ([127, 0, 0, 1], 80).into();
+        assert!(source_addresses(server, 20_000).is_empty());
+        let s = source_addresses(server, 50_000);
+        assert_eq!(s.len(), 3);
+        assert_eq!(s[2], std::net::IpAddr::from([127, 0, 0, 3]));
+        assert!(source_addresses(([10, 0, 0, 1], 80).into(), 50_000).is_empty());
+    }
 
     #[test]
     fn finds_the_count() {

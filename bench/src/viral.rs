@@ -450,6 +450,7 @@ impl Bench {
         for _ in 0..n {
             subs.push(tokio::spawn(scenarios::subscribe(
                 self.poll.addr,
+                None,
                 id.clone(),
                 ready.clone(),
                 target_rx.clone(),
@@ -483,6 +484,7 @@ impl Bench {
             duration: BURST_LIMIT,
             max_requests: ballots,
             addr: self.vote.addr,
+            read_addr: None,
         };
         let w = Ballots::new(self.vote.addr, polls.clone(), &format!("{}-{name}", self.run_id), 0);
         let run = load::run(&plan, Arc::new(w)).await;
