@@ -52,7 +52,7 @@
 //!   counter back until it has settled, then its stored ballots are counted in the database;
 //! - writers hold a lease (`<ballots>_writers`); a dead writer's tail is adopted by another
 //!   replica once no batch of it can still land; [`BallotStore::repair`] rebuilds counters from
-//!   the ballots (after a failover); `recount` reads the ballots one by one, in chunks, as the
+//!   the ballots (after a failover); `recount` reads the ballots one by one (one streamed cursor) as the
 //!   ground truth the tally must equal.
 //!
 //! # Shard keys (MongoDB sharded clusters, Cosmos DB partition keys)
@@ -104,7 +104,6 @@ use tokio::sync::{mpsc, oneshot};
 mod counters;
 mod tallies;
 use counters::Counters;
-use futures_util::TryStreamExt;
 use tallies::{Read, Tallies};
 
 use super::{BallotStore, PollStore, Repair, StoreError, StoreResult};
@@ -1153,38 +1152,39 @@ impl MongoBallotStore {
         self.shared.counters.adopt_dead().await
     }
 
-    /// Counts the stored ballots of one poll, in chunks of its `_id` range (each chunk its own
-    /// call, so a million ballots are not bound by one operation's deadline).
-    async fn recount_chunked(&self, poll_id: &str) -> StoreResult<Tally> {
-        const CHUNK: i64 = 20_000;
-        let upper = format!("{poll_id};");
-        let mut after = format!("{poll_id}:");
+    /// Counts the stored ballots of one poll with one cursor whose every batch (not the whole
+    /// pass) is bounded by the operation deadline, so a million ballots are read in full. (Chunks
+    /// by `_id` range with a limit are not used: some servers scan the rest of the range for each.)
+    async fn recount_streamed(&self, poll_id: &str) -> StoreResult<Tally> {
+        let filter = doc! { "poll_id": poll_id };
+        let failed = |e: MongoError| match self.retry.decide(classify(&e), u32::MAX, Duration::MAX) {
+            Decision::GiveUp(e) => e,
+            Decision::Retry(_) => StoreError::unavailable("the database failed during a recount"),
+        };
+        let mut cursor = self
+            .retry
+            .run(|| {
+                self.ballots
+                    .find(filter.clone())
+                    .projection(doc! { "choices": 1 })
+                    .batch_size(10_000)
+            })
+            .await?;
         let mut tally = Tally::default();
         loop {
-            let filter = &doc! { "_id": { "$gt": &after, "$lt": &upper } };
-            let chunk: Vec<Document> = self
-                .retry
-                .run(|| async move {
-                    self.ballots
-                        .find(filter.clone())
-                        .sort(doc! { "_id": 1 })
-                        .limit(CHUNK)
-                        .projection(doc! { "poll_id": 1, "choices": 1 })
-                        .await?
-                        .try_collect()
-                        .await
-                })
-                .await?;
-            for d in &chunk {
-                if req_str(d, "poll_id")? == poll_id {
-                    tally.add(&choices_of(d)?);
+            match tokio::time::timeout(self.retry.deadline, cursor.advance()).await {
+                Ok(Ok(true)) => {
+                    let d: Document = cursor.deserialize_current().map_err(failed)?;
+                    tally.add(&choices_of(&d)?);
                 }
-            }
-            match chunk.last() {
-                Some(last) if chunk.len() as i64 == CHUNK => {
-                    after = last.get_str("_id").map_err(|_| bad("_id"))?.to_owned();
+                Ok(Ok(false)) => return Ok(tally),
+                Ok(Err(e)) => return Err(failed(e)),
+                Err(_) => {
+                    return Err(StoreError::unavailable(format!(
+                        "a batch of the recount took longer than {} ms",
+                        self.retry.deadline.as_millis()
+                    )));
                 }
-                _ => return Ok(tally),
             }
         }
     }
@@ -1278,13 +1278,13 @@ impl BallotStore for MongoBallotStore {
     }
 
     async fn recount(&self, poll_id: &str) -> StoreResult<Tally> {
-        self.recount_chunked(poll_id).await
+        self.recount_streamed(poll_id).await
     }
 
     async fn recount_many(&self, poll_ids: &[String]) -> StoreResult<Vec<Tally>> {
         let mut out = Vec::with_capacity(poll_ids.len());
         for id in poll_ids {
-            out.push(self.recount_chunked(id).await?);
+            out.push(self.recount_streamed(id).await?);
         }
         Ok(out)
     }
