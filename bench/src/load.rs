@@ -54,6 +54,8 @@ pub struct Tag {
     /// A read of a mixed workload (`Plan::read_addr`, success 200, counted apart from the
     /// workload's own requests in `Tallies::reads`).
     pub read: bool,
+    /// Which of the mixed workload's two reads (0 or 1; `Reads::by_kind`).
+    pub read_kind: u8,
 }
 
 /// Produces the requests of a run. `i` is the request's number, unique within the run.
@@ -75,6 +77,8 @@ pub struct Reads {
     pub hist: Histogram<u64>,
     pub ok: u64,
     pub sent: u64,
+    /// Successful reads and their latency per `Tag::read_kind`.
+    pub by_kind: [(u64, Histogram<u64>); 2],
 }
 
 /// What a run observed.
@@ -117,6 +121,7 @@ impl Tallies {
                 hist: latency_histogram(),
                 ok: 0,
                 sent: 0,
+                by_kind: [(0, latency_histogram()), (0, latency_histogram())],
             },
         }
     }
@@ -143,6 +148,10 @@ impl Tallies {
         let _ = self.reads.hist.add(&other.reads.hist);
         self.reads.ok += other.reads.ok;
         self.reads.sent += other.reads.sent;
+        for (mine, theirs) in self.reads.by_kind.iter_mut().zip(&other.reads.by_kind) {
+            mine.0 += theirs.0;
+            let _ = mine.1.add(&theirs.1);
+        }
     }
 }
 
@@ -263,11 +272,12 @@ async fn worker(
         if tag.read {
             match answer {
                 Ok(Ok(res)) if res.status == 200 => {
-                    let _ = t
-                        .reads
-                        .hist
-                        .record(done.duration_since(intended).as_micros().max(1) as u64);
+                    let us = done.duration_since(intended).as_micros().max(1) as u64;
+                    let _ = t.reads.hist.record(us);
                     t.reads.ok += 1;
+                    let kind = &mut t.reads.by_kind[usize::from(tag.read_kind.min(1))];
+                    kind.0 += 1;
+                    let _ = kind.1.record(us);
                 }
                 Ok(Ok(res)) => *t.errors.entry(format!("read {}", res.status)).or_default() += 1,
                 Ok(Err(_)) => {

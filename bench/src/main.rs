@@ -47,6 +47,7 @@ Options:
   --watchers N          SSE subscribers of watchers (default 1000); beyond 20,000 they are spread over
                         local source addresses 127.0.0.1, .2, … (one per 20,000: the ephemeral port
                         range); loadgen and the poll service each need N + ~200 file descriptors
+  --watchers-per-source N  subscribers per local source address (default 20000)
   --duration SECS       per scenario (default 10; --smoke: 1.5); not viral, which runs to its ballot count
   --clients N           concurrent clients (default 64)
   --polls N             polls of many-polls (default 1000)
@@ -91,6 +92,7 @@ struct Args {
     clients: usize,
     polls: usize,
     watchers: usize,
+    per_source: usize,
     open_rate: Option<f64>,
     viral_ballots: u64,
     viral_watchers: usize,
@@ -176,6 +178,12 @@ fn parse_args() -> Result<Args, String> {
     let clients = num(take("clients"), 64.0, "clients")? as usize;
     let polls = num(take("polls"), 1000.0, "polls")? as usize;
     let watchers = num(take("watchers"), 1000.0, "watchers")? as usize;
+    let per_source = (num(
+        take("watchers-per-source"),
+        scenarios::SUBSCRIBERS_PER_SOURCE as f64,
+        "watchers-per-source",
+    )? as usize)
+        .max(1);
     let viral_ballots = num(
         take("viral-ballots"),
         if smoke { 20_000.0 } else { 1_000_000.0 },
@@ -256,6 +264,7 @@ fn parse_args() -> Result<Args, String> {
         clients,
         polls,
         watchers,
+        per_source,
         open_rate,
         viral_ballots,
         viral_watchers,
@@ -355,6 +364,12 @@ pub struct MixedReads {
     pub ok: u64,
     pub ok_per_s: f64,
     pub latency: Latency,
+    /// `GET /api/polls/{id}` of the hot poll.
+    pub poll_ok: u64,
+    pub poll_latency: Latency,
+    /// `GET /api/polls?limit=20`.
+    pub list_ok: u64,
+    pub list_latency: Latency,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -660,7 +675,7 @@ impl Bench {
             );
             return Ok(());
         }
-        let sources = scenarios::source_addresses(self.poll.addr, n);
+        let sources = scenarios::source_addresses(self.poll.addr, n, self.args.per_source);
         eprintln!(
             "== {name}: {n} subscribers{}",
             if sources.len() > 1 {
@@ -931,6 +946,10 @@ fn scenario(
             ok: t.reads.ok,
             ok_per_s: t.reads.ok as f64 / secs,
             latency: Latency::of(&t.reads.hist),
+            poll_ok: t.reads.by_kind[0].0,
+            poll_latency: Latency::of(&t.reads.by_kind[0].1),
+            list_ok: t.reads.by_kind[1].0,
+            list_latency: Latency::of(&t.reads.by_kind[1].1),
         }),
     }
 }

@@ -332,7 +332,7 @@ pub fn markdown(r: &Report) -> String {
             o,
             "\nMixed (one pool of {} clients: 10 % ballots on one dedupe-none poll, 45 % `GET /api/polls/{{id}}` of it, \
              45 % `GET /api/polls?limit=20`): reads {:.0}/s (p50 {} ms, p99 {} ms), ballots {:.0}/s (p50 {} ms, p99 {} ms); \
-             errors {}.",
+             errors {}. Of the reads: the poll {:.0}/s (p50 {} ms, p99 {} ms), the list {:.0}/s (p50 {} ms, p99 {} ms).",
             m.mode.clients(),
             rd.ok_per_s,
             ms(rd.latency.p50_ms),
@@ -340,7 +340,13 @@ pub fn markdown(r: &Report) -> String {
             m.ok_per_s,
             ms(m.latency.p50_ms),
             ms(m.latency.p99_ms),
-            errors(m)
+            errors(m),
+            rd.poll_ok as f64 / m.duration_s.max(1e-9),
+            ms(rd.poll_latency.p50_ms),
+            ms(rd.poll_latency.p99_ms),
+            rd.list_ok as f64 / m.duration_s.max(1e-9),
+            ms(rd.list_latency.p50_ms),
+            ms(rd.list_latency.p99_ms),
         );
     }
     if let Some(s) = r.scenario("watchers")

@@ -93,7 +93,7 @@ impl Workload for GetPath {
 /// The viral profile from one client pool: [`MIXED_BALLOT_PCT`] % ballots on the hot poll (one
 /// poll, dedupe none, to the vote service), the rest reads of the poll service without
 /// `If-None-Match` (tagged `read`), half `GET /api/polls/{id}` of the hot poll and half
-/// `GET /api/polls?limit=20`.
+/// `GET /api/polls?limit=20` (read kinds 0 and 1).
 pub struct Mixed {
     vote: SocketAddr,
     poll_id: String,
@@ -131,7 +131,7 @@ impl Workload for Mixed {
             return Tag {
                 poll: 0,
                 option: option as u8,
-                read: false,
+                ..Tag::default()
             };
         }
         buf.clear();
@@ -142,6 +142,7 @@ impl Workload for Mixed {
         });
         Tag {
             read: true,
+            read_kind: (roll % 2) as u8,
             ..Tag::default()
         }
     }
@@ -249,7 +250,7 @@ impl Workload for Ballots {
         Tag {
             poll: poll as u32,
             option: option as u8,
-            read: false,
+            ..Tag::default()
         }
     }
     fn polls(&self) -> usize {
@@ -458,13 +459,13 @@ pub fn count_in(data: &[u8]) -> Option<u64> {
 pub const SUBSCRIBERS_PER_SOURCE: usize = 20_000;
 
 /// The local addresses `n` subscribers to `server` are spread over: none (the kernel's choice)
-/// up to [`SUBSCRIBERS_PER_SOURCE`], else 127.0.0.1, 127.0.0.2, … (all of 127/8 is loopback on
-/// Linux) for an IPv4 loopback server.
-pub fn source_addresses(server: SocketAddr, n: usize) -> Vec<std::net::IpAddr> {
-    if n <= SUBSCRIBERS_PER_SOURCE || !matches!(server.ip(), std::net::IpAddr::V4(ip) if ip.is_loopback()) {
+/// up to `per_source` (normally [`SUBSCRIBERS_PER_SOURCE`]), else 127.0.0.1, 127.0.0.2, … (all of
+/// 127/8 is loopback on Linux) for an IPv4 loopback server.
+pub fn source_addresses(server: SocketAddr, n: usize, per_source: usize) -> Vec<std::net::IpAddr> {
+    if n <= per_source || !matches!(server.ip(), std::net::IpAddr::V4(ip) if ip.is_loopback()) {
         return Vec::new();
     }
-    let k = n.div_ceil(SUBSCRIBERS_PER_SOURCE).min(254);
+    let k = n.div_ceil(per_source.max(1)).min(254);
     (1..=k as u8)
         .map(|i| std::net::Ipv4Addr::new(127, 0, 0, i).into())
         .collect()
@@ -545,11 +546,13 @@ mod tests {
     #[test]
     fn spreads_many_subscribers_over_loopback_sources() {
         let server: SocketAddr = ([127, 0, 0, 1], 80).into();
-        assert!(source_addresses(server, 20_000).is_empty());
-        let s = source_addresses(server, 50_000);
+        let per = SUBSCRIBERS_PER_SOURCE;
+        assert!(source_addresses(server, 20_000, per).is_empty());
+        let s = source_addresses(server, 50_000, per);
         assert_eq!(s.len(), 3);
         assert_eq!(s[2], std::net::IpAddr::from([127, 0, 0, 3]));
-        assert!(source_addresses(([10, 0, 0, 1], 80).into(), 50_000).is_empty());
+        assert_eq!(source_addresses(server, 19_500, 7_000).len(), 3);
+        assert!(source_addresses(([10, 0, 0, 1], 80).into(), 50_000, per).is_empty());
     }
 
     #[test]
