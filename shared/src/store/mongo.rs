@@ -1153,16 +1153,20 @@ impl MongoBallotStore {
     }
 
     /// Counts the stored ballots of one poll with one cursor whose every batch (not the whole
-    /// pass) is bounded by the operation deadline, so a million ballots are read in full. (Chunks
-    /// by `_id` range with a limit are not used: some servers scan the rest of the range for each.)
+    /// pass) is bounded, by [`RECOUNT_BATCH_DEADLINE`], so a million ballots are read in full.
+    /// (Chunks by `_id` range with a limit are not used: some servers scan the rest of the range
+    /// for each.)
     async fn recount_streamed(&self, poll_id: &str) -> StoreResult<Tally> {
         let filter = doc! { "poll_id": poll_id };
         let failed = |e: MongoError| match self.retry.decide(classify(&e), u32::MAX, Duration::MAX) {
             Decision::GiveUp(e) => e,
             Decision::Retry(_) => StoreError::unavailable("the database failed during a recount"),
         };
-        let mut cursor = self
-            .retry
+        let first_batch = RetryPolicy {
+            deadline: RECOUNT_BATCH_DEADLINE,
+            ..self.retry.clone()
+        };
+        let mut cursor = first_batch
             .run(|| {
                 self.ballots
                     .find(filter.clone())
@@ -1172,7 +1176,7 @@ impl MongoBallotStore {
             .await?;
         let mut tally = Tally::default();
         loop {
-            match tokio::time::timeout(self.retry.deadline, cursor.advance()).await {
+            match tokio::time::timeout(RECOUNT_BATCH_DEADLINE, cursor.advance()).await {
                 Ok(Ok(true)) => {
                     let d: Document = cursor.deserialize_current().map_err(failed)?;
                     tally.add(&choices_of(&d)?);
@@ -1181,8 +1185,8 @@ impl MongoBallotStore {
                 Ok(Err(e)) => return Err(failed(e)),
                 Err(_) => {
                     return Err(StoreError::unavailable(format!(
-                        "a batch of the recount took longer than {} ms",
-                        self.retry.deadline.as_millis()
+                        "a batch of the recount took longer than {} s",
+                        RECOUNT_BATCH_DEADLINE.as_secs()
                     )));
                 }
             }
@@ -1335,6 +1339,9 @@ async fn repair_all(counters: &Counters, since: Option<DateTime<Utc>>) -> StoreR
 const INSERT_QUEUE: usize = 8192;
 /// Most ballots in one `insertMany` (far below the server's 100,000 and 48 MB limits).
 const MAX_BATCH: usize = 1000;
+/// Bound of one batch of a recount (an audit reads every ballot of a poll; some servers compute a
+/// whole result before its first batch: SecantusDB takes about 4 s for a million ballots).
+const RECOUNT_BATCH_DEADLINE: Duration = Duration::from_secs(60);
 /// Counter updates sent at once by the applier.
 const UPDATES_AT_ONCE: usize = 16;
 /// The applier's rounds start at most this often; the tail a refresh aggregates is about this
