@@ -107,6 +107,9 @@ struct Args {
     attach: Option<((SocketAddr, u32), (SocketAddr, u32))>,
 }
 
+/// watchers: subscribers connecting at the same time (the rest wait for a permit).
+const OPENING: usize = 64;
+
 /// `--scenarios all`: the scenarios of a full run.
 const ALL: [&str; 9] = [
     "get-ceiling",
@@ -690,10 +693,12 @@ impl Bench {
         // Subscribers give up 30 s after the load ends at the latest (see the deadline below).
         let until = Instant::now() + self.args.duration + Duration::from_secs(60);
         let mut subs = Vec::with_capacity(n);
+        let opening = Arc::new(tokio::sync::Semaphore::new(OPENING));
         for k in 0..n {
             subs.push(tokio::spawn(scenarios::subscribe(
                 self.poll.addr,
                 sources.get(k % sources.len().max(1)).copied(),
+                Some(opening.clone()),
                 polls[0].clone(),
                 ready.clone(),
                 target_rx.clone(),

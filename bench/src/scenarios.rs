@@ -471,11 +471,13 @@ pub fn source_addresses(server: SocketAddr, n: usize, per_source: usize) -> Vec<
         .collect()
 }
 
-/// Subscribes to the poll's results stream (from the local address `source`, if given); counts in `ready` once the first event arrived; then
+/// Subscribes to the poll's results stream (from the local address `source`, if given; opening
+/// under a permit of `opening`, if given, i.e. with a bounded number of connects in flight); counts in `ready` once the first event arrived; then
 /// reads until it has seen a count of at least the target (once the target is known) or `until`.
 pub async fn subscribe(
     poll: SocketAddr,
     source: Option<std::net::IpAddr>,
+    opening: Option<Arc<tokio::sync::Semaphore>>,
     id: String,
     ready: Arc<AtomicUsize>,
     mut target: watch::Receiver<Option<u64>>,
@@ -497,6 +499,12 @@ pub async fn subscribe(
         &[("accept", "text/event-stream")],
         None,
     );
+    // At most `opening` subscribers connect at a time: thousands of SYNs at once overflow the
+    // server's accept queue (a listen backlog of 128), which is a connect storm, not fan-out.
+    let permit = match &opening {
+        Some(sem) => sem.clone().acquire_owned().await.ok(),
+        None => None,
+    };
     let conn = match Conn::connect_from(poll, source).await {
         Ok(c) => c,
         Err(e) => return fail(out, format!("connect: {e}")),
@@ -506,6 +514,7 @@ pub async fn subscribe(
         Ok((status, _)) => return fail(out, format!("status {status}")),
         Err(e) => return fail(out, format!("open: {e}")),
     };
+    drop(permit);
     // Counts seen, with when they were first seen (monotonic, so a short list).
     let mut seen: Vec<(u64, Instant)> = Vec::new();
     loop {

@@ -451,6 +451,7 @@ impl Bench {
             subs.push(tokio::spawn(scenarios::subscribe(
                 self.poll.addr,
                 None,
+                None,
                 id.clone(),
                 ready.clone(),
                 target_rx.clone(),
