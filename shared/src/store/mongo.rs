@@ -284,9 +284,11 @@ async fn ensure_collection(
             })
             .await?;
     }
-    if !indexes.is_empty() {
-        let coll = db.collection::<Document>(name);
-        retry.run(|| coll.create_indexes(indexes.clone())).await?;
+    // One index per command: FerretDB 1.24 drops the connection when one `createIndexes` names
+    // several indexes that all exist already.
+    let coll = db.collection::<Document>(name);
+    for index in indexes {
+        retry.run(|| coll.create_index(index.clone())).await?;
     }
     Ok(())
 }

@@ -262,18 +262,31 @@ impl Counters {
         if let Some(upto) = upto {
             s.insert("$lte", to_i64(upto));
         }
+        let filter = doc! { "poll_id": poll, "w": w, "s": s };
         let pipeline = vec![
-            doc! { "$match": { "poll_id": poll, "w": w, "s": s } },
-            doc! { "$group": { "_id": { "c": "$choices" }, "n": { "$sum": 1 }, "m": { "$max": "$s" } } },
+            doc! { "$match": filter.clone() },
+            doc! { "$group": { "_id": { "c": "$choices" }, "n": { "$sum": 1 } } },
         ];
         let mut t = Tally::default();
-        let mut last = after;
         for g in collect(&self.ballots, &self.retry, pipeline).await? {
             let key = g.get_document("_id").map_err(|_| bad("tally group"))?;
             let n = g.get("n").and_then(uint_of).ok_or_else(|| bad("tally count"))?;
             t.add_n(&choices_of_group(key)?, n);
-            last = last.max(g.get("m").and_then(uint_of).unwrap_or(0));
         }
+        // The last batch, from the index's end (not `$max`, which some servers lack).
+        let newest = self
+            .retry
+            .run(|| {
+                self.ballots
+                    .find_one(filter.clone())
+                    .sort(doc! { "poll_id": -1, "w": -1, "s": -1 })
+                    .projection(doc! { "s": 1 })
+            })
+            .await?;
+        let last = newest
+            .and_then(|d| d.get("s").and_then(uint_of))
+            .unwrap_or(after)
+            .max(after);
         Ok((t, last))
     }
 
