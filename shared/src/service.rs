@@ -114,6 +114,7 @@ pub async fn bind_service(
         dependencies,
     });
     let router = crate::http::assemble(api, ops, config, describe);
+    raise_open_files_limit();
     let port = config.port_or(default_port);
     let server = Server::bind(
         &config.server.host,
@@ -142,4 +143,19 @@ pub fn describe_service(doc: &mut utoipa::openapi::OpenApi, title: &str, descrip
             .build(),
     );
     doc.info.description = Some(description.into());
+}
+
+/// Raises the soft open-files limit to the hard one: every live-results subscriber and every
+/// keep-alive client holds a descriptor, and some container runtimes start processes with a soft
+/// limit of 1,024 (containerd 2.x on systemd nodes) under a much higher hard limit.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "open-files limit raised to the hard limit"),
+            Err(e) => tracing::warn!(soft, hard, error = %e, "cannot raise the open-files limit"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-files limit"),
+    }
 }
