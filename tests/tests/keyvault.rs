@@ -51,6 +51,17 @@ fn enabled() -> Option<String> {
     }
 }
 
+/// The second FerretDB of the rotation step, killed when dropped: also when the test fails.
+struct OwnFerretDb(tempfile::TempDir);
+
+impl Drop for OwnFerretDb {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.path().to_str() {
+            let _ = ferretdb(&["kill", dir]);
+        }
+    }
+}
+
 fn ferretdb(args: &[&str]) -> Result<String, String> {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/ferretdb");
     let out = std::process::Command::new("bash")
@@ -386,8 +397,8 @@ async fn key_vault_end_to_end() {
 
     // ---- 2. Rotation to another FerretDB, ballots flowing, none failed.
     let step = Instant::now();
-    let ferret_dir = tempfile::tempdir().expect("tempdir");
-    match ferretdb(&["start", ferret_dir.path().to_str().expect("path")]) {
+    let ferret_dir = OwnFerretDb(tempfile::tempdir().expect("tempdir"));
+    match ferretdb(&["start", ferret_dir.0.path().to_str().expect("path")]) {
         Ok(other) => {
             let conn2 = with_marker(&other, &format!("kv-second-{suffix}"));
             secrets.extend([conn2.clone(), format!("kv-second-{suffix}")]);
@@ -614,7 +625,7 @@ async fn key_vault_end_to_end() {
     );
 
     poll_shutdown.cancel();
-    let _ = ferretdb(&["kill", ferret_dir.path().to_str().expect("path")]);
+    drop(ferret_dir);
     for (uri, db) in databases {
         drop_databases(uri, vec![db]);
     }
