@@ -380,13 +380,7 @@ async fn update_poll(
         let now = Utc::now();
         let mut next = apply_patch(&poll, &body, now)?;
         let ballots_matter = next.options != poll.options || next.dedupe != poll.dedupe;
-        let tally = s
-            .votes
-            .tallies(&[&poll], None)
-            .await?
-            .pop()
-            .map(|(t, _)| t)
-            .unwrap_or_default();
+        let tally = s.votes.tally(&poll).await?;
         if ballots_matter && (tally.total > 0 || poll.legacy_votes > 0) {
             return Err(Problem::conflict(
                 "votes-exist",
@@ -493,13 +487,7 @@ async fn close_poll(State(s): St, Path(id): Path<String>, headers: HeaderMap) ->
             std::time::Duration::from_secs(1),
         ));
     }
-    let tally = s
-        .votes
-        .tallies(&[&poll], None)
-        .await?
-        .pop()
-        .map(|(t, _)| t)
-        .unwrap_or_default();
+    let tally = s.votes.tally(&poll).await?;
     Ok(Json(PollView::new(&poll, Some(&tally), Utc::now())))
 }
 

@@ -118,13 +118,7 @@ impl Snapshots {
         let Some(poll) = self.store.get(id).await? else {
             return Ok(None);
         };
-        let tally = self
-            .votes
-            .tallies(&[&poll], None)
-            .await?
-            .pop()
-            .map(|(t, _)| t)
-            .unwrap_or_default();
+        let tally = self.votes.tally(&poll).await?;
         let now = Utc::now();
         let status = poll.status_at(now);
         let public = (poll.results != ResultsVisibility::AfterVote).then(|| {

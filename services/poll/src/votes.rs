@@ -77,6 +77,16 @@ impl VoteClient {
             .collect())
     }
 
+    /// The tally of one poll (caller-independent).
+    pub async fn tally(&self, poll: &PollRecord) -> Result<Tally, Problem> {
+        Ok(self
+            .tallies(&[poll], None)
+            .await?
+            .pop()
+            .map(|(t, _)| t)
+            .unwrap_or_default())
+    }
+
     /// Deletes the ballots of a deleted poll. Best effort: a failure is logged (the vote service
     /// refuses new ballots for the poll either way, since the poll is gone).
     pub async fn purge(&self, poll_id: &str) {
