@@ -18,10 +18,11 @@ use mongodb::bson::doc;
 use mongodb::options::{Acknowledgment, DatabaseOptions, IndexOptions, WriteConcern};
 use mongodb::{Client, IndexModel};
 use serde::Serialize;
-use shared::domain::{BallotRecord, CastOutcome};
-use shared::store::BallotStore;
-use shared::store::embedded::EmbeddedBallotStore;
-use shared::store::mongo::{self, MongoBallotStore, MongoSettings};
+use shared::mongo::{self, MongoSettings};
+use vote_service::ballot::{BallotRecord, CastOutcome};
+use vote_service::store::BallotStore;
+use vote_service::store::embedded::EmbeddedBallotStore;
+use vote_service::store::mongo::{BALLOTS_COLLECTION, MongoBallotStore, Tuning, ballot_to_doc};
 
 use crate::load::Latency;
 
@@ -73,7 +74,7 @@ pub struct StoreReference {
 }
 
 /// The write concern of every store write: `{w: "majority", j: true}` with a server-side timeout
-/// equal to the store's operation deadline (as `shared::store::mongo` sets it).
+/// equal to the store's operation deadline (as `shared::mongo` sets it).
 fn store_write_concern(settings: &MongoSettings) -> WriteConcern {
     WriteConcern::builder()
         .w(Acknowledgment::Majority)
@@ -234,12 +235,15 @@ pub async fn mongo_store_cast_rate(
     with_scratch_database(uri, &name, async {
         let mut settings = MongoSettings::new(uri, name.as_str());
         // The reference reads the tally once, after the load: no cached value may stand in for it.
-        settings.tally_cache_ttl = Duration::ZERO;
+        let tuning = Tuning {
+            tally_cache_ttl: Duration::ZERO,
+            ..Tuning::default()
+        };
         // Its closing tally and recount read every ballot written, which on a server without
         // indexes (FerretDB's SQLite backend scans the collection) takes longer than a request may.
         settings.operation_timeout = Duration::from_secs(60);
         let client = mongo::build_client(&settings).await.map_err(|e| e.to_string())?;
-        let store = MongoBallotStore::open(client, &name, settings.tuning())
+        let store = MongoBallotStore::open(client, &name, settings.retry_policy(), tuning)
             .await
             .map_err(|e| e.to_string())?;
         let what = format!(
@@ -286,8 +290,8 @@ async fn driver_insert_rate(
             .build(),
     );
     // Shaped like the store's collection: `_id` plus the store's one secondary index.
-    let coll = db.collection::<mongodb::bson::Document>(mongo::BALLOTS_COLLECTION);
-    db.create_collection(mongo::BALLOTS_COLLECTION)
+    let coll = db.collection::<mongodb::bson::Document>(BALLOTS_COLLECTION);
+    db.create_collection(BALLOTS_COLLECTION)
         .await
         .map_err(|e| format!("create collection: {e}"))?;
     let index = IndexModel::builder()
@@ -301,7 +305,7 @@ async fn driver_insert_rate(
     let run = closed_loop(clients, duration, move |c, n| {
         let coll = c2.clone();
         async move {
-            let doc = mongo::ballot_to_doc(&ballot(POLL_ID, c, n));
+            let doc = ballot_to_doc(&ballot(POLL_ID, c, n));
             coll.insert_one(doc).await.map(|_| ()).map_err(|e| e.to_string())
         }
     })

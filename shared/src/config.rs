@@ -482,26 +482,6 @@ impl Config {
         }
     }
 
-    /// The MongoDB settings for `uri` (from config or Key Vault) and this service's database.
-    pub fn mongo_settings(&self, uri: &Secret, default_database: &str) -> crate::store::mongo::MongoSettings {
-        let st = &self.storage;
-        let database = if st.database.is_empty() {
-            default_database
-        } else {
-            st.database.as_str()
-        };
-        let mut s = crate::store::mongo::MongoSettings::new(uri.expose(), database);
-        s.app_name = Some(format!("pollvote-{default_database}"));
-        s.max_pool_size = (st.max_pool_size > 0).then_some(st.max_pool_size);
-        s.min_pool_size = (st.min_pool_size > 0).then_some(st.min_pool_size);
-        s.connect_timeout = std::time::Duration::from_millis(st.connect_timeout_ms);
-        s.server_selection_timeout = std::time::Duration::from_millis(st.server_selection_timeout_ms);
-        s.operation_timeout = std::time::Duration::from_millis(st.operation_timeout_ms);
-        s.tally_cache_ttl = std::time::Duration::from_millis(st.tally_cache_ttl_ms);
-        s.write_batches_in_flight = st.write_batches_in_flight as usize;
-        s
-    }
-
     /// The listen port: the configured one, or the service's default when 0.
     pub fn port_or(&self, default: u16) -> u16 {
         if self.server.port == 0 {

@@ -1,5 +1,4 @@
-//! Storage calls made observable: the services wrap their store in [`poll_store`] /
-//! [`ballot_store`], so that every call is a client span (`db.system.name`, `db.namespace`,
+//! Storage calls made observable: each service wraps its store so that every call is a client span (`db.system.name`, `db.namespace`,
 //! `db.collection.name`, `db.operation.name`) when tracing is on, and is measured in
 //! `pollvote_db_operation_duration_seconds{operation, outcome}` always (`ok`, `unavailable`,
 //! `error`, or `cancelled` when the caller gave up waiting).
@@ -8,22 +7,20 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
-use async_trait::async_trait;
 use tracing::Instrument as _;
 
 use crate::config::{Backend, Config};
-use crate::domain::{BallotRecord, CastOutcome, PollQuery, PollRecord, Tally};
 use crate::metrics::{DbLabels, Metrics};
-use crate::store::{BallotStore, DynBallotStore, DynPollStore, PollStore, StoreError, StoreResult};
+use crate::storage::{StoreError, StoreResult};
 
-struct Observed {
+pub struct Observed {
     metrics: Arc<Metrics>,
     system: &'static str,
     namespace: String,
 }
 
 impl Observed {
-    fn new(config: &Config, metrics: Arc<Metrics>, default_db: &str) -> Self {
+    pub fn new(config: &Config, metrics: Arc<Metrics>, default_db: &str) -> Self {
         let system = match config.storage.effective_backend() {
             Backend::Mongodb => "mongodb",
             _ => "redb",
@@ -40,7 +37,7 @@ impl Observed {
         }
     }
 
-    async fn call<T>(
+    pub async fn call<T>(
         &self,
         collection: &'static str,
         operation: &'static str,
@@ -107,102 +104,5 @@ impl Drop for Pending<'_> {
         if !self.done {
             self.finish("cancelled");
         }
-    }
-}
-
-struct ObservedPolls {
-    inner: DynPollStore,
-    o: Observed,
-}
-
-/// The poll store, observed.
-pub fn poll_store(inner: DynPollStore, config: &Config, metrics: Arc<Metrics>) -> DynPollStore {
-    Arc::new(ObservedPolls {
-        inner,
-        o: Observed::new(config, metrics, "poll"),
-    })
-}
-
-#[async_trait]
-impl PollStore for ObservedPolls {
-    async fn create(&self, poll: &PollRecord) -> StoreResult<()> {
-        self.o.call("polls", "create", self.inner.create(poll)).await
-    }
-    async fn get(&self, id: &str) -> StoreResult<Option<PollRecord>> {
-        self.o.call("polls", "get", self.inner.get(id)).await
-    }
-    async fn list(&self, query: &PollQuery) -> StoreResult<Vec<PollRecord>> {
-        self.o.call("polls", "list", self.inner.list(query)).await
-    }
-    async fn replace(&self, poll: &PollRecord, expected_revision: u64) -> StoreResult<bool> {
-        self.o
-            .call("polls", "replace", self.inner.replace(poll, expected_revision))
-            .await
-    }
-    async fn delete(&self, id: &str) -> StoreResult<bool> {
-        self.o.call("polls", "delete", self.inner.delete(id)).await
-    }
-    async fn ping(&self) -> StoreResult<()> {
-        self.o.call("polls", "ping", self.inner.ping()).await
-    }
-}
-
-struct ObservedBallots {
-    inner: DynBallotStore,
-    o: Observed,
-}
-
-/// The ballot store, observed.
-pub fn ballot_store(inner: DynBallotStore, config: &Config, metrics: Arc<Metrics>) -> DynBallotStore {
-    Arc::new(ObservedBallots {
-        inner,
-        o: Observed::new(config, metrics, "vote"),
-    })
-}
-
-#[async_trait]
-impl BallotStore for ObservedBallots {
-    async fn cast(&self, ballot: BallotRecord) -> StoreResult<CastOutcome> {
-        self.o.call("ballots", "cast", self.inner.cast(ballot)).await
-    }
-    async fn tally(&self, poll_id: &str) -> StoreResult<Tally> {
-        self.o.call("ballots", "tally", self.inner.tally(poll_id)).await
-    }
-    async fn tallies(&self, poll_ids: &[String]) -> StoreResult<Vec<Tally>> {
-        self.o.call("ballots", "tallies", self.inner.tallies(poll_ids)).await
-    }
-    async fn has_voted(&self, poll_id: &str, voter: &str, keyed_by_voter: bool) -> StoreResult<bool> {
-        self.o
-            .call(
-                "ballots",
-                "has_voted",
-                self.inner.has_voted(poll_id, voter, keyed_by_voter),
-            )
-            .await
-    }
-    async fn recount(&self, poll_id: &str) -> StoreResult<Tally> {
-        self.o.call("ballots", "recount", self.inner.recount(poll_id)).await
-    }
-    async fn recount_many(&self, poll_ids: &[String]) -> StoreResult<Vec<Tally>> {
-        self.o
-            .call("ballots", "recount_many", self.inner.recount_many(poll_ids))
-            .await
-    }
-    async fn purge(&self, poll_id: &str) -> StoreResult<u64> {
-        self.o.call("ballots", "purge", self.inner.purge(poll_id)).await
-    }
-    async fn repair(&self, poll_id: &str) -> StoreResult<crate::store::Repair> {
-        self.o.call("ballots", "repair", self.inner.repair(poll_id)).await
-    }
-    async fn repair_since(
-        &self,
-        since: Option<chrono::DateTime<chrono::Utc>>,
-    ) -> StoreResult<Vec<crate::store::Repair>> {
-        self.o
-            .call("ballots", "repair_since", self.inner.repair_since(since))
-            .await
-    }
-    async fn ping(&self) -> StoreResult<()> {
-        self.o.call("ballots", "ping", self.inner.ping()).await
     }
 }

@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{DedupePolicy, PollRecord, PollStatus, ResultsVisibility};
-use crate::http::Dependency;
+use crate::contract::{DedupePolicy, PollStatus, ResultsVisibility, status_at};
+use crate::health::Dependency;
 use crate::metrics::{Metrics, PeerLabels};
 use crate::problem::Problem;
 
@@ -27,25 +27,7 @@ pub struct PollDefinition {
 
 impl PollDefinition {
     pub fn status_at(&self, now: DateTime<Utc>) -> PollStatus {
-        if self.closed_at.is_some() || self.closes_at.is_some_and(|t| t <= now) {
-            PollStatus::Closed
-        } else {
-            PollStatus::Open
-        }
-    }
-}
-
-impl From<&PollRecord> for PollDefinition {
-    fn from(p: &PollRecord) -> Self {
-        Self {
-            id: p.id.clone(),
-            options: p.options.clone(),
-            max_choices: p.max_choices,
-            dedupe: p.dedupe,
-            results: p.results,
-            closes_at: p.closes_at,
-            closed_at: p.closed_at,
-        }
+        status_at(self.closes_at, self.closed_at, now)
     }
 }
 

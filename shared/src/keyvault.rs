@@ -10,7 +10,7 @@
 //!   so the service becomes ready by itself once the vault or the identity is fixed;
 //! - then every refresh interval, and at once (at most every [`MIN_GAP`]) when the database refuses
 //!   the current credentials. A changed value is sent on the channel, and the store slot builds a
-//!   new client and swaps it in (see [`crate::store::slot`]); an unchanged one is not.
+//!   new client and swaps it in (see [`crate::slot`]); an unchanged one is not.
 //!
 //! `/health/deep` gets a `keyvault` dependency reporting the last read. The value only ever lives
 //! in a [`Secret`], which masks itself in `Debug`, `Display` and serialisation.
@@ -31,9 +31,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::Secret;
 use crate::config::KeyVaultConfig;
-use crate::http::{Dependency, Readiness};
-use crate::store::ConnectionSource;
-use crate::store::mongo::CredentialsRejected;
+use crate::health::{Dependency, Readiness};
 
 /// The readiness condition this module holds until the secret is loaded.
 pub const READINESS_KEY: &str = "secret";
@@ -281,6 +279,81 @@ impl Timing {
         }
     }
 }
+
+/// Where the MongoDB connection string comes from, and where to report that the database refused it.
+#[derive(Clone)]
+pub struct ConnectionSource {
+    /// The current connection string (`None` until known); a new value is a rotation.
+    pub uris: tokio::sync::watch::Receiver<Option<Secret>>,
+    /// Reported when the database refuses the credentials (Key Vault then reads the secret at once).
+    pub credentials_rejected: CredentialsRejected,
+    /// Key Vault's state for `/health/deep`, when the connection string comes from there.
+    pub health: Option<Arc<dyn Dependency>>,
+}
+
+/// The connection string as configured: from Key Vault when `keyvault` is in use (fetched in the
+/// background, refreshed, readiness waiting for "secret" until loaded), else `storage.mongodb_uri`,
+/// a value that never changes. Errors are start-up errors (no usable Azure credential, …).
+pub fn connection_source(config: &crate::Config, readiness: &Arc<Readiness>) -> Result<ConnectionSource, String> {
+    if config.keyvault.in_use() {
+        return start(&config.keyvault, readiness);
+    }
+    let uri = config.storage.mongodb_uri.clone();
+    let (tx, rx) = tokio::sync::watch::channel((!uri.is_empty()).then_some(uri));
+    // Keep the sender alive for the life of the process so receivers never see "closed".
+    std::mem::forget(tx);
+    Ok(ConnectionSource {
+        uris: rx,
+        credentials_rejected: CredentialsRejected::default(),
+        health: None,
+    })
+}
+
+/// Where "the database refused our credentials" is reported: a rotated password then gets the
+/// connection string read again from Key Vault at once instead of at the next refresh. Does
+/// nothing unless made with [`CredentialsRejected::notifying`].
+#[derive(Clone, Default)]
+pub struct CredentialsRejected(Option<std::sync::Arc<tokio::sync::Notify>>);
+
+impl CredentialsRejected {
+    /// Reports to `notify` (one stored permit however many failures: the reader coalesces them).
+    pub fn notifying(notify: std::sync::Arc<tokio::sync::Notify>) -> Self {
+        Self(Some(notify))
+    }
+
+    /// Whether a report reaches someone (who may then change the connection string).
+    pub fn is_heard(&self) -> bool {
+        self.0.is_some()
+    }
+
+    pub fn report(&self) {
+        if let Some(n) = &self.0 {
+            n.notify_one();
+        }
+    }
+}
+
+impl std::fmt::Debug for CredentialsRejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "CredentialsRejected(reported)"
+        } else {
+            "CredentialsRejected(ignored)"
+        })
+    }
+}
+
+impl PartialEq for CredentialsRejected {
+    fn eq(&self, other: &Self) -> bool {
+        match (&self.0, &other.0) {
+            (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for CredentialsRejected {}
 
 /// Reads the connection string from Key Vault as `config` says; see the module docs.
 pub fn start(config: &KeyVaultConfig, readiness: &Arc<Readiness>) -> Result<ConnectionSource, String> {

@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::store::StoreError;
+use crate::storage::StoreError;
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
 

@@ -86,9 +86,9 @@ async fn health_probe(port: u16) -> ExitCode {
 pub struct ServiceParts {
     pub service: &'static str,
     pub default_port: u16,
-    pub readiness: std::sync::Arc<crate::http::Readiness>,
+    pub readiness: std::sync::Arc<crate::health::Readiness>,
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
-    pub dependencies: Vec<std::sync::Arc<dyn crate::http::Dependency>>,
+    pub dependencies: Vec<std::sync::Arc<dyn crate::health::Dependency>>,
 }
 
 /// The start-up steps both services share: ops routes, the shared middleware and docs around the

@@ -10,19 +10,18 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use rand::RngCore;
-use shared::domain::{
-    PollCursor, PollQuery, PollRecord, PollStatus, ResultsVisibility, Tally, new_poll_id, normalise_poll_id, sha256_hex,
-};
+use shared::contract::{PollStatus, ResultsVisibility, Tally, new_poll_id, normalise_poll_id, sha256_hex};
 use shared::http::{AppJson, AppQuery, ClientAddr, bearer_token};
 use shared::internal::PollDefinition;
 use shared::problem::{FieldError, Problem, ProblemBody};
-use shared::store::DynPollStore;
 use subtle::ConstantTimeEq;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::model::*;
+use crate::record::{PollCursor, PollQuery, PollRecord};
 use crate::snapshots::{Rendered, Snapshots};
+use crate::store::DynPollStore;
 use crate::stream::{self, Hub};
 use crate::votes::{Viewer, VoteClient};
 
@@ -271,8 +270,8 @@ async fn list_polls(
         let mut link = format!("/api/polls?limit={limit}&cursor={cursor}");
         if let Some(status) = q.status {
             link.push_str(match status {
-                shared::domain::StatusFilter::Open => "&status=open",
-                shared::domain::StatusFilter::Closed => "&status=closed",
+                crate::record::StatusFilter::Open => "&status=open",
+                crate::record::StatusFilter::Closed => "&status=closed",
             });
         }
         if let Ok(v) = HeaderValue::from_str(&format!("<{link}>; rel=\"next\"")) {

@@ -2,7 +2,9 @@
 
 pub mod api;
 pub mod model;
+pub mod record;
 pub mod snapshots;
+pub mod store;
 pub mod stream;
 pub mod votes;
 
@@ -10,11 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shared::Config;
-use shared::http::{Dependency, Readiness, Server};
+use shared::health::{Dependency, Readiness};
+use shared::http::Server;
 use shared::internal::PeerClient;
+use shared::keyvault::connection_source;
 use shared::metrics::Metrics;
 use shared::service::{ServiceParts, bind_service, describe_service};
-use shared::store::{StoreHealth, connection_source, open_poll_store};
+use shared::storage::StoreHealth;
 use tokio_util::sync::CancellationToken;
 use utoipa::openapi::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -30,11 +34,7 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Server
     let metrics = Arc::new(Metrics::new(SERVICE));
     let source = connection_source(&config, &readiness)?;
     let keyvault = source.health.clone();
-    let store = shared::instrumented::poll_store(
-        open_poll_store(&config, &readiness, source).await?,
-        &config,
-        metrics.clone(),
-    );
+    let store = store::open(&config, &readiness, source, metrics.clone()).map_err(|e| e.to_string())?;
     let peer = PeerClient::new(
         "vote service",
         &config.services.vote_url,

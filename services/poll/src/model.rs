@@ -3,7 +3,9 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 use shared::FieldError;
-use shared::domain::{DedupePolicy, PollRecord, PollStatus, ResultsVisibility, Tally};
+use shared::contract::{DedupePolicy, PollStatus, ResultsVisibility, Tally};
+
+use crate::record::PollRecord;
 use utoipa::openapi::RefOr;
 use utoipa::openapi::schema::{ArrayBuilder, Schema};
 use utoipa::{IntoParams, PartialSchema, ToSchema};
@@ -174,7 +176,7 @@ pub struct ListParams {
     pub cursor: Option<String>,
     /// Only open or only closed polls.
     #[param(inline)]
-    pub status: Option<shared::domain::StatusFilter>,
+    pub status: Option<crate::record::StatusFilter>,
 }
 
 /// Parameters of reads whose visibility may depend on the caller.
@@ -192,7 +194,7 @@ impl ViewerParams {
     pub fn voter_id(&self) -> Result<Option<&str>, shared::Problem> {
         match self.voter_id.as_deref() {
             None => Ok(None),
-            Some(v) => shared::domain::validate_voter_id(v)
+            Some(v) => shared::contract::validate_voter_id(v)
                 .map(|()| Some(v))
                 .map_err(|msg| shared::Problem::invalid("query.voter_id", msg)),
         }

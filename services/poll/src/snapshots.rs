@@ -15,8 +15,10 @@ use axum::body::Bytes;
 use axum::http::HeaderValue;
 use chrono::Utc;
 use shared::Problem;
-use shared::domain::{PollRecord, PollStatus, ResultsVisibility, Tally, sha256_hex};
-use shared::store::DynPollStore;
+use shared::contract::{PollStatus, ResultsVisibility, Tally, sha256_hex};
+
+use crate::record::PollRecord;
+use crate::store::DynPollStore;
 
 use crate::model::PollView;
 use crate::votes::VoteClient;

@@ -17,7 +17,9 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use shared::Problem;
-use shared::domain::{PollRecord, PollStatus, ResultsVisibility, Tally};
+use shared::contract::{PollStatus, ResultsVisibility, Tally};
+
+use crate::record::PollRecord;
 use shared::http::{AppQuery, ClientAddr};
 use shared::problem::ProblemBody;
 use tokio::sync::watch;

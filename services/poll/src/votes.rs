@@ -5,7 +5,9 @@ use std::net::IpAddr;
 
 use axum::http::HeaderMap;
 use shared::Problem;
-use shared::domain::{PollRecord, ResultsVisibility, Tally, VoterKind, voter_key};
+use shared::contract::{ResultsVisibility, Tally, VoterKind, voter_key};
+
+use crate::record::PollRecord;
 use shared::internal::{PeerClient, TalliesResponse};
 
 /// Everything that may identify the caller as a voter.
@@ -21,7 +23,7 @@ impl Viewer {
         let mut keys = vec![voter_key(VoterKind::Address, &addr.to_string())];
         let header_id = headers.get("x-voter-id").and_then(|v| v.to_str().ok());
         for id in [voter_id, header_id].into_iter().flatten() {
-            if shared::domain::validate_voter_id(id).is_ok() {
+            if shared::contract::validate_voter_id(id).is_ok() {
                 keys.push(voter_key(VoterKind::VoterId, id));
             }
         }

@@ -10,14 +10,12 @@ use chrono::{DateTime, Utc};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use serde::{Deserialize, Serialize};
-use shared::domain::{
-    BallotRecord, CastOutcome, DedupePolicy, PollStatus, VoterKind, normalise_poll_id, sha256_hex, validate_voter_id,
-    voter_key,
+use shared::contract::{
+    DedupePolicy, PollStatus, Tally, VoterKind, normalise_poll_id, sha256_hex, validate_voter_id, voter_key,
 };
 use shared::http::{AppJson, AppQuery, ClientAddr};
 use shared::internal::{PollDefinition, TalliesResponse, TallyView};
 use shared::problem::{FieldError, Problem, ProblemBody};
-use shared::store::DynBallotStore;
 use utoipa::openapi::Deprecated;
 use utoipa::openapi::RefOr;
 use utoipa::openapi::schema::{
@@ -27,7 +25,9 @@ use utoipa::{PartialSchema, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::ballot::{BallotRecord, CastOutcome};
 use crate::catalog::Catalog;
+use crate::store::DynBallotStore;
 
 pub struct AppState {
     pub store: DynBallotStore,
@@ -510,14 +510,14 @@ async fn purge(State(s): St, Path(id): Path<String>) -> Result<StatusCode, Probl
 struct Audit {
     poll_id: String,
     /// The tally as maintained alongside the ballots.
-    tally: shared::domain::Tally,
+    tally: Tally,
     /// The stored ballots, counted one by one.
-    stored: shared::domain::Tally,
+    stored: Tally,
     consistent: bool,
 }
 
 impl Audit {
-    fn new(poll_id: String, tally: shared::domain::Tally, stored: shared::domain::Tally) -> Self {
+    fn new(poll_id: String, tally: Tally, stored: Tally) -> Self {
         let n = tally.by_option.len().max(stored.by_option.len());
         let (tally, stored) = (tally.padded(n), stored.padded(n));
         Self {
@@ -540,7 +540,7 @@ async fn audit(State(s): St, Path(id): Path<String>) -> Result<Json<Audit>, Prob
 
 /// Internal: makes the poll's kept tally equal to its stored ballots again (idempotent; for an
 /// operator after a database failover, see the README). Answers what was checked and corrected.
-async fn repair(State(s): St, Path(id): Path<String>) -> Result<Json<shared::store::Repair>, Problem> {
+async fn repair(State(s): St, Path(id): Path<String>) -> Result<Json<crate::store::Repair>, Problem> {
     let id = normalise_poll_id(&id).ok_or_else(|| Problem::invalid("id", "must be a poll id"))?;
     Ok(Json(s.store.repair(&id).await?))
 }
@@ -554,7 +554,7 @@ struct RepairQuery {
 
 #[derive(Debug, Serialize)]
 struct Repairs {
-    repairs: Vec<shared::store::Repair>,
+    repairs: Vec<crate::store::Repair>,
 }
 
 /// Internal: [`repair`] of every poll whose tally may have changed since `?since=` (RFC 3339),

@@ -1,7 +1,9 @@
 //! The vote service: ballots (who voted what) and the tallies derived from them.
 
 pub mod api;
+pub mod ballot;
 pub mod catalog;
+pub mod store;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,11 +11,13 @@ use std::time::Duration;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use shared::Config;
-use shared::http::{Dependency, Readiness, Server};
+use shared::health::{Dependency, Readiness};
+use shared::http::Server;
 use shared::internal::PeerClient;
+use shared::keyvault::connection_source;
 use shared::metrics::Metrics;
 use shared::service::{ServiceParts, bind_service, describe_service};
-use shared::store::{StoreHealth, connection_source, open_ballot_store};
+use shared::storage::StoreHealth;
 use tokio_util::sync::CancellationToken;
 use utoipa::openapi::OpenApi;
 
@@ -26,11 +30,7 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Server
     let metrics = Arc::new(Metrics::new(SERVICE));
     let source = connection_source(&config, &readiness)?;
     let keyvault = source.health.clone();
-    let store = shared::instrumented::ballot_store(
-        open_ballot_store(&config, &readiness, source).await?,
-        &config,
-        metrics.clone(),
-    );
+    let store = store::open(&config, &readiness, source, metrics.clone()).map_err(|e| e.to_string())?;
     let peer = PeerClient::new(
         "poll service",
         &config.services.poll_url,

@@ -4,80 +4,22 @@
 //! the Service (requests then get our 503s instead of the ingress's 502s); `/health/deep` checks
 //! every dependency for monitoring.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+use std::collections::BTreeMap;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+pub use crate::health::{Dependency, Readiness};
 use crate::metrics::Metrics;
 use crate::problem::{Problem, ProblemBody};
-
-/// Something the service needs (database, the other service, Key Vault).
-#[async_trait]
-pub trait Dependency: Send + Sync + 'static {
-    fn name(&self) -> &'static str;
-    /// Ok when usable; otherwise a short reason without secrets.
-    async fn check(&self) -> Result<(), String>;
-}
-
-/// Start-up and shutdown state behind `/readyz`: ready once the server is built and every
-/// pending start-up condition (storage connected, secret loaded) is resolved, until draining.
-#[derive(Debug, Default)]
-pub struct Readiness {
-    initialised: AtomicBool,
-    draining: AtomicBool,
-    pending: std::sync::Mutex<BTreeMap<&'static str, String>>,
-}
-
-impl Readiness {
-    pub fn set_initialised(&self) {
-        self.initialised.store(true, Ordering::SeqCst);
-    }
-    /// Records (or updates) a start-up condition that is not met yet, and why.
-    pub fn wait_for(&self, what: &'static str, reason: impl Into<String>) {
-        if let Ok(mut p) = self.pending.lock() {
-            p.insert(what, reason.into());
-        }
-    }
-    /// The start-up condition is met.
-    pub fn resolve(&self, what: &'static str) {
-        if let Ok(mut p) = self.pending.lock() {
-            p.remove(what);
-        }
-    }
-    pub fn set_draining(&self) {
-        self.draining.store(true, Ordering::SeqCst);
-    }
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::SeqCst)
-    }
-    /// Ok when ready, else why not.
-    pub fn state(&self) -> Result<(), String> {
-        if self.draining.load(Ordering::SeqCst) {
-            Err("draining: shutting down".into())
-        } else if !self.initialised.load(Ordering::SeqCst) {
-            Err("starting".into())
-        } else {
-            let pending = self.pending.lock().map(|p| p.clone()).unwrap_or_default();
-            if pending.is_empty() {
-                Ok(())
-            } else {
-                let why: Vec<String> = pending.iter().map(|(k, v)| format!("{k}: {v}")).collect();
-                Err(format!("starting: {}", why.join("; ")))
-            }
-        }
-    }
-}
 
 /// What the operational endpoints need.
 pub struct Ops {

@@ -17,13 +17,11 @@ use std::future::Future;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use tokio::sync::watch;
 
-use super::{BallotStore, PollStore, StoreError, StoreResult};
 use crate::Secret;
-use crate::domain::{BallotRecord, CastOutcome, PollQuery, PollRecord, Tally};
-use crate::http::Readiness;
+use crate::health::Readiness;
+use crate::storage::{StoreError, StoreResult};
 
 const WHAT: &str = "database";
 
@@ -104,7 +102,7 @@ impl<T: ?Sized> Slot<T> {
 
     /// Runs `op` on the current store; when the database refused its credentials, once more on
     /// the store rebuilt after it (see the module docs).
-    async fn call<R, F, Fut>(&self, op: F) -> StoreResult<R>
+    pub async fn call<R, F, Fut>(&self, op: F) -> StoreResult<R>
     where
         F: Fn(Arc<T>) -> Fut,
         Fut: Future<Output = StoreResult<R>>,
@@ -198,77 +196,15 @@ where
     slot
 }
 
-#[async_trait]
-impl PollStore for Slot<dyn PollStore> {
-    async fn create(&self, poll: &PollRecord) -> StoreResult<()> {
-        self.call(|s| async move { s.create(poll).await }).await
-    }
-    async fn get(&self, id: &str) -> StoreResult<Option<PollRecord>> {
-        self.call(|s| async move { s.get(id).await }).await
-    }
-    async fn list(&self, query: &PollQuery) -> StoreResult<Vec<PollRecord>> {
-        self.call(|s| async move { s.list(query).await }).await
-    }
-    async fn replace(&self, poll: &PollRecord, expected_revision: u64) -> StoreResult<bool> {
-        self.call(|s| async move { s.replace(poll, expected_revision).await })
-            .await
-    }
-    async fn delete(&self, id: &str) -> StoreResult<bool> {
-        self.call(|s| async move { s.delete(id).await }).await
-    }
-    async fn ping(&self) -> StoreResult<()> {
-        self.call(|s| async move { s.ping().await }).await
-    }
-}
-
-#[async_trait]
-impl BallotStore for Slot<dyn BallotStore> {
-    async fn cast(&self, ballot: BallotRecord) -> StoreResult<CastOutcome> {
-        // A ballot's identity is its `_id`: casting it again is safe in any case.
-        self.call(|s| {
-            let ballot = ballot.clone();
-            async move { s.cast(ballot).await }
-        })
-        .await
-    }
-    async fn tally(&self, poll_id: &str) -> StoreResult<Tally> {
-        self.call(|s| async move { s.tally(poll_id).await }).await
-    }
-    async fn tallies(&self, poll_ids: &[String]) -> StoreResult<Vec<Tally>> {
-        self.call(|s| async move { s.tallies(poll_ids).await }).await
-    }
-    async fn has_voted(&self, poll_id: &str, voter: &str, keyed_by_voter: bool) -> StoreResult<bool> {
-        self.call(|s| async move { s.has_voted(poll_id, voter, keyed_by_voter).await })
-            .await
-    }
-    async fn recount(&self, poll_id: &str) -> StoreResult<Tally> {
-        self.call(|s| async move { s.recount(poll_id).await }).await
-    }
-
-    async fn recount_many(&self, poll_ids: &[String]) -> StoreResult<Vec<Tally>> {
-        self.call(|s| async move { s.recount_many(poll_ids).await }).await
-    }
-    async fn purge(&self, poll_id: &str) -> StoreResult<u64> {
-        self.call(|s| async move { s.purge(poll_id).await }).await
-    }
-    async fn repair(&self, poll_id: &str) -> StoreResult<super::Repair> {
-        self.call(|s| async move { s.repair(poll_id).await }).await
-    }
-    async fn repair_since(&self, since: Option<chrono::DateTime<chrono::Utc>>) -> StoreResult<Vec<super::Repair>> {
-        self.call(|s| async move { s.repair_since(since).await }).await
-    }
-    async fn ping(&self) -> StoreResult<()> {
-        self.call(|s| async move { s.ping().await }).await
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    use async_trait::async_trait;
+
     use super::*;
 
-    /// A poll store whose `ping` answers `answer`, counting calls.
+    /// A store whose `ping` answers `answer`, counting calls.
     struct Fake {
         answer: fn() -> StoreResult<()>,
         calls: AtomicUsize,
@@ -300,36 +236,30 @@ mod tests {
         Err(StoreError::unavailable("connection refused"))
     }
 
-    fn unused<T>() -> StoreResult<T> {
-        Err(StoreError::Internal("unused".into()))
+    /// The one call these tests make through a slot.
+    #[async_trait]
+    trait Ping: Send + Sync + 'static {
+        async fn ping(&self) -> StoreResult<()>;
     }
 
     #[async_trait]
-    impl PollStore for Fake {
-        async fn create(&self, _: &PollRecord) -> StoreResult<()> {
-            unused()
-        }
-        async fn get(&self, _: &str) -> StoreResult<Option<PollRecord>> {
-            unused()
-        }
-        async fn list(&self, _: &PollQuery) -> StoreResult<Vec<PollRecord>> {
-            unused()
-        }
-        async fn replace(&self, _: &PollRecord, _: u64) -> StoreResult<bool> {
-            unused()
-        }
-        async fn delete(&self, _: &str) -> StoreResult<bool> {
-            unused()
-        }
+    impl Ping for Fake {
         async fn ping(&self) -> StoreResult<()> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             (self.answer)()
         }
     }
 
+    #[async_trait]
+    impl Ping for Slot<dyn Ping> {
+        async fn ping(&self) -> StoreResult<()> {
+            self.call(|s| async move { s.ping().await }).await
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_call_refused_for_its_credentials_runs_again_on_the_rebuilt_store() {
-        let slot: Arc<Slot<dyn PollStore>> = Arc::new(Slot::with_rebuild_wait(Duration::from_secs(5)));
+        let slot: Arc<Slot<dyn Ping>> = Arc::new(Slot::with_rebuild_wait(Duration::from_secs(5)));
         let (old, rebuilt) = (Fake::new(refused), Fake::new(fine));
         slot.set(old.clone());
         let call = tokio::spawn({
@@ -367,7 +297,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_refusal_without_a_rebuild_is_returned_after_the_wait_and_other_errors_at_once() {
-        let slot: Slot<dyn PollStore> = Slot::with_rebuild_wait(Duration::from_secs(5));
+        let slot: Slot<dyn Ping> = Slot::with_rebuild_wait(Duration::from_secs(5));
         let old = Fake::new(refused);
         slot.set(old.clone());
         let started = tokio::time::Instant::now();
@@ -380,7 +310,7 @@ mod tests {
         assert_eq!(old.calls(), 1, "not run again on the same store");
 
         // A connection string that cannot change: no wait at all.
-        let fixed: Slot<dyn PollStore> = Slot::empty();
+        let fixed: Slot<dyn Ping> = Slot::empty();
         fixed.set(Fake::new(refused));
         let started = tokio::time::Instant::now();
         assert!(fixed.ping().await.is_err());
@@ -399,10 +329,9 @@ mod tests {
         let readiness = Arc::new(Readiness::default());
         readiness.set_initialised();
         let (tx, rx) = watch::channel(Some(Secret::new("mongodb://app:hunter2@db/")));
-        let slot: Arc<Slot<dyn PollStore>> =
-            connect_in_background(readiness.clone(), rx, Duration::ZERO, |_uri| async {
-                refused().map(|()| unreachable_store())
-            });
+        let slot: Arc<Slot<dyn Ping>> = connect_in_background(readiness.clone(), rx, Duration::ZERO, |_uri| async {
+            refused().map(|()| unreachable_store())
+        });
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         let why = loop {
             match readiness.state() {
@@ -426,7 +355,7 @@ mod tests {
         drop(tx);
     }
 
-    fn unreachable_store() -> Arc<dyn PollStore> {
+    fn unreachable_store() -> Arc<dyn Ping> {
         Fake::new(unreachable)
     }
 }

@@ -2,12 +2,13 @@
 
 use std::sync::Arc;
 
-use shared::domain::CastOutcome;
-use shared::store::contract::{
-    ballot_store_contract, poll_store_concurrency_contract, poll_store_contract, sample_ballot, sample_poll,
-};
-use shared::store::embedded::{EmbeddedBallotStore, EmbeddedPollStore};
-use shared::store::{BallotStore, PollStore};
+use poll_service::store::PollStore;
+use poll_service::store::contract::{poll_store_concurrency_contract, poll_store_contract, sample_poll};
+use poll_service::store::embedded::EmbeddedPollStore;
+use vote_service::ballot::CastOutcome;
+use vote_service::store::BallotStore;
+use vote_service::store::contract::{ballot_store_contract, sample_ballot};
+use vote_service::store::embedded::EmbeddedBallotStore;
 
 #[tokio::test]
 async fn embedded_poll_store_meets_the_contract() {

@@ -18,16 +18,18 @@ use chrono::Utc;
 use mongodb::Client;
 use mongodb::bson::{Document, doc, oid::ObjectId};
 use mongodb::error::{CommandError, Error as MongoError, ErrorKind};
+use poll_service::record::{PollCursor, PollQuery};
+use poll_service::store::PollStore;
+use poll_service::store::contract::{poll_store_concurrency_contract, poll_store_contract, sample_poll};
+use poll_service::store::mongo::{MongoPollStore, POLLS_COLLECTION};
 use shared::Problem;
-use shared::domain::{CastOutcome, DedupePolicy, PollCursor, PollQuery, ResultsVisibility, new_poll_id};
-use shared::store::contract::{
-    ballot_store_contract, poll_store_concurrency_contract, poll_store_contract, sample_ballot, sample_poll,
-};
-use shared::store::mongo::{
-    Decision, Failure, MongoBallotStore, MongoPollStore, MongoSettings, RetryPolicy, StoreTuning, build_client,
-    classify, is_duplicate_key,
-};
-use shared::store::{BallotStore, PollStore, StoreError};
+use shared::contract::{DedupePolicy, ResultsVisibility, new_poll_id};
+use shared::mongo::{Decision, Failure, MongoSettings, RetryPolicy, build_client, classify, is_duplicate_key};
+use shared::storage::StoreError;
+use vote_service::ballot::CastOutcome;
+use vote_service::store::BallotStore;
+use vote_service::store::contract::{ballot_store_contract, sample_ballot};
+use vote_service::store::mongo::{BALLOTS_COLLECTION, MongoBallotStore, Tuning};
 
 /// The test server's URI, or `None` (after saying why) when the test should be skipped.
 fn test_uri() -> Option<String> {
@@ -72,13 +74,17 @@ where
 }
 
 async fn poll_store(client: &Client, s: &MongoSettings) -> MongoPollStore {
-    MongoPollStore::open(client.clone(), &s.database, s.tuning())
+    MongoPollStore::open(client.clone(), &s.database, s.retry_policy())
         .await
         .expect("open poll store")
 }
 
 async fn ballot_store(client: &Client, s: &MongoSettings) -> MongoBallotStore {
-    MongoBallotStore::open(client.clone(), &s.database, s.tuning())
+    ballot_store_with(client, s, Tuning::default()).await
+}
+
+async fn ballot_store_with(client: &Client, s: &MongoSettings, tuning: Tuning) -> MongoBallotStore {
+    MongoBallotStore::open(client.clone(), &s.database, s.retry_policy(), tuning)
         .await
         .expect("open ballot store")
 }
@@ -121,11 +127,11 @@ async fn mongo_ballot_store_meets_the_contract() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mongo_ballot_store_meets_the_contract_without_tally_cache() {
     with_database(|client, s| async move {
-        let s = MongoSettings {
+        let tuning = Tuning {
             tally_cache_ttl: Duration::ZERO,
-            ..s
+            ..Tuning::default()
         };
-        ballot_store_contract(Arc::new(ballot_store(&client, &s).await)).await;
+        ballot_store_contract(Arc::new(ballot_store_with(&client, &s, tuning).await)).await;
     })
     .await;
 }
@@ -138,7 +144,7 @@ async fn predecessor_poll_documents_are_served() {
         let oid = ObjectId::new();
         client
             .database(&s.database)
-            .collection::<Document>(&s.polls_collection)
+            .collection::<Document>(POLLS_COLLECTION)
             .insert_one(doc! {
                 "_id": oid,
                 "name": "Favourite colour?",
@@ -227,7 +233,7 @@ async fn predecessor_poll_documents_are_served() {
             .list(&PollQuery {
                 limit: 10,
                 after: None,
-                status: Some(shared::domain::StatusFilter::Open),
+                status: Some(poll_service::record::StatusFilter::Open),
                 now,
             })
             .await
@@ -255,16 +261,16 @@ async fn opening_twice_is_idempotent_and_keeps_data() {
             ballots.cast(sample_ballot(&poll.id, "id:a", &[0])).await.expect("cast"),
             CastOutcome::Accepted(_)
         ));
-        let poll_indexes = index_names(&client, &s, &s.polls_collection).await;
-        let ballot_indexes = index_names(&client, &s, &s.ballots_collection).await;
+        let poll_indexes = index_names(&client, &s, POLLS_COLLECTION).await;
+        let ballot_indexes = index_names(&client, &s, BALLOTS_COLLECTION).await;
         assert_eq!(poll_indexes, vec!["_id_", "newest_first"]);
         assert_eq!(ballot_indexes, vec!["_id_", "poll_voter", "poll_writer_seq"]);
 
         // A second process starting (or a restart) against the same, non-empty database.
         let polls_again = poll_store(&client, &s).await;
         let ballots_again = ballot_store(&client, &s).await;
-        assert_eq!(index_names(&client, &s, &s.polls_collection).await, poll_indexes);
-        assert_eq!(index_names(&client, &s, &s.ballots_collection).await, ballot_indexes);
+        assert_eq!(index_names(&client, &s, POLLS_COLLECTION).await, poll_indexes);
+        assert_eq!(index_names(&client, &s, BALLOTS_COLLECTION).await, ballot_indexes);
         assert_eq!(polls_again.get(&poll.id).await.expect("get"), Some(poll.clone()));
         assert_eq!(ballots_again.tally(&poll.id).await.expect("tally").total, 1);
         assert!(matches!(
@@ -305,9 +311,7 @@ async fn duplicates_are_refused_by_the_database() {
         assert_eq!(ballots.recount(&poll_id).await.expect("recount").total, 1);
 
         // The refusal is the database's: a raw insert of the same identity fails with 11000.
-        let raw = client
-            .database(&s.database)
-            .collection::<Document>(&s.ballots_collection);
+        let raw = client.database(&s.database).collection::<Document>(BALLOTS_COLLECTION);
         let err = raw
             .insert_one(doc! { "_id": format!("{poll_id}:ip:one"), "poll_id": &poll_id })
             .await
@@ -322,9 +326,10 @@ async fn duplicates_are_refused_by_the_database() {
         let other = MongoBallotStore::open(
             client.clone(),
             &s.database,
-            StoreTuning {
+            s.retry_policy(),
+            Tuning {
                 tally_cache_ttl: Duration::from_millis(200),
-                ..s.tuning()
+                ..Tuning::default()
             },
         )
         .await
@@ -379,7 +384,9 @@ async fn concurrent_ballots_share_insert_commands() {
     with_database(|_, s| async move {
         let inserts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let aggregations = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let mut options = mongodb::options::ClientOptions::parse(&s.uri).await.expect("options");
+        let mut options = mongodb::options::ClientOptions::parse(s.uri.expose())
+            .await
+            .expect("options");
         let (seen_inserts, seen_aggregations) = (inserts.clone(), aggregations.clone());
         options.command_event_handler = Some(mongodb::event::EventHandler::callback(move |ev| {
             if let mongodb::event::command::CommandEvent::Started(started) = ev {
@@ -634,7 +641,7 @@ async fn an_unreachable_server_fails_fast_as_unavailable() {
     };
     let client = build_client(&s).await.expect("building a client needs no server");
     let started = Instant::now();
-    let err = match MongoBallotStore::open(client.clone(), &s.database, s.tuning()).await {
+    let err = match MongoBallotStore::open(client.clone(), &s.database, s.retry_policy(), Tuning::default()).await {
         Err(e) => e,
         Ok(_) => panic!("opened a store without a server"),
     };
@@ -729,7 +736,7 @@ async fn a_store_recovers_by_itself_when_the_server_returns() {
         ..MongoSettings::new(uri.clone(), "outage")
     };
     let client = build_client(&s).await.expect("client");
-    let store = MongoBallotStore::open(client.clone(), &s.database, s.tuning())
+    let store = MongoBallotStore::open(client.clone(), &s.database, s.retry_policy(), Tuning::default())
         .await
         .expect("open");
     let poll = new_poll_id(Utc::now());
@@ -791,7 +798,7 @@ async fn counters_of(client: &Client, s: &MongoSettings, poll_id: &str) -> Vec<(
     use futures_util::TryStreamExt;
     let coll = client
         .database(&s.database)
-        .collection::<Document>(&format!("{}_counters", s.ballots_collection));
+        .collection::<Document>(&format!("{}_counters", BALLOTS_COLLECTION));
     let docs: Vec<Document> = coll
         .find(doc! { "poll_id": poll_id })
         .await
@@ -874,9 +881,7 @@ async fn counters_cover_every_ballot_at_rest() {
         );
         let counters = counters_of(&client, &s, &poll_id).await;
         assert_eq!(counters.len(), 2, "one counter per writer: {counters:?}");
-        let raw = client
-            .database(&s.database)
-            .collection::<Document>(&s.ballots_collection);
+        let raw = client.database(&s.database).collection::<Document>(BALLOTS_COLLECTION);
         for (w, seq, n) in &counters {
             let covered = raw
                 .count_documents(doc! { "poll_id": &poll_id, "w": w, "s": { "$lte": seq } })
@@ -903,14 +908,15 @@ async fn counters_cover_every_ballot_at_rest() {
 async fn dead_writers_are_adopted_and_repair_restores_counters() {
     with_database(|client, s| async move {
         let db = client.database(&s.database);
-        let raw = db.collection::<Document>(&s.ballots_collection);
-        let counters = db.collection::<Document>(&format!("{}_counters", s.ballots_collection));
-        let writers = db.collection::<Document>(&format!("{}_writers", s.ballots_collection));
+        let raw = db.collection::<Document>(BALLOTS_COLLECTION);
+        let counters = db.collection::<Document>(&format!("{}_counters", BALLOTS_COLLECTION));
+        let writers = db.collection::<Document>(&format!("{}_writers", BALLOTS_COLLECTION));
         let store = ballot_store(&client, &s).await;
         let poll_id = new_poll_id(Utc::now());
         // Writer 7 died: batches 1 and 2 are in its counter, batch 3 is not.
         for (i, seq) in [1, 1, 2, 3, 3].into_iter().enumerate() {
-            let mut d = shared::store::mongo::ballot_to_doc(&sample_ballot(&poll_id, &format!("id:dead{i}"), &[0]));
+            let mut d =
+                vote_service::store::mongo::ballot_to_doc(&sample_ballot(&poll_id, &format!("id:dead{i}"), &[0]));
             d.insert("w", 7_i64);
             d.insert("s", seq as i64);
             raw.insert_one(d).await.expect("insert");
@@ -985,11 +991,12 @@ async fn dead_writers_are_adopted_and_repair_restores_counters() {
 async fn lost_counter_updates_and_old_ballots_are_recounted() {
     with_database(|client, s| async move {
         let db = client.database(&s.database);
-        let raw = db.collection::<Document>(&s.ballots_collection);
+        let raw = db.collection::<Document>(BALLOTS_COLLECTION);
         let poll_id = new_poll_id(Utc::now());
         // Ballots of an earlier version (writer and batch tags, no counters yet).
         for i in 0..4 {
-            let mut d = shared::store::mongo::ballot_to_doc(&sample_ballot(&poll_id, &format!("id:old{i}"), &[1]));
+            let mut d =
+                vote_service::store::mongo::ballot_to_doc(&sample_ballot(&poll_id, &format!("id:old{i}"), &[1]));
             d.insert("w", 99_i64);
             d.insert("s", 1_i64);
             raw.insert_one(d).await.expect("insert");
@@ -997,9 +1004,10 @@ async fn lost_counter_updates_and_old_ballots_are_recounted() {
         let store = MongoBallotStore::open(
             client.clone(),
             &s.database,
-            StoreTuning {
+            s.retry_policy(),
+            Tuning {
                 tally_cache_ttl: Duration::from_millis(100),
-                ..s.tuning()
+                ..Tuning::default()
             },
         )
         .await
@@ -1026,7 +1034,7 @@ async fn lost_counter_updates_and_old_ballots_are_recounted() {
             .await
             .expect("own counter");
         // The failover: our counter is back at its creation.
-        let counters = db.collection::<Document>(&format!("{}_counters", s.ballots_collection));
+        let counters = db.collection::<Document>(&format!("{}_counters", BALLOTS_COLLECTION));
         counters
             .update_one(
                 doc! { "poll_id": &poll_id, "w": { "$ne": 99_i64 } },

@@ -20,9 +20,11 @@ use mongodb::options::ReturnDocument;
 use mongodb::{Collection, Database};
 
 use super::tallies::{Plan, Refreshed};
-use super::{RetryPolicy, bad, index, is_duplicate_key, req_str, to_i64, uint_of};
-use crate::domain::Tally;
-use crate::store::{Repair, StoreError, StoreResult};
+use shared::contract::Tally;
+use shared::mongo::{RetryPolicy, bad, ensure_collection, index, is_duplicate_key, req_str, to_i64, uint_of};
+use shared::storage::{StoreError, StoreResult};
+
+use crate::store::Repair;
 
 /// How often a writer renews its lease (and, failing, how soon it tries again).
 pub(super) const HEARTBEAT: Duration = Duration::from_secs(5);
@@ -145,8 +147,8 @@ impl Counters {
         let by_poll = index("poll", doc! { "poll_id": 1 });
         let by_writer = index("writer", doc! { "w": 1 });
         let by_time = index("at", doc! { "at": 1 });
-        super::ensure_collection(db, &counters_name, vec![by_poll, by_writer, by_time], retry).await?;
-        super::ensure_collection(db, &writers_name, Vec::new(), retry).await?;
+        ensure_collection(db, &counters_name, vec![by_poll, by_writer, by_time], retry).await?;
+        ensure_collection(db, &writers_name, Vec::new(), retry).await?;
         let fast = mongodb::options::CollectionOptions::builder()
             .write_concern(
                 mongodb::options::WriteConcern::builder()

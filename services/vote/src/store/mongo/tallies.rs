@@ -24,7 +24,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use crate::domain::Tally;
+use shared::contract::Tally;
 
 /// Polls whose own state is remembered; past this, idle fully counted ones are forgotten (they
 /// are registered again, reading their counter back, when this process next writes to them).

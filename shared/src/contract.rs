@@ -1,5 +1,6 @@
-//! Domain types shared by both services: identifiers, poll settings, stored records, tallies and
-//! the voter-key derivation that both services must agree on.
+//! The contract between the services, besides the internal wire types ([`crate::internal`]): poll
+//! ids, the poll settings the vote service acts on, the status rule, tallies, and the voter-key
+//! derivation both services must agree on.
 
 use chrono::{DateTime, Utc};
 use rand::RngCore;
@@ -65,96 +66,14 @@ pub enum PollStatus {
     Closed,
 }
 
-/// A poll as stored by the poll service. Storage adapters map it to their own layout.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PollRecord {
-    pub id: String,
-    pub name: String,
-    #[serde(default)]
-    pub desc: String,
-    pub options: Vec<String>,
-    pub max_choices: u32,
-    pub closes_at: Option<DateTime<Utc>>,
-    pub closed_at: Option<DateTime<Utc>>,
-    pub results: ResultsVisibility,
-    pub dedupe: DedupePolicy,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    /// SHA-256 (hex) of the admin token. `None` for polls written by the predecessor, which had no
-    /// admin token: those cannot be changed through the API.
-    pub admin_token_hash: Option<String>,
-    /// Votes the predecessor counted in the poll document itself (`votes.count`), before ballots
-    /// were stored one by one. Zero for polls created by this service.
-    #[serde(default)]
-    pub legacy_votes: u64,
-    /// Incremented on every change; used for optimistic concurrency on updates.
-    pub revision: u64,
-}
-
-impl PollRecord {
-    /// The poll's status at `now`.
-    pub fn status_at(&self, now: DateTime<Utc>) -> PollStatus {
-        if self.closed_at.is_some() || self.closes_at.is_some_and(|t| t <= now) {
-            PollStatus::Closed
-        } else {
-            PollStatus::Open
-        }
+/// A poll's status at `now` from its scheduled close (`closes_at`) and its explicit close
+/// (`closed_at`): the one rule both services apply.
+pub fn status_at(closes_at: Option<DateTime<Utc>>, closed_at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> PollStatus {
+    if closed_at.is_some() || closes_at.is_some_and(|t| t <= now) {
+        PollStatus::Closed
+    } else {
+        PollStatus::Open
     }
-}
-
-/// Which polls a listing returns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum StatusFilter {
-    Open,
-    Closed,
-}
-
-/// Position in the newest-first order of polls: a page continues strictly after it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PollCursor {
-    pub created_at: DateTime<Utc>,
-    pub id: String,
-}
-
-/// A listing request as the storage sees it.
-#[derive(Debug, Clone)]
-pub struct PollQuery {
-    pub limit: usize,
-    pub after: Option<PollCursor>,
-    pub status: Option<StatusFilter>,
-    pub now: DateTime<Utc>,
-}
-
-/// A ballot about to be stored.
-///
-/// `key` is the ballot's identity within its poll and is unique in the storage: the voter key for
-/// `ip`/`voter` dedupe, `i:<idempotency key>` for `none` with an idempotency key, and a random
-/// `r:<uuid>` otherwise. A second ballot with the same `(poll_id, key)` is rejected by the store.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct BallotRecord {
-    pub id: String,
-    pub poll_id: String,
-    pub key: String,
-    /// Hash of the voter's identity (address or voter id), kept so that `after_vote` visibility can
-    /// be answered for polls without dedupe too.
-    pub voter: Option<String>,
-    /// Chosen option indices, distinct and ascending.
-    pub choices: Vec<u32>,
-    pub idempotency_key: Option<String>,
-    /// Hash of what the request asked for, to tell an idempotent retry from a key reused for a
-    /// different request.
-    pub fingerprint: String,
-    pub created_at: DateTime<Utc>,
-}
-
-/// What happened to a ballot handed to the store.
-#[derive(Debug, Clone, PartialEq)]
-pub enum CastOutcome {
-    /// Stored durably and counted.
-    Accepted(BallotRecord),
-    /// A ballot with the same identity already exists; it is returned and nothing changed.
-    Duplicate(BallotRecord),
 }
 
 /// The counts for one poll: `total` ballots, and per option index how many ballots chose it.
@@ -261,27 +180,13 @@ mod tests {
     #[test]
     fn status_follows_close_time_and_explicit_close() {
         let now = Utc::now();
-        let mut p = PollRecord {
-            id: new_poll_id(now),
-            name: "n".into(),
-            desc: String::new(),
-            options: vec!["a".into(), "b".into()],
-            max_choices: 1,
-            closes_at: Some(now + chrono::Duration::seconds(10)),
-            closed_at: None,
-            results: ResultsVisibility::Always,
-            dedupe: DedupePolicy::Ip,
-            created_at: now,
-            updated_at: now,
-            admin_token_hash: None,
-            legacy_votes: 0,
-            revision: 1,
-        };
-        assert_eq!(p.status_at(now), PollStatus::Open);
-        assert_eq!(p.status_at(now + chrono::Duration::seconds(10)), PollStatus::Closed);
-        p.closes_at = None;
-        p.closed_at = Some(now);
-        assert_eq!(p.status_at(now), PollStatus::Closed);
+        let later = Some(now + chrono::Duration::seconds(10));
+        assert_eq!(status_at(later, None, now), PollStatus::Open);
+        assert_eq!(
+            status_at(later, None, now + chrono::Duration::seconds(10)),
+            PollStatus::Closed
+        );
+        assert_eq!(status_at(None, Some(now), now), PollStatus::Closed);
     }
 
     #[test]

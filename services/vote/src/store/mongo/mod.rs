@@ -1,0 +1,486 @@
+//! Ballots and their tallies in MongoDB / Cosmos DB (on [`shared::mongo`]).
+//!
+//! `ballots` (vote service database, default `vote`): one document per ballot, with
+//! `_id = "<poll_id>:<key>"`. The poll id is 24 hex characters, so the `_id` is unambiguous.
+//!
+//! # Exactly once, without transactions
+//!
+//! A ballot's identity *is* its `_id`, so a second insert of the same `(poll, key)` fails with
+//! duplicate key (11000) in the database itself, under any concurrency, on every replica and
+//! every MongoDB-protocol server: there is no check-then-insert. On 11000 the stored ballot is
+//! read back and returned as [`CastOutcome::Duplicate`] (or as `Accepted` when it is this very
+//! ballot, same ballot id, e.g. after the driver retried an insert whose first reply was lost).
+//! The insert uses write concern `{w: "majority", j: true}`, so `Accepted` means durable.
+//! Concurrent ballots share one unordered `insertMany` (group commit, see [`writer`]); a
+//! duplicate in a batch fails alone, with the same 11000.
+//!
+//! # Tallies: counters that are a cache of the ballots
+//!
+//! There are no multi-document transactions to lean on (several Cosmos DB tiers and
+//! MongoDB-protocol servers have none), so a vote stays exactly one write, and the counters are
+//! kept so that a crash at any instant cannot make them count a ballot twice or lose one for good:
+//!
+//! - every batch of this process (writer `w`, random per store) has a sequence number `s`, written
+//!   into its ballots; a counter document per (poll, writer) holds the counts of that writer's
+//!   ballots in batches `s <= seq`, and only moves by one conditional update from a known `seq`
+//!   (the `counters` module), after every batch up to the new `seq` is acknowledged (the
+//!   [`applier`]); a retry or a replay finds `seq` moved and changes nothing;
+//! - a tally is the sum of the counters plus one aggregation of the ballots no counter covers yet
+//!   (`s > seq` per writer, index `{poll_id, w, s}`): every stored ballot is counted once, by its
+//!   counter or by that tail, at every instant, and a refresh costs the writers plus the new
+//!   ballots, not the poll's size. This process's own part comes from memory (the `tallies`
+//!   module), so it reads its own writes at once; other writers' part is kept for
+//!   `tally_cache_ttl` and then refreshed in the background;
+//! - a batch whose outcome is unclear (the command failed or timed out as a whole) holds the
+//!   counter back until it has settled, then its stored ballots are counted in the database;
+//! - writers hold a lease (`<ballots>_writers`); a dead writer's tail is adopted by another
+//!   replica once no batch of it can still land; [`BallotStore::repair`] rebuilds counters from
+//!   the ballots (after a failover); `recount` reads the ballots one by one (one streamed cursor) as the
+//!   ground truth the tally must equal.
+//!
+//! # Shard key (MongoDB sharded clusters, Cosmos DB partition keys)
+//!
+//! shard key, and `_id` is only unique per shard (per logical partition on Cosmos DB) unless it
+//! is the shard key. Because the ballot `_id` embeds the poll id, every copy of one `_id` routes
+//! to the same shard/partition, whose `_id` index then rejects the duplicate: exactly-once holds
+//! cluster-wide. `poll_id` also keeps a poll's ballots together, so the tally aggregation,
+//! `has_voted` and `purge` are single-partition. Sharding by `_id` alone would spread a hot poll
+//! better but turn every tally into a cross-partition fan-out; the compound key on MongoDB keeps
+//! chunks splittable inside one huge poll. Cost on Cosmos DB: a logical partition holds at most
+//! 20 GB (tens of millions of ballots per poll) and one poll's write rate is bounded by one
+//! physical partition.
+//! Create sharded collections before the first start, e.g. MongoDB:
+//! `sh.shardCollection("vote.ballots", {poll_id: 1, _id: 1})`,
+//! `sh.shardCollection("poll.polls", {_id: "hashed"})`; Cosmos DB:
+//! `sh.shardCollection("vote.ballots", {poll_id: 1, _id: 1})`; Cosmos DB:
+//! `db.runCommand({customAction: "CreateCollection", collection: "ballots", shardKey: "poll_id"})`.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use mongodb::bson::{Document, doc};
+use mongodb::error::Error as MongoError;
+use mongodb::{Client, Collection, Database};
+use shared::contract::Tally;
+use shared::mongo::{
+    Decision, RetryPolicy, bad, classify, database, ensure_collection, fmt_time, index, opt_bson, opt_str, req_str,
+    req_time, uint_of,
+};
+use shared::storage::{StoreError, StoreResult};
+use tokio::sync::{mpsc, oneshot};
+
+mod counters;
+mod tallies;
+mod writer;
+use counters::Counters;
+use tallies::{Read, Tallies};
+use writer::{InsertJob, Writer, applier, lease_keeper};
+
+use super::{BallotStore, Repair};
+use crate::ballot::{BallotRecord, CastOutcome};
+
+/// The collection of ballots (its counters and writer leases are `<ballots>_counters` and
+/// `<ballots>_writers`).
+pub const BALLOTS_COLLECTION: &str = "ballots";
+
+/// How the ballot store behaves besides its retry policy.
+#[derive(Debug, Clone, Copy)]
+pub struct Tuning {
+    /// How long other writers' part of a tally may be served from this process's memory; zero
+    /// refreshes it on every read.
+    pub tally_cache_ttl: Duration,
+    /// Ballot batches (`insertMany`) in flight at once (see the [`writer`]).
+    pub batches_in_flight: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            tally_cache_ttl: Duration::from_millis(250),
+            batches_in_flight: 2,
+        }
+    }
+}
+
+fn ballot_id(poll_id: &str, key: &str) -> String {
+    format!("{poll_id}:{key}")
+}
+
+/// The stored document of a ballot (public so the load benchmark's raw-driver reference writes
+/// exactly what the store writes).
+pub fn ballot_to_doc(b: &BallotRecord) -> Document {
+    doc! {
+        "_id": ballot_id(&b.poll_id, &b.key),
+        "poll_id": &b.poll_id,
+        "key": &b.key,
+        "ballot_id": &b.id,
+        "voter": opt_bson(b.voter.clone()),
+        "choices": b.choices.iter().map(|&c| i64::from(c)).collect::<Vec<_>>(),
+        "idempotency_key": opt_bson(b.idempotency_key.clone()),
+        "fingerprint": &b.fingerprint,
+        "created_at": fmt_time(b.created_at),
+    }
+}
+
+fn choices_of(d: &Document) -> StoreResult<Vec<u32>> {
+    let list = d.get_array("choices").map_err(|_| bad("choices"))?;
+    list.iter()
+        .map(|c| {
+            uint_of(c)
+                .and_then(|v| u32::try_from(v).ok())
+                .ok_or_else(|| bad("choices"))
+        })
+        .collect()
+}
+
+fn doc_to_ballot(d: &Document) -> StoreResult<BallotRecord> {
+    Ok(BallotRecord {
+        id: req_str(d, "ballot_id")?,
+        poll_id: req_str(d, "poll_id")?,
+        key: req_str(d, "key")?,
+        voter: opt_str(d, "voter")?,
+        choices: choices_of(d)?,
+        idempotency_key: opt_str(d, "idempotency_key")?,
+        fingerprint: req_str(d, "fingerprint")?,
+        created_at: req_time(d, "created_at")?,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ballots
+
+/// Ballots in MongoDB / Cosmos DB, with their tally counters (see the module docs).
+pub struct MongoBallotStore {
+    db: Database,
+    ballots: Collection<Document>,
+    retry: RetryPolicy,
+    /// What the writer, the applier, the lease keeper and the tally reads share.
+    shared: Writer,
+    /// The group-commit writer's queue (see [`writer`]).
+    inserts: mpsc::Sender<InsertJob>,
+    /// Held while a read refreshes tallies nothing was kept for.
+    inline: Arc<tokio::sync::Mutex<()>>,
+    /// Stops the store's background tasks when the store is dropped.
+    _stop: tokio_util::sync::DropGuard,
+}
+
+fn lock(tallies: &Mutex<Tallies>) -> MutexGuard<'_, Tallies> {
+    tallies.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// When this writer's lease was last renewed.
+struct Lease {
+    base: Instant,
+    /// Milliseconds after `base`, plus one (0: never).
+    renewed: AtomicU64,
+}
+
+impl Lease {
+    fn new() -> Self {
+        Self {
+            base: Instant::now(),
+            renewed: AtomicU64::new(0),
+        }
+    }
+
+    fn renew(&self) {
+        let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.renewed.store(ms + 1, Ordering::Relaxed);
+    }
+
+    fn held(&self) -> bool {
+        match self.renewed.load(Ordering::Relaxed) {
+            0 => false,
+            r => {
+                let since = Duration::from_millis(r - 1);
+                self.base.elapsed().saturating_sub(since) < counters::WRITE_LEASE
+            }
+        }
+    }
+}
+
+impl MongoBallotStore {
+    /// Opens the store on `database` (usually `vote`), creates its collections and indexes and
+    /// takes this writer's lease. Starts the store's writer, applier and lease tasks, so it must be
+    /// called inside a tokio runtime.
+    pub async fn open(client: Client, database_name: &str, retry: RetryPolicy, tuning: Tuning) -> StoreResult<Self> {
+        let db = database(&client, database_name, &retry);
+        let poll_voter = index("poll_voter", doc! { "poll_id": 1, "voter": 1 });
+        let poll_writer_seq = index("poll_writer_seq", doc! { "poll_id": 1, "w": 1, "s": 1 });
+        ensure_collection(&db, BALLOTS_COLLECTION, vec![poll_voter, poll_writer_seq], &retry).await?;
+        let ballots: Collection<Document> = db.collection(BALLOTS_COLLECTION);
+        let me = rand::random::<i64>();
+        let (counters, existed) = Counters::open(&db, &ballots, &retry, me).await?;
+        counters.heartbeat().await?;
+        let lease = Arc::new(Lease::new());
+        lease.renew();
+        // After this, no attempt of a failed batch can still land (its attempts are bounded by
+        // the deadline; the margin covers a server finishing one it had already received).
+        let settle = retry.deadline.saturating_mul(2) + Duration::from_secs(5);
+        let shared = Writer {
+            counters,
+            tallies: Arc::new(Mutex::new(Tallies::new(tuning.tally_cache_ttl, settle))),
+            lease,
+            applier: Arc::new(tokio::sync::Notify::new()),
+        };
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (inserts, queue) = mpsc::channel(INSERT_QUEUE);
+        tokio::spawn(writer::writer(shared.clone(), queue, tuning.batches_in_flight.max(1)));
+        tokio::spawn(applier(shared.clone(), stop.clone()));
+        tokio::spawn(lease_keeper(shared.clone(), stop.clone()));
+        if !existed {
+            let n = retry.run(|| ballots.estimated_document_count()).await?;
+            if n > 0 {
+                // Ballots written before counters existed: count them into counters once.
+                let c = shared.counters.clone();
+                tokio::spawn(async move {
+                    tracing::warn!(ballots = n, "creating tally counters for existing ballots");
+                    match repair_all(&c, None).await {
+                        Ok(r) => tracing::warn!(polls = r.len(), "tally counters created for existing ballots"),
+                        Err(e) => tracing::error!(error = %e, "creating tally counters failed; run the repair"),
+                    }
+                });
+            }
+        }
+        Ok(Self {
+            db,
+            ballots,
+            retry,
+            shared,
+            inserts,
+            inline: Arc::new(tokio::sync::Mutex::new(())),
+            _stop: stop.drop_guard(),
+        })
+    }
+
+    /// Inserts one ballot document through the writer: `true` when stored now, `false` when its
+    /// `_id` already existed. Returns once the insert is acknowledged with the store's write
+    /// concern (durable).
+    async fn insert(&self, doc: Document, ballot: &BallotRecord) -> StoreResult<bool> {
+        let (reply, answer) = oneshot::channel();
+        let job = InsertJob {
+            doc,
+            poll_id: ballot.poll_id.clone(),
+            choices: ballot.choices.clone(),
+            reply,
+            span: shared::metrics::caller_span(),
+        };
+        self.inserts
+            .send(job)
+            .await
+            .map_err(|_| StoreError::Internal("the ballot writer has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Internal("the ballot writer dropped a ballot".into()))?
+    }
+
+    async fn find_ballot(&self, id: &str) -> StoreResult<Option<BallotRecord>> {
+        let found = self.retry.run(|| self.ballots.find_one(doc! { "_id": id })).await?;
+        found.as_ref().map(doc_to_ballot).transpose()
+    }
+
+    /// Folds the uncounted ballots of dead writers (whose lease ran out) into their counters;
+    /// returns how many writers were adopted. Every replica does this by itself every
+    /// ~30 s; public for operators' tools and tests.
+    pub async fn adopt_dead_writers(&self) -> StoreResult<usize> {
+        self.shared.counters.adopt_dead().await
+    }
+
+    /// Counts the stored ballots of one poll with one cursor whose every batch (not the whole
+    /// pass) is bounded, by [`RECOUNT_BATCH_DEADLINE`], so a million ballots are read in full.
+    /// (Chunks by `_id` range with a limit are not used: some servers scan the rest of the range
+    /// for each.)
+    async fn recount_streamed(&self, poll_id: &str) -> StoreResult<Tally> {
+        let filter = doc! { "poll_id": poll_id };
+        let failed = |e: MongoError| match self.retry.decide(classify(&e), u32::MAX, Duration::MAX) {
+            Decision::GiveUp(e) => e,
+            Decision::Retry(_) => StoreError::unavailable("the database failed during a recount"),
+        };
+        let first_batch = RetryPolicy {
+            deadline: RECOUNT_BATCH_DEADLINE,
+            ..self.retry.clone()
+        };
+        let mut cursor = first_batch
+            .run(|| {
+                self.ballots
+                    .find(filter.clone())
+                    .projection(doc! { "choices": 1 })
+                    .batch_size(10_000)
+            })
+            .await?;
+        let mut tally = Tally::default();
+        loop {
+            match tokio::time::timeout(RECOUNT_BATCH_DEADLINE, cursor.advance()).await {
+                Ok(Ok(true)) => {
+                    let d: Document = cursor.deserialize_current().map_err(failed)?;
+                    tally.add(&choices_of(&d)?);
+                }
+                Ok(Ok(false)) => return Ok(tally),
+                Ok(Err(e)) => return Err(failed(e)),
+                Err(_) => {
+                    return Err(StoreError::unavailable(format!(
+                        "a batch of the recount took longer than {} s",
+                        RECOUNT_BATCH_DEADLINE.as_secs()
+                    )));
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl BallotStore for MongoBallotStore {
+    async fn cast(&self, ballot: BallotRecord) -> StoreResult<CastOutcome> {
+        let id = ballot_id(&ballot.poll_id, &ballot.key);
+        let doc = ballot_to_doc(&ballot);
+        // A duplicate whose original vanished (purged meanwhile) is tried again, a few times.
+        for _ in 0..3 {
+            let inserted = self.insert(doc.clone(), &ballot).await?;
+            if inserted {
+                return Ok(CastOutcome::Accepted(ballot));
+            }
+            match self.find_ballot(&id).await? {
+                // This very ballot (an insert repeated after a lost reply, by the driver or the writer).
+                Some(stored) if stored.id == ballot.id => return Ok(CastOutcome::Accepted(stored)),
+                Some(stored) => return Ok(CastOutcome::Duplicate(stored)),
+                None => continue,
+            }
+        }
+        Err(StoreError::Internal(format!(
+            "ballot {id} kept vanishing between insert and read"
+        )))
+    }
+
+    async fn tally(&self, poll_id: &str) -> StoreResult<Tally> {
+        let mut all = self.tallies(&[poll_id.to_owned()]).await?;
+        Ok(all.pop().unwrap_or_default())
+    }
+
+    async fn tallies(&self, poll_ids: &[String]) -> StoreResult<Vec<Tally>> {
+        let handle = self.shared.clone();
+        let (mut out, missing) = handle.read_kept(poll_ids);
+        let cache = &shared::metrics::storage().tally_cache;
+        for (result, n) in [("hit", poll_ids.len() - missing.len()), ("miss", missing.len())] {
+            let labels = shared::metrics::CacheLabels { cache: "tally", result };
+            cache.get_or_create(&labels).inc_by(n as u64);
+        }
+        if !missing.is_empty() {
+            // In a task of its own, so that a caller giving up (a client's timeout) does not
+            // cancel a refresh the next read can use; and one inline refresh at a time, so a crowd
+            // of first reads of one poll (a thousand result streams opening) makes one refresh.
+            let gate = self.inline.clone();
+            let task = tokio::spawn(async move {
+                let keeps = lock(&handle.tallies).keeps();
+                let _gate = if keeps { Some(gate.lock_owned().await) } else { None };
+                let (mut filled, missing) = handle.read_kept(&missing);
+                if !missing.is_empty() {
+                    let mut fresh = handle.refresh(&missing).await?.into_iter();
+                    for slot in filled.iter_mut().filter(|t| t.is_none()) {
+                        *slot = fresh.next();
+                    }
+                }
+                Ok::<_, StoreError>(filled)
+            });
+            let filled = task
+                .await
+                .map_err(|e| StoreError::Internal(format!("tally task failed: {e}")))??;
+            let mut filled = filled.into_iter();
+            for slot in out.iter_mut().filter(|t| t.is_none()) {
+                *slot = filled.next().flatten();
+            }
+        }
+        Ok(out.into_iter().map(Option::unwrap_or_default).collect())
+    }
+
+    /// By the ballot's identity first (`_id` lookups are cheap on every server, FerretDB's
+    /// SQLite backend included, which scans a collection for any other filter); then, unless the
+    /// poll's ballots are keyed by voter, by the `{poll_id, voter}` index.
+    async fn has_voted(&self, poll_id: &str, voter: &str, keyed_by_voter: bool) -> StoreResult<bool> {
+        let by_id = doc! { "_id": ballot_id(poll_id, voter) };
+        let found = self
+            .retry
+            .run(|| self.ballots.find_one(by_id.clone()).projection(doc! { "voter": 1 }))
+            .await?;
+        if found.is_some_and(|d| d.get_str("voter").ok() == Some(voter)) {
+            return Ok(true);
+        }
+        if keyed_by_voter {
+            return Ok(false);
+        }
+        let filter = doc! { "poll_id": poll_id, "voter": voter };
+        let found = self
+            .retry
+            .run(|| self.ballots.find_one(filter.clone()).projection(doc! { "_id": 1 }))
+            .await?;
+        Ok(found.is_some())
+    }
+
+    async fn recount(&self, poll_id: &str) -> StoreResult<Tally> {
+        self.recount_streamed(poll_id).await
+    }
+
+    async fn recount_many(&self, poll_ids: &[String]) -> StoreResult<Vec<Tally>> {
+        let mut out = Vec::with_capacity(poll_ids.len());
+        for id in poll_ids {
+            out.push(self.recount_streamed(id).await?);
+        }
+        Ok(out)
+    }
+
+    async fn purge(&self, poll_id: &str) -> StoreResult<u64> {
+        let res = self
+            .retry
+            .run(|| self.ballots.delete_many(doc! { "poll_id": poll_id }))
+            .await?;
+        self.shared.counters.purge(poll_id).await?;
+        lock(&self.shared.tallies).purged(poll_id);
+        Ok(res.deleted_count)
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        shared::mongo::ping(&self.db, &self.retry).await
+    }
+
+    async fn repair(&self, poll_id: &str) -> StoreResult<Repair> {
+        let report = self.shared.counters.repair(poll_id).await?;
+        self.shared.forget_kept(poll_id);
+        Ok(report)
+    }
+
+    async fn repair_since(&self, since: Option<DateTime<Utc>>) -> StoreResult<Vec<Repair>> {
+        let reports = repair_all(&self.shared.counters, since).await?;
+        for r in &reports {
+            self.shared.forget_kept(&r.poll_id);
+        }
+        Ok(reports)
+    }
+}
+
+/// Repairs every poll touched since `since` (all polls with ballots when `None`).
+async fn repair_all(counters: &Counters, since: Option<DateTime<Utc>>) -> StoreResult<Vec<Repair>> {
+    let polls = counters.touched_since(since).await?;
+    let mut out = Vec::with_capacity(polls.len());
+    for poll in polls {
+        out.push(counters.repair(&poll).await?);
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Group commit of ballots, and the counters that follow them
+
+/// Ballots waiting for the writer at most; `cast` waits for room beyond that (back-pressure).
+const INSERT_QUEUE: usize = 8192;
+/// Most ballots in one `insertMany` (far below the server's 100,000 and 48 MB limits).
+const MAX_BATCH: usize = 1000;
+/// Bound of one batch of a recount (an audit reads every ballot of a poll; some servers compute a
+/// whole result before its first batch: SecantusDB takes about 4 s for a million ballots).
+const RECOUNT_BATCH_DEADLINE: Duration = Duration::from_secs(60);
+/// Counter updates sent at once by the applier.
+const UPDATES_AT_ONCE: usize = 16;
+/// The applier's rounds start at most this often; the tail a refresh aggregates is about this
+/// much of the writers' ballots.
+const APPLY_EVERY: Duration = Duration::from_millis(50);
