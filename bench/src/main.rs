@@ -17,6 +17,9 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
+use clap::builder::ArgGroup;
+use clap::error::ErrorKind;
+use clap::{ArgAction, CommandFactory, Parser};
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -25,45 +28,15 @@ use crate::procs::{Memory, Service, SpawnSpec};
 use crate::scenarios::{Ballots, GetPath, GetRoot, Invariants, Mixed};
 use crate::storage::{Backend, StoreReference};
 
-const HELP: &str = "\
-loadgen: load benchmark of the poll and vote services
+/// Prose after the flags in `--help`.
+const ABOUT_MORE: &str = "\
+--backend mongodb: started services get MONGODB_CONNECTION_STRING and a fresh database bench_<run id>
+(dropped at the end); store-raw measures the driver's insert_one (scratch database
+bench_reference_<run id>) and MongoBallotStore::cast (bench_store_<run id>).
 
-Start the services (fresh data directory, timed start-to-ready):
-  loadgen --poll-bin target/release/poll --vote-bin target/release/vote --data-dir DIR [options]
-or use running ones:
-  loadgen --poll-url 127.0.0.1:4000 --poll-pid PID --vote-url 127.0.0.1:5000 --vote-pid PID [options]
-  (started with RATE_LIMIT_PER_MINUTE=0; only loopback addresses are accepted)
-
-Options:
-  --backend NAME        storage backend: embedded (default) or mongodb. With mongodb, started services
-                        get MONGODB_CONNECTION_STRING and a fresh database bench_<run id> (dropped at
-                        the end), and store-raw measures the driver's insert_one (scratch database
-                        bench_reference_<run id>) and MongoBallotStore::cast (bench_store_<run id>)
-  --mongodb-uri URI     the MongoDB server (required with --backend mongodb); or set LOADGEN_MONGODB_URI,
-                        which keeps the URI (and any password in it) out of the process list
-  --scenarios LIST      comma-separated; `all` = get-ceiling,store-raw,hot-poll,hot-poll-open,many-polls,
-                        duplicates,reads,mixed,watchers; plus viral (e.g. `all,viral`). Default: all; with
-                        --smoke all,viral. get-ceiling measures `GET /` of both services
-  --watchers N          SSE subscribers of watchers (default 1000); beyond 20,000 they are spread over
-                        local source addresses 127.0.0.1, .2, … (one per 20,000: the ephemeral port
-                        range); loadgen and the poll service each need N + ~200 file descriptors
-  --watchers-per-source N  subscribers per local source address (default 20000)
-  --duration SECS       per scenario (default 10; --smoke: 1.5); not viral, which runs to its ballot count
-  --clients N           concurrent clients (default 64)
-  --polls N             polls of many-polls (default 1000)
-  --open-rate N         ballots/s of hot-poll-open (default: 70 % of the hot-poll rate)
-  --viral-ballots N     viral: ballots on its one poll (dedupe none), sent by --clients clients at full
-                        speed (default 1000000; --smoke: 20000)
-  --viral-watchers N    viral: SSE subscribers of the poll's live results (default 200)
-  --viral-read-after S  viral: seconds the reader (GET /api/polls/{id}, 20 per second, from the start of
-                        the burst) keeps reading after the last ballot (default 10; --smoke: 2)
-  --db-pid PID          viral: the database server's process (same machine), for its CPU share during the
-                        burst and the read phase (scripts/bench passes the SecantusDB it started)
-  --scratch DIR         where the raw-store and fsync references put their temp files (default: --data-dir)
-  --out PREFIX          write PREFIX.json and PREFIX.md
-  --label TEXT          recorded in the result (e.g. the git commit)
-  --service-env LIST    extra environment of started services, KEY=VALUE[,KEY=VALUE...]
-  --smoke               short runs; only the invariants and error statuses decide the exit code
+get-ceiling measures `GET /` of both services. watchers: beyond --watchers-per-source subscribers
+they are spread over local source addresses 127.0.0.1, .2, … (one per 20,000 by default: the
+ephemeral port range); loadgen and the poll service each need N + ~200 file descriptors.
 
 reads: --clients clients read one poll (results always, 300 ballots) with `GET /api/polls/{id}`, no
 If-None-Match: every answer must be a full 200. mixed: the viral profile from one pool of --clients
@@ -82,206 +55,171 @@ without it); CPU-seconds per second of poll, vote and (--db-pid) the database se
 burst and the read phase. It fails the run on a 5xx or any non-200 to the reader, a watcher or the
 reader not seeing the final tally, or an audit that is inconsistent or differs from the accepted
 count.
+
 Exit code: 0 when every invariant holds and no unexpected status was seen, 1 otherwise, 2 on bad usage.";
 
+/// loadgen: load benchmark of the poll and vote services
+#[derive(Parser)]
+#[command(
+    name = "loadgen",
+    args_override_self = true,
+    allow_negative_numbers = true,
+    after_help = ABOUT_MORE,
+    override_usage = "\
+loadgen --poll-bin PATH --vote-bin PATH --data-dir DIR [OPTIONS]
+         (starts the services: fresh data directory, timed start-to-ready)
+       loadgen --poll-url ADDR --poll-pid PID --vote-url ADDR --vote-pid PID [OPTIONS]
+         (running services, started with RATE_LIMIT_PER_MINUTE=0; loopback addresses only)"
+)]
+#[command(group(ArgGroup::new("services").required(true).args(["poll_bin", "poll_url"])))]
 struct Args {
+    /// Start the poll service from this binary (with --vote-bin and --data-dir)
+    #[arg(long, value_name = "PATH", requires_all = ["vote_bin", "data_dir"])]
+    poll_bin: Option<PathBuf>,
+    /// Start the vote service from this binary
+    #[arg(long, value_name = "PATH", requires = "poll_bin")]
+    vote_bin: Option<PathBuf>,
+    /// Data directory of the started services
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Running poll service, host:port on loopback (with --poll-pid, --vote-url and --vote-pid)
+    #[arg(long, value_name = "ADDR", value_parser = loopback, requires_all = ["poll_pid", "vote_url", "vote_pid"])]
+    poll_url: Option<SocketAddr>,
+    /// Process id of the running poll service
+    #[arg(long, value_name = "PID", requires = "poll_url")]
+    poll_pid: Option<u32>,
+    /// Running vote service, host:port on loopback
+    #[arg(long, value_name = "ADDR", value_parser = loopback, requires = "poll_url")]
+    vote_url: Option<SocketAddr>,
+    /// Process id of the running vote service
+    #[arg(long, value_name = "PID", requires = "poll_url")]
+    vote_pid: Option<u32>,
+    /// Storage backend: embedded or mongodb
+    #[arg(long, value_name = "NAME", default_value = "embedded")]
     backend: Backend,
+    /// MongoDB server (needed with --backend mongodb); LOADGEN_MONGODB_URI keeps it out of the process list
+    #[arg(long, value_name = "URI")]
     mongodb_uri: Option<String>,
+    /// Comma-separated scenarios; `all` is every one but viral (--smoke: all,viral)
+    #[arg(long, value_name = "LIST", value_delimiter = ',', action = ArgAction::Set, default_value = "all",
+        default_value_if("smoke", "true", "all,viral"),
+        value_parser = ["all", "get-ceiling", "store-raw", "hot-poll", "hot-poll-open", "many-polls",
+            "duplicates", "reads", "mixed", "watchers", "viral"])]
     scenarios: Vec<String>,
-    duration: Duration,
-    clients: usize,
-    polls: usize,
+    /// SSE subscribers of watchers
+    #[arg(long, value_name = "N", default_value_t = 1000)]
     watchers: usize,
+    /// Subscribers per local source address 127.0.0.x (0 counts as 1)
+    #[arg(long = "watchers-per-source", value_name = "N", default_value_t = scenarios::SUBSCRIBERS_PER_SOURCE)]
     per_source: usize,
+    /// Seconds per scenario; not viral, which runs to its ballot count (--smoke: 1.5)
+    #[arg(long, value_name = "SECS", value_parser = secs, default_value = "10", default_value_if("smoke", "true", "1.5"))]
+    duration: Duration,
+    /// Concurrent clients
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    clients: usize,
+    /// Polls of many-polls
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    polls: usize,
+    /// Ballots/s of hot-poll-open [default: 70 % of the hot-poll rate]
+    #[arg(long, value_name = "N")]
     open_rate: Option<f64>,
+    /// viral: ballots on its one poll (dedupe none), sent by --clients clients at full speed (--smoke: 20000)
+    #[arg(
+        long,
+        value_name = "N",
+        default_value = "1000000",
+        default_value_if("smoke", "true", "20000")
+    )]
     viral_ballots: u64,
+    /// viral: SSE subscribers of the poll's live results
+    #[arg(long, value_name = "N", default_value_t = 200)]
     viral_watchers: usize,
+    /// viral: seconds the reader (20 GET/s from the start of the burst) keeps reading after the last ballot (--smoke: 2)
+    #[arg(long, value_name = "SECS", value_parser = secs, default_value = "10", default_value_if("smoke", "true", "2"))]
     viral_read_after: Duration,
+    /// viral: the database server's process (same machine), for its CPU share
+    #[arg(long, value_name = "PID")]
     db_pid: Option<u32>,
-    scratch: PathBuf,
+    /// Where the raw-store and fsync references put their temp files [default: --data-dir, else the temp dir]
+    #[arg(long, value_name = "DIR")]
+    scratch: Option<PathBuf>,
+    /// Write PREFIX.json and PREFIX.md
+    #[arg(long, value_name = "PREFIX")]
     out: Option<PathBuf>,
-    label: String,
-    smoke: bool,
-    spawn: Option<(PathBuf, PathBuf, PathBuf)>,
+    /// Recorded in the result (e.g. the git commit)
+    #[arg(long, value_name = "TEXT", allow_hyphen_values = true)]
+    label: Option<String>,
+    /// Extra environment of started services, KEY=VALUE[,KEY=VALUE...]
+    #[arg(long, value_name = "LIST", value_delimiter = ',', action = ArgAction::Set, value_parser = key_value)]
     service_env: Vec<(String, String)>,
-    attach: Option<((SocketAddr, u32), (SocketAddr, u32))>,
+    /// Short runs; only the invariants and error statuses decide the exit code
+    #[arg(long)]
+    smoke: bool,
+}
+
+fn secs(s: &str) -> Result<Duration, String> {
+    s.parse()
+        .ok()
+        .and_then(|v| Duration::try_from_secs_f64(v).ok())
+        .ok_or_else(|| "expected a number of seconds >= 0".into())
+}
+
+fn key_value(kv: &str) -> Result<(String, String), String> {
+    kv.split_once('=')
+        .map(|(k, v)| (k.into(), v.into()))
+        .ok_or_else(|| "expected KEY=VALUE".into())
+}
+
+fn loopback(s: &str) -> Result<SocketAddr, String> {
+    let a: SocketAddr = s
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .map_err(|_| "expected host:port")?;
+    if !a.ip().is_loopback() {
+        return Err("not a loopback address (the load only targets loopback)".into());
+    }
+    Ok(a)
+}
+
+impl Args {
+    /// [`Args::parse`] and what clap does not check: the MongoDB URI (LOADGEN_MONGODB_URI when no
+    /// --mongodb-uri; the message never shows it).
+    fn get() -> Self {
+        let mut a = Self::parse();
+        if a.backend == Backend::Mongodb && a.mongodb_uri.is_none() {
+            a.mongodb_uri = std::env::var("LOADGEN_MONGODB_URI").ok().filter(|u| !u.is_empty());
+        }
+        let problem = match (a.backend, &a.mongodb_uri) {
+            (Backend::Mongodb, None) => "--backend mongodb needs --mongodb-uri URI (or LOADGEN_MONGODB_URI)",
+            (Backend::Embedded, Some(_)) => "--mongodb-uri goes with --backend mongodb",
+            (_, Some(u)) if !(u.starts_with("mongodb://") || u.starts_with("mongodb+srv://")) => {
+                "--mongodb-uri: must start with mongodb:// or mongodb+srv://"
+            }
+            _ => return a,
+        };
+        Self::command().error(ErrorKind::ArgumentConflict, problem).exit()
+    }
+
+    /// `--scenarios` asks for `name` (`all`: every one but viral, which takes about as long as
+    /// all the others together).
+    fn wants(&self, name: &str) -> bool {
+        self.scenarios
+            .iter()
+            .any(|s| s == name || (s == "all" && name != "viral"))
+    }
+
+    fn scratch(&self) -> PathBuf {
+        self.scratch
+            .clone()
+            .or(self.data_dir.clone())
+            .unwrap_or_else(std::env::temp_dir)
+    }
 }
 
 /// watchers: subscribers connecting at the same time (the rest wait for a permit).
 const OPENING: usize = 64;
-
-/// `--scenarios all`: the scenarios of a full run.
-const ALL: [&str; 9] = [
-    "get-ceiling",
-    "store-raw",
-    "hot-poll",
-    "hot-poll-open",
-    "many-polls",
-    "duplicates",
-    "reads",
-    "mixed",
-    "watchers",
-];
-/// Scenarios run only when asked for (in a full run): `viral` alone takes about as long as all the
-/// others together (a million ballots). Smoke runs include them.
-const EXTRA: [&str; 1] = ["viral"];
-
-fn parse_args() -> Result<Args, String> {
-    let mut kv: BTreeMap<String, String> = BTreeMap::new();
-    let mut smoke = false;
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--smoke" => smoke = true,
-            "-h" | "--help" => return Err(String::new()),
-            k if k.starts_with("--") => {
-                let v = it.next().ok_or(format!("{k} needs a value"))?;
-                kv.insert(k[2..].to_owned(), v);
-            }
-            other => return Err(format!("unexpected argument {other:?}")),
-        }
-    }
-    let mut take = |k: &str| kv.remove(k);
-    let num = |v: Option<String>, default: f64, name: &str| -> Result<f64, String> {
-        v.map_or(Ok(default), |s| {
-            s.parse().map_err(|_| format!("--{name}: not a number"))
-        })
-    };
-    let backend: Backend = take("backend").unwrap_or_else(|| "embedded".into()).parse()?;
-    let mongodb_uri = match (backend, take("mongodb-uri")) {
-        (Backend::Mongodb, Some(u)) => Some(u),
-        (Backend::Mongodb, None) => Some(
-            std::env::var("LOADGEN_MONGODB_URI")
-                .ok()
-                .filter(|u| !u.is_empty())
-                .ok_or("--backend mongodb needs --mongodb-uri URI (or LOADGEN_MONGODB_URI)")?,
-        ),
-        (Backend::Embedded, Some(_)) => return Err("--mongodb-uri goes with --backend mongodb".into()),
-        (Backend::Embedded, None) => None,
-    };
-    if let Some(u) = &mongodb_uri
-        && !(u.starts_with("mongodb://") || u.starts_with("mongodb+srv://"))
-    {
-        return Err("--mongodb-uri: must start with mongodb:// or mongodb+srv://".into());
-    }
-    let default = if smoke { "all,viral" } else { "all" };
-    let mut scenarios: Vec<String> = Vec::new();
-    for s in take("scenarios").as_deref().unwrap_or(default).split(',') {
-        let names: Vec<&str> = if s == "all" { ALL.to_vec() } else { vec![s] };
-        for name in names {
-            if !ALL.contains(&name) && !EXTRA.contains(&name) {
-                return Err(format!("unknown scenario {name:?}"));
-            }
-            if !scenarios.iter().any(|x| x == name) {
-                scenarios.push(name.to_owned());
-            }
-        }
-    }
-    let duration = Duration::from_secs_f64(num(take("duration"), if smoke { 1.5 } else { 10.0 }, "duration")?);
-    let clients = num(take("clients"), 64.0, "clients")? as usize;
-    let polls = num(take("polls"), 1000.0, "polls")? as usize;
-    let watchers = num(take("watchers"), 1000.0, "watchers")? as usize;
-    let per_source = (num(
-        take("watchers-per-source"),
-        scenarios::SUBSCRIBERS_PER_SOURCE as f64,
-        "watchers-per-source",
-    )? as usize)
-        .max(1);
-    let viral_ballots = num(
-        take("viral-ballots"),
-        if smoke { 20_000.0 } else { 1_000_000.0 },
-        "viral-ballots",
-    )? as u64;
-    let viral_watchers = num(take("viral-watchers"), 200.0, "viral-watchers")? as usize;
-    let viral_read_after = Duration::from_secs_f64(
-        num(
-            take("viral-read-after"),
-            if smoke { 2.0 } else { 10.0 },
-            "viral-read-after",
-        )?
-        .max(0.0),
-    );
-    let db_pid = take("db-pid")
-        .map(|s| s.parse::<u32>())
-        .transpose()
-        .map_err(|_| "--db-pid: not a pid")?;
-    let open_rate = take("open-rate")
-        .map(|s| s.parse::<f64>())
-        .transpose()
-        .map_err(|_| "--open-rate")?;
-    let data_dir = take("data-dir").map(PathBuf::from);
-    let spawn = match (take("poll-bin"), take("vote-bin"), &data_dir) {
-        (Some(p), Some(v), Some(d)) => Some((p.into(), v.into(), d.clone())),
-        (None, None, _) => None,
-        _ => return Err("--poll-bin, --vote-bin and --data-dir go together".into()),
-    };
-    let loopback = |s: String| -> Result<SocketAddr, String> {
-        let a: SocketAddr = s
-            .trim_start_matches("http://")
-            .trim_end_matches('/')
-            .parse()
-            .map_err(|_| format!("{s}: expected host:port"))?;
-        if !a.ip().is_loopback() {
-            return Err(format!("{a}: the load only targets loopback addresses"));
-        }
-        Ok(a)
-    };
-    let attach = match (take("poll-url"), take("poll-pid"), take("vote-url"), take("vote-pid")) {
-        (Some(pu), Some(pp), Some(vu), Some(vp)) => Some((
-            (loopback(pu)?, pp.parse().map_err(|_| "--poll-pid")?),
-            (loopback(vu)?, vp.parse().map_err(|_| "--vote-pid")?),
-        )),
-        (None, None, None, None) => None,
-        _ => return Err("--poll-url, --poll-pid, --vote-url and --vote-pid go together".into()),
-    };
-    if spawn.is_some() == attach.is_some() {
-        return Err(
-            "give either --poll-bin/--vote-bin/--data-dir or --poll-url/--poll-pid/--vote-url/--vote-pid".into(),
-        );
-    }
-    let scratch = take("scratch")
-        .map(PathBuf::from)
-        .or(data_dir)
-        .unwrap_or_else(std::env::temp_dir);
-    let out = take("out").map(PathBuf::from);
-    let label = take("label").unwrap_or_default();
-    let service_env = match take("service-env") {
-        None => Vec::new(),
-        Some(list) => list
-            .split(',')
-            .map(|kv| {
-                kv.split_once('=')
-                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                    .ok_or(format!("--service-env: {kv:?} is not KEY=VALUE"))
-            })
-            .collect::<Result<_, _>>()?,
-    };
-    if let Some(k) = kv.keys().next() {
-        return Err(format!("unknown option --{k}"));
-    }
-    Ok(Args {
-        backend,
-        mongodb_uri,
-        scenarios,
-        duration,
-        clients,
-        polls,
-        watchers,
-        per_source,
-        open_rate,
-        viral_ballots,
-        viral_watchers,
-        viral_read_after,
-        db_pid,
-        scratch,
-        out,
-        label,
-        smoke,
-        spawn,
-        service_env,
-        attach,
-    })
-}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ServiceInfo {
@@ -678,7 +616,7 @@ impl Bench {
             );
             return Ok(());
         }
-        let sources = scenarios::source_addresses(self.poll.addr, n, self.args.per_source);
+        let sources = scenarios::source_addresses(self.poll.addr, n, self.args.per_source.max(1));
         eprintln!(
             "== {name}: {n} subscribers{}",
             if sources.len() > 1 {
@@ -801,20 +739,9 @@ impl Bench {
     }
 
     async fn run_all(&mut self) -> Result<(), String> {
-        let want = |s: &str| self.args.scenarios.iter().any(|x| x == s);
-        let (want_get, want_store, want_hot, want_open, want_many, want_dup, want_watch) = (
-            want("get-ceiling"),
-            want("store-raw"),
-            want("hot-poll"),
-            want("hot-poll-open"),
-            want("many-polls"),
-            want("duplicates"),
-            want("watchers"),
-        );
-        let (want_viral, want_reads, want_mixed) = (want("viral"), want("reads"), want("mixed"));
-        if want_store {
+        if self.args.wants("store-raw") {
             eprintln!("== fsync rate (write + fdatasync, 1 thread)");
-            let r = storage::fsync_rate(&self.args.scratch, self.args.duration.min(Duration::from_secs(3))).await?;
+            let r = storage::fsync_rate(&self.args.scratch(), self.args.duration.min(Duration::from_secs(3))).await?;
             eprintln!("   {r:.0}/s");
             self.report.fsync_per_s = Some(r);
             eprintln!(
@@ -828,7 +755,7 @@ impl Bench {
             );
             let r = storage::raw_write_rate(
                 self.args.backend,
-                &self.args.scratch,
+                &self.args.scratch(),
                 self.args.mongodb_uri.as_deref(),
                 &self.run_id,
                 self.args.clients,
@@ -849,7 +776,7 @@ impl Bench {
                 self.report.store_cast_reference = Some(r);
             }
         }
-        if want_get {
+        if self.args.wants("get-ceiling") {
             let w = Arc::new(GetRoot::new(self.vote.addr));
             let s = self.measure("get-ceiling", "vote", self.closed(), w, &[]).await?;
             self.add(s);
@@ -858,10 +785,10 @@ impl Bench {
             let s = self.measure("get-ceiling-poll", "poll", self.closed(), w, &[]).await?;
             self.add(s);
         }
-        if want_hot {
+        if self.args.wants("hot-poll") {
             self.hot_poll("hot-poll", self.closed()).await?;
         }
-        if want_open {
+        if self.args.wants("hot-poll-open") {
             let rate = self.args.open_rate.or_else(|| {
                 self.report
                     .scenario("hot-poll")
@@ -874,7 +801,7 @@ impl Bench {
             };
             self.hot_poll("hot-poll-open", mode).await?;
         }
-        if want_many {
+        if self.args.wants("many-polls") {
             let n = self.args.polls;
             eprintln!("== many-polls: creating {n} polls");
             let polls = scenarios::create_polls(self.poll.addr, n, "bench many-polls", 8, "voter").await?;
@@ -884,7 +811,7 @@ impl Bench {
                 .await?;
             self.add(s);
         }
-        if want_dup {
+        if self.args.wants("duplicates") {
             let polls = scenarios::create_polls(self.poll.addr, 1, "bench duplicates", 1, "voter").await?;
             let w = Ballots::new(self.vote.addr, polls.clone(), &format!("{}-dup", self.run_id), 30);
             let s = self
@@ -897,16 +824,16 @@ impl Bench {
             }
             self.add(s);
         }
-        if want_reads {
+        if self.args.wants("reads") {
             self.reads().await?;
         }
-        if want_mixed {
+        if self.args.wants("mixed") {
             self.mixed().await?;
         }
-        if want_watch {
+        if self.args.wants("watchers") {
             self.watchers().await?;
         }
-        if want_viral {
+        if self.args.wants("viral") {
             self.viral().await?;
         }
         Ok(())
@@ -965,8 +892,9 @@ fn services_database(run_id: &str) -> String {
 }
 
 async fn start_services(args: &Args, run_id: &str) -> Result<(Service, Service, Vec<ServiceInfo>), String> {
-    match (&args.spawn, &args.attach) {
-        (Some((poll_bin, vote_bin, data_dir)), _) => {
+    let attach = (args.poll_url, args.poll_pid, args.vote_url, args.vote_pid);
+    match ((&args.poll_bin, &args.vote_bin, &args.data_dir), attach) {
+        ((Some(poll_bin), Some(vote_bin), Some(data_dir)), _) => {
             std::fs::create_dir_all(data_dir).map_err(|e| e.to_string())?;
             // MongoDB: one fresh database per run, so that runs never see each other's data.
             let storage_env: Vec<(String, String)> = match &args.mongodb_uri {
@@ -1017,9 +945,9 @@ async fn start_services(args: &Args, run_id: &str) -> Result<(Service, Service, 
             ];
             Ok((poll, vote, info))
         }
-        (None, Some(((pa, pp), (va, vp)))) => {
-            let poll = Service::attach("poll", *pa, *pp);
-            let vote = Service::attach("vote", *va, *vp);
+        (_, (Some(pa), Some(pp), Some(va), Some(vp))) => {
+            let poll = Service::attach("poll", pa, pp);
+            let vote = Service::attach("vote", va, vp);
             let info = vec![
                 ServiceInfo {
                     name: "poll",
@@ -1034,7 +962,7 @@ async fn start_services(args: &Args, run_id: &str) -> Result<(Service, Service, 
             ];
             Ok((poll, vote, info))
         }
-        (None, None) => Err("no services".into()),
+        _ => Err("no services".into()),
     }
 }
 
@@ -1049,7 +977,7 @@ async fn main_async(args: Args) -> Result<Report, String> {
         None => None,
     };
     // The services' database is ours to drop only when we started them.
-    let own_database = match (&args.mongodb_uri, &args.spawn) {
+    let own_database = match (&args.mongodb_uri, &args.poll_bin) {
         (Some(uri), Some(_)) => Some((uri.clone(), services_database(&run_id))),
         _ => None,
     };
@@ -1074,7 +1002,7 @@ async fn main_async(args: Args) -> Result<Report, String> {
     let report = Report {
         backend: args.backend.name(),
         database_server,
-        label: args.label.clone(),
+        label: args.label.clone().unwrap_or_default(),
         smoke: args.smoke,
         started_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         machine: procs::machine(),
@@ -1115,16 +1043,7 @@ async fn main_async(args: Args) -> Result<Report, String> {
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            if !e.is_empty() {
-                eprintln!("loadgen: {e}\n");
-            }
-            eprintln!("{HELP}");
-            return ExitCode::from(2);
-        }
-    };
+    let args = Args::get();
     let out = args.out.clone();
     // Every subscriber and client connection is a descriptor here and in the services (which
     // inherit the limit): the soft limit goes up to the hard one.
@@ -1163,5 +1082,15 @@ fn main() -> ExitCode {
             eprintln!("  - {f}");
         }
         ExitCode::FAILURE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        super::Args::command().debug_assert();
     }
 }
