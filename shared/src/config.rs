@@ -1,13 +1,18 @@
 //! Layered configuration: built-in defaults (`config/default.toml`, compiled in) → the same file
 //! on disk, if present → `config/<APP_ENV>.toml` → `POLLVOTE__<SECTION>__<KEY>` environment
 //! variables → short aliases (`PORT`, `DATA_DIR`, `POLL_API`, …, and the predecessor's names).
-//! Unknown keys are errors, and loading reports every problem at once.
+//! Unknown keys are errors, and loading reports every problem at once. The layers are merged and
+//! deserialised by figment; what figment has no notion of (unknown keys, typing environment values
+//! like their defaults, the aliases) is done here.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
+use figment::providers::{Format, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider, Source};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use toml::{Table, Value};
 
 use crate::secret::Secret;
 
@@ -215,58 +220,47 @@ impl Sources {
     }
 }
 
-/// How a short environment variable maps onto a key.
-#[derive(Clone, Copy)]
-enum Kind {
-    Str,
-    Int,
-    Bool,
-}
-
-/// Short names, including the predecessor's. Later entries win over earlier ones.
-const ALIASES: &[(&str, &str, Kind)] = &[
-    ("PORT", "server.port", Kind::Int),
-    ("REQUEST_TIMEOUT_MS", "server.request_timeout_ms", Kind::Int),
-    ("DRAIN_TIMEOUT_MS", "server.drain_timeout_ms", Kind::Int),
-    ("CLIENT_IP_SOURCE", "server.client_ip_source", Kind::Str),
-    ("TRUSTED_PROXY_HOPS", "server.trusted_proxy_hops", Kind::Int),
-    ("FRONT_DOOR_ID", "server.front_door_id", Kind::Str),
-    ("RATE_LIMIT_PER_MINUTE", "rate_limit.writes_per_minute", Kind::Int),
-    ("LOG_FORMAT", "log.format", Kind::Str),
-    ("DATA_DIR", "storage.data_dir", Kind::Str),
-    ("COSMOSDB_CONNECTION_STRING", "storage.mongodb_uri", Kind::Str),
-    ("MONGODB_CONNECTION_STRING", "storage.mongodb_uri", Kind::Str),
-    ("POLL_API", "services.poll_url", Kind::Str),
-    ("VOTE_API", "services.vote_url", Kind::Str),
-    ("USE_KEYVAULT", "keyvault.enabled", Kind::Str),
-    ("KEYVAULT_URL", "keyvault.url", Kind::Str),
-    ("KEYVAULT_SECRET_NAME", "keyvault.secret_name", Kind::Str),
-    ("KEYVAULT_API_VERSION", "keyvault.api_version", Kind::Str),
+/// Short names, including the predecessor's, typed like their key's default (an empty one is unset
+/// unless the key is a string). Later entries win over earlier ones.
+const ALIASES: &[(&str, &str)] = &[
+    ("PORT", "server.port"),
+    ("REQUEST_TIMEOUT_MS", "server.request_timeout_ms"),
+    ("DRAIN_TIMEOUT_MS", "server.drain_timeout_ms"),
+    ("CLIENT_IP_SOURCE", "server.client_ip_source"),
+    ("TRUSTED_PROXY_HOPS", "server.trusted_proxy_hops"),
+    ("FRONT_DOOR_ID", "server.front_door_id"),
+    ("RATE_LIMIT_PER_MINUTE", "rate_limit.writes_per_minute"),
+    ("LOG_FORMAT", "log.format"),
+    ("DATA_DIR", "storage.data_dir"),
+    ("COSMOSDB_CONNECTION_STRING", "storage.mongodb_uri"),
+    ("MONGODB_CONNECTION_STRING", "storage.mongodb_uri"),
+    ("POLL_API", "services.poll_url"),
+    ("VOTE_API", "services.vote_url"),
+    ("USE_KEYVAULT", "keyvault.enabled"),
+    ("KEYVAULT_URL", "keyvault.url"),
+    ("KEYVAULT_SECRET_NAME", "keyvault.secret_name"),
+    ("KEYVAULT_API_VERSION", "keyvault.api_version"),
     (
         "KEYVAULT_VERIFY_CHALLENGE_RESOURCE",
         "keyvault.verify_challenge_resource",
-        Kind::Bool,
     ),
-    (
-        "KEYVAULT_REFRESH_INTERVAL_MS",
-        "keyvault.refresh_interval_ms",
-        Kind::Int,
-    ),
+    ("KEYVAULT_REFRESH_INTERVAL_MS", "keyvault.refresh_interval_ms"),
 ];
 
 impl Config {
     /// Loads and validates the configuration, reporting every problem found.
     pub fn load(sources: &Sources) -> Result<Self, ConfigError> {
         let mut problems = Vec::new();
-        let mut merged: Table = match BUILTIN_DEFAULTS.parse() {
-            Ok(t) => t,
+        let builtin = Toml::string(BUILTIN_DEFAULTS);
+        let known = match builtin.data() {
+            Ok(mut d) => d.remove(&Profile::Default).unwrap_or_default(),
             Err(e) => {
                 return Err(ConfigError {
                     problems: vec![format!("built-in defaults: {e}")],
                 });
             }
         };
-        let known = merged.clone();
+        let mut figment = Figment::from(builtin);
 
         let mut files = vec![(sources.config_dir.join("default.toml"), false)];
         if let Some(env_name) = sources.env.get("APP_ENV").filter(|s| !s.is_empty()) {
@@ -277,73 +271,92 @@ impl Config {
             }
         }
         for (path, required) in files {
-            match read_table(&path) {
-                Ok(Some(t)) => {
-                    check_known(&known, &t, "", &path.display().to_string(), &mut problems);
-                    merge(&mut merged, t);
+            if let Ok(false) = path.try_exists() {
+                if required {
+                    problems.push(format!("{}: file not found (named by APP_ENV)", path.display()));
                 }
-                Ok(None) if required => problems.push(format!("{}: file not found (named by APP_ENV)", path.display())),
-                Ok(None) => {}
-                Err(e) => problems.push(e),
+                continue;
+            }
+            // Parsed here first: a layer that fails poisons the whole figment, and the other
+            // layers must still be checked so that every problem is listed.
+            let file = Toml::file_exact(&path);
+            match file.data() {
+                Ok(mut data) => {
+                    let data = data.remove(&Profile::Default).unwrap_or_default();
+                    check_known(&known, &data, "", &path.display().to_string(), &mut problems);
+                    figment = figment.merge(file);
+                }
+                Err(e) => problems.push(format!("{}: {}", path.display(), without_source_lines(&e.to_string()))),
             }
         }
 
-        // POLLVOTE__SECTION__KEY=value
-        for (name, raw) in &sources.env {
-            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+        // POLLVOTE__SECTION__KEY=value, then the short names. Not figment's `Env`: it reads the
+        // process environment (`Sources.env` is a map) and guesses types from the text, where a
+        // value here is typed like the default it replaces.
+        let prefixed = sources.env.iter().filter_map(|(name, raw)| {
+            let key = name.strip_prefix(ENV_PREFIX)?.split("__").map(str::to_ascii_lowercase);
+            Some((name.as_str(), key.collect::<Vec<_>>(), raw, false))
+        });
+        let aliases = ALIASES.iter().filter_map(|(name, key)| {
+            let raw = sources.env.get(*name)?;
+            Some((*name, key.split('.').map(str::to_owned).collect(), raw, true))
+        });
+        for (name, key, raw, alias) in prefixed.chain(aliases) {
+            let template = match key.as_slice() {
+                [section, field] => known.get(section).and_then(Value::as_dict).and_then(|d| d.get(field)),
+                _ => None,
+            };
+            let Some(template) = template else {
+                problems.push(format!("{name}: unknown configuration key `{}`", key.join(".")));
                 continue;
             };
-            let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
-            if path.len() != 2 || lookup(&known, &path).is_none() {
-                problems.push(format!("{name}: unknown configuration key `{}`", path.join(".")));
+            // An empty short name is unset, unless its key is a string; but an empty connection
+            // string never hides the other name's.
+            let is_str = matches!(template, Value::String(..));
+            if alias && raw.is_empty() && (!is_str || key == ["storage", "mongodb_uri"]) {
                 continue;
             }
-            let template = lookup(&known, &path).cloned();
-            set(&mut merged, &path, env_value(raw, template.as_ref()));
-        }
-        for (name, key, kind) in ALIASES {
-            let Some(raw) = sources.env.get(*name) else { continue };
-            if raw.is_empty() && !matches!(kind, Kind::Str) {
-                continue;
+            match typed(raw, template) {
+                Ok(value) => {
+                    figment = figment.merge(Var {
+                        name: name.to_owned(),
+                        key: key.join("."),
+                        value,
+                    });
+                }
+                Err(e) => problems.push(format!("{name}: `{raw}` {e}")),
             }
-            let path: Vec<String> = key.split('.').map(str::to_owned).collect();
-            let value = match kind {
-                Kind::Str => Value::String(raw.clone()),
-                Kind::Int => match raw.trim().parse::<i64>() {
-                    Ok(n) => Value::Integer(n),
-                    Err(_) => {
-                        problems.push(format!("{name}: `{raw}` is not a whole number"));
-                        continue;
-                    }
-                },
-                Kind::Bool => match parse_bool(raw) {
-                    Some(b) => Value::Boolean(b),
-                    None => {
-                        problems.push(format!("{name}: `{raw}` is not true or false"));
-                        continue;
-                    }
-                },
-            };
-            if *key == "storage.mongodb_uri" && raw.is_empty() {
-                continue;
-            }
-            set(&mut merged, &path, value);
         }
 
-        let mut config = deserialize_sections(merged, &mut problems);
-        if let Some(c) = &mut config {
+        // Each section on its own, so that errors in several sections are all reported.
+        let server = section(&figment, "server", &mut problems);
+        let rate_limit = section(&figment, "rate_limit", &mut problems);
+        let log = section(&figment, "log", &mut problems);
+        let storage = section(&figment, "storage", &mut problems);
+        let services = section(&figment, "services", &mut problems);
+        let keyvault = section(&figment, "keyvault", &mut problems);
+        if let (Some(server), Some(rate_limit), Some(log), Some(storage), Some(services), Some(keyvault)) =
+            (server, rate_limit, log, storage, services, keyvault)
+        {
+            let mut c = Config {
+                server,
+                rate_limit,
+                log,
+                storage,
+                services,
+                keyvault,
+            };
             // With Key Vault, `auto` means MongoDB: the connection string arrives after start.
             if c.keyvault.in_use() && c.storage.backend == Backend::Auto {
                 c.storage.backend = Backend::Mongodb;
             }
             c.validate(&mut problems);
+            if problems.is_empty() {
+                return Ok(c);
+            }
         }
-        match config {
-            Some(c) if problems.is_empty() => Ok(c),
-            _ => Err(ConfigError { problems }),
-        }
+        Err(ConfigError { problems })
     }
-
     fn validate(&self, problems: &mut Vec<String>) {
         let s = &self.server;
         if s.host.parse::<std::net::IpAddr>().is_err() {
@@ -500,19 +513,10 @@ fn parse_bool(raw: &str) -> Option<bool> {
     }
 }
 
-fn read_table(path: &Path) -> Result<Option<Table>, String> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => text
-            .parse::<Table>()
-            .map(Some)
-            .map_err(|e| format!("{}: {e}", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!("{}: {e}", path.display())),
-    }
-}
-
-fn check_known(known: &Table, t: &Table, prefix: &str, source: &str, problems: &mut Vec<String>) {
-    for (k, v) in t {
+/// Flags keys of a file that the built-in defaults do not have (hand-written: figment has no
+/// notion of unknown keys, and serde's `deny_unknown_fields` stops at the first one).
+fn check_known(known: &Dict, dict: &Dict, prefix: &str, source: &str, problems: &mut Vec<String>) {
+    for (k, v) in dict {
         let full = if prefix.is_empty() {
             k.clone()
         } else {
@@ -520,104 +524,81 @@ fn check_known(known: &Table, t: &Table, prefix: &str, source: &str, problems: &
         };
         match (known.get(k), v) {
             (None, _) => problems.push(format!("{source}: unknown configuration key `{full}`")),
-            (Some(Value::Table(kt)), Value::Table(vt)) => check_known(kt, vt, &full, source, problems),
-            (Some(Value::Table(_)), _) => problems.push(format!("{source}: `{full}` must be a table")),
+            (Some(Value::Dict(_, kd)), Value::Dict(_, vd)) => check_known(kd, vd, &full, source, problems),
+            (Some(Value::Dict(..)), _) => problems.push(format!("{source}: `{full}` must be a table")),
             _ => {}
         }
     }
 }
 
-fn merge(into: &mut Table, from: Table) {
-    for (k, v) in from {
-        match (into.get_mut(&k), v) {
-            (Some(Value::Table(a)), Value::Table(b)) => merge(a, b),
-            (_, v) => {
-                into.insert(k, v);
-            }
-        }
-    }
-}
-
-fn lookup<'a>(t: &'a Table, path: &[String]) -> Option<&'a Value> {
-    let (first, rest) = path.split_first()?;
-    let v = t.get(first)?;
-    if rest.is_empty() {
-        Some(v)
-    } else {
-        lookup(v.as_table()?, rest)
-    }
-}
-
-fn set(t: &mut Table, path: &[String], value: Value) {
-    let Some((first, rest)) = path.split_first() else {
-        return;
-    };
-    if rest.is_empty() {
-        t.insert(first.clone(), value);
-    } else if let Some(Value::Table(inner)) = t.get_mut(first) {
-        set(inner, rest, value);
-    }
-}
-
-/// An environment value typed like the default it replaces: numbers and booleans are parsed,
-/// arrays are comma-separated, anything else is a string (type errors surface on deserialising).
-fn env_value(raw: &str, template: Option<&Value>) -> Value {
-    match template {
-        Some(Value::Integer(_)) => raw
-            .trim()
-            .parse()
-            .map(Value::Integer)
-            .unwrap_or_else(|_| Value::String(raw.into())),
-        Some(Value::Boolean(_)) => parse_bool(raw)
-            .map(Value::Boolean)
-            .unwrap_or_else(|| Value::String(raw.into())),
-        Some(Value::Array(_)) => Value::Array(
-            raw.split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(|s| Value::String(s.into()))
-                .collect(),
-        ),
-        _ => Value::String(raw.into()),
-    }
-}
-
-/// Deserialises each section on its own so that errors in several sections are all reported.
-fn deserialize_sections(merged: Table, problems: &mut Vec<String>) -> Option<Config> {
-    fn section<T: serde::de::DeserializeOwned>(t: &Table, name: &str, problems: &mut Vec<String>) -> Option<T> {
-        let v = t.get(name).cloned().unwrap_or(Value::Table(Table::new()));
-        match serde_path_to_error::deserialize::<_, T>(v) {
-            Ok(x) => Some(x),
-            Err(e) => {
-                let path = e.path().to_string();
-                let key = if path == "." {
-                    name.to_owned()
-                } else {
-                    format!("{name}.{path}")
-                };
-                problems.push(format!("{key}: {}", e.into_inner()));
-                None
-            }
-        }
-    }
-    let server = section(&merged, "server", problems);
-    let rate_limit = section(&merged, "rate_limit", problems);
-    let log = section(&merged, "log", problems);
-    let storage = section(&merged, "storage", problems);
-    let services = section(&merged, "services", problems);
-    let keyvault = section(&merged, "keyvault", problems);
-    Some(Config {
-        server: server?,
-        rate_limit: rate_limit?,
-        log: log?,
-        storage: storage?,
-        services: services?,
-        keyvault: keyvault?,
+/// An environment value typed like the default it replaces: whole numbers and booleans are
+/// parsed, arrays are comma-separated, anything else is a string.
+fn typed(raw: &str, template: &Value) -> Result<Value, &'static str> {
+    Ok(match template {
+        Value::Num(..) => raw.trim().parse::<i64>().map_err(|_| "is not a whole number")?.into(),
+        Value::Bool(..) => parse_bool(raw).ok_or("is not true or false")?.into(),
+        Value::Array(..) => raw
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(Value::from)
+            .collect::<Vec<_>>()
+            .into(),
+        _ => raw.into(),
     })
+}
+
+/// One key set by one environment variable: a figment layer whose errors name the variable.
+struct Var {
+    name: String,
+    key: String,
+    value: Value,
+}
+
+impl Provider for Var {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(self.name.clone())
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let dict = figment::util::nest(&self.key, self.value.clone()).into_dict();
+        Ok(Profile::Default.collect(dict.unwrap_or_default()))
+    }
+}
+
+/// One section of the merged layers; what is wrong becomes `section.key: error (where it was set)`.
+fn section<T: DeserializeOwned>(figment: &Figment, name: &str, problems: &mut Vec<String>) -> Option<T> {
+    let errors = match figment.extract_inner(name) {
+        Ok(v) => return Some(v),
+        Err(e) => e,
+    };
+    for e in errors {
+        // `extract_inner` appends the section after the path inside it.
+        let inner = e.path.strip_suffix(&[name.to_owned()]).unwrap_or(&e.path);
+        let key = std::iter::once(name).chain(inner.iter().map(String::as_str));
+        let origin = match &e.metadata {
+            Some(Metadata {
+                source: Some(Source::File(p)),
+                ..
+            }) => format!(" (in {})", p.display()),
+            Some(md) => format!(" (from {})", md.name),
+            None => String::new(),
+        };
+        problems.push(format!("{}: {}{origin}", key.collect::<Vec<_>>().join("."), e.kind));
+    }
+    None
+}
+
+/// A TOML error without the quoted lines of the file, which may hold a connection string.
+fn without_source_lines(message: &str) -> String {
+    let quoted = |l: &&str| l.trim_start().starts_with(|c: char| c.is_ascii_digit() || c == '|');
+    message.lines().filter(|l| !quoted(l)).collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     fn sources(env: &[(&str, &str)], dir: &Path) -> Sources {
@@ -844,5 +825,123 @@ mod tests {
         );
         let err = Config::load(&sources(&[("KEYVAULT_URL", "not a url")], dir.path())).expect_err("invalid");
         assert!(err.to_string().contains("is not an https URL"), "{err}");
+    }
+
+    #[test]
+    fn environment_values_are_typed_like_their_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = Config::load(&sources(
+            &[
+                (
+                    "POLLVOTE__SERVER__CORS_ALLOWED_ORIGINS",
+                    "https://a.example, https://b.example,",
+                ),
+                ("POLLVOTE__keyvault__Verify_Challenge_Resource", "no"),
+                ("POLLVOTE__SERVER__FRONT_DOOR_ID", "123"),
+                ("POLLVOTE__SERVER__PORT", "4444"),
+                ("POLLVOTE__STORAGE__DATA_DIR", "/var/lib/pollvote"),
+                ("DATA_DIR", "/data"),
+                // An empty short variable for a number or a boolean is unset.
+                ("PORT", ""),
+                ("KEYVAULT_VERIFY_CHALLENGE_RESOURCE", ""),
+                // ... and an empty connection string does not hide the other name.
+                ("COSMOSDB_CONNECTION_STRING", "mongodb://a/"),
+                ("MONGODB_CONNECTION_STRING", ""),
+            ],
+            dir.path(),
+        ))
+        .expect("valid");
+        assert_eq!(
+            c.server.cors_allowed_origins,
+            ["https://a.example", "https://b.example"],
+            "arrays are comma-separated"
+        );
+        assert!(!c.keyvault.verify_challenge_resource, "keys are case-insensitive");
+        assert_eq!(c.server.front_door_id, "123", "a string stays a string");
+        assert_eq!(c.server.port, 4444);
+        assert_eq!(
+            c.storage.data_dir,
+            Path::new("/data"),
+            "aliases win over POLLVOTE__ variables"
+        );
+        assert_eq!(c.storage.mongodb_uri.expose(), "mongodb://a/");
+        // An empty short variable for a string sets it empty.
+        let err = Config::load(&sources(&[("DATA_DIR", "")], dir.path())).expect_err("empty data dir");
+        assert!(err.to_string().contains("storage.data_dir: must not be empty"), "{err}");
+        let err = Config::load(&sources(
+            &[
+                ("POLLVOTE__SERVER", "1"),
+                ("POLLVOTE__SERVER__PORT__X", "1"),
+                ("POLLVOTE__SERVER__REQUEST_TIMEOUT_MS", "soon"),
+                ("POLLVOTE__STORAGE__MONGODB_URI", "postgres://u:hunter2@db/"),
+                ("POLL_API", "not a url"),
+            ],
+            dir.path(),
+        ))
+        .expect_err("invalid");
+        let text = err.to_string();
+        for needle in [
+            "POLLVOTE__SERVER: unknown configuration key `server`",
+            "POLLVOTE__SERVER__PORT__X: unknown configuration key `server.port.x`",
+            "POLLVOTE__SERVER__REQUEST_TIMEOUT_MS: `soon` is not a whole number",
+            "storage.mongodb_uri: must start with mongodb://",
+            "services.poll_url",
+        ] {
+            assert!(text.contains(needle), "`{needle}` missing from:\n{text}");
+        }
+        assert!(!text.contains("hunter2"), "the connection string leaked:\n{text}");
+    }
+
+    #[test]
+    fn files_are_checked_for_keys_tables_and_syntax_without_echoing_secrets() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join("default.toml"),
+            "log = \"json\"\n[keyvault]\nnope = 1\n",
+        )
+        .expect("write");
+        std::fs::write(
+            dir.path().join("broken.toml"),
+            "[storage]\nmongodb_uri = \"mongodb://u:hunter2@db/\n",
+        )
+        .expect("write");
+        let err = Config::load(&sources(
+            &[("APP_ENV", "broken"), ("RATE_LIMIT_PER_MINUTE", "many")],
+            dir.path(),
+        ))
+        .expect_err("invalid");
+        let text = err.to_string();
+        for needle in [
+            "default.toml: unknown configuration key `keyvault.nope`",
+            "default.toml: `log` must be a table",
+            "broken.toml: TOML parse error at line 2",
+            "RATE_LIMIT_PER_MINUTE: `many` is not a whole number",
+        ] {
+            assert!(text.contains(needle), "`{needle}` missing from:\n{text}");
+        }
+        assert!(!text.contains("hunter2"), "the connection string leaked:\n{text}");
+        for name in ["../etc/passwd", ".hidden", "a\\b"] {
+            let err = Config::load(&sources(&[("APP_ENV", name)], dir.path())).expect_err("not a plain name");
+            assert!(err.to_string().contains("is not a plain name"), "{err}");
+        }
+    }
+
+    #[test]
+    fn errors_name_where_the_value_was_set() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("default.toml"), "[server]\nport = \"x\"\n").expect("write");
+        let err = Config::load(&sources(&[("LOG_FORMAT", "xml")], dir.path())).expect_err("invalid");
+        let text = err.to_string();
+        let file = dir.path().join("default.toml");
+        for needle in [
+            format!(
+                "server.port: invalid type: found string \"x\", expected u16 (in {})",
+                file.display()
+            ),
+            "log.format: unknown variant: found `xml`".to_owned(),
+            "(from LOG_FORMAT)".to_owned(),
+        ] {
+            assert!(text.contains(&needle), "`{needle}` missing from:\n{text}");
+        }
     }
 }
