@@ -11,6 +11,13 @@ use utoipa::ToSchema;
 /// Length of a poll id: 24 lowercase hex characters, the shape of a MongoDB ObjectId, so polls
 /// written by the predecessor (whose `_id` is an ObjectId) keep their ids.
 pub const POLL_ID_LEN: usize = 24;
+/// A poll id's pattern, as the OpenAPI documents state it.
+pub const POLL_ID_PATTERN: &str = "^[0-9a-fA-F]{24}$";
+
+/// Most options a poll can have.
+pub const MAX_OPTIONS: usize = 20;
+/// Longest option text, in characters.
+pub const MAX_OPTION_LEN: usize = 200;
 
 /// Creates a new poll id: 4 bytes of seconds since the epoch (so ids sort roughly by creation
 /// time, like ObjectIds) followed by 8 random bytes.

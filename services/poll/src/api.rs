@@ -10,31 +10,24 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use rand::RngCore;
-use shared::contract::{PollStatus, ResultsVisibility, Tally, new_poll_id, normalise_poll_id, sha256_hex};
-use shared::http::{AppJson, AppQuery, ClientAddr, bearer_token};
+use shared::contract::{ResultsVisibility, Tally, new_poll_id};
+use shared::http::{AppJson, AppQuery, ClientAddr};
 use shared::internal::PollDefinition;
 use shared::problem::{FieldError, Problem, ProblemBody};
-use subtle::ConstantTimeEq;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::access::{authorize, hash_token, is_admin, parse_id, results_visible};
 use crate::model::*;
-use crate::record::{PollCursor, PollQuery, PollRecord};
-use crate::snapshots::{Rendered, Snapshots};
+use crate::record::{
+    PollCursor, PollQuery, PollRecord, UpdateRefused, check_closes_at, check_desc, check_max_choices, check_name,
+    check_options,
+};
+use crate::snapshots::Rendered;
+use crate::state::{AppState, St};
 use crate::store::DynPollStore;
-use crate::stream::{self, Hub};
-use crate::votes::{Viewer, VoteClient};
-
-pub struct AppState {
-    pub store: DynPollStore,
-    pub votes: VoteClient,
-    pub snapshots: Arc<Snapshots>,
-    pub hub: Arc<Hub>,
-    pub shutdown: tokio_util::sync::CancellationToken,
-    pub metrics: Arc<shared::metrics::Metrics>,
-}
-
-pub type St = State<Arc<AppState>>;
+use crate::stream;
+use crate::votes::Viewer;
 
 pub fn router(state: Arc<AppState>) -> OpenApiRouter {
     OpenApiRouter::new()
@@ -46,58 +39,12 @@ pub fn router(state: Arc<AppState>) -> OpenApiRouter {
         .with_state(state)
 }
 
-pub fn parse_id(id: &str) -> Result<String, Problem> {
-    normalise_poll_id(id).ok_or_else(|| Problem::invalid("id", "must be a poll id: 24 hexadecimal characters"))
-}
-
 pub async fn load(store: &DynPollStore, id: &str) -> Result<PollRecord, Problem> {
     let id = parse_id(id)?;
     store
         .get(&id)
         .await?
         .ok_or_else(|| Problem::not_found(format!("there is no poll {id}")))
-}
-
-fn hash_token(token: &str) -> String {
-    sha256_hex(&[b"admin-token", token.as_bytes()])
-}
-
-/// Whether the request carries this poll's admin token (constant-time comparison of hashes).
-pub fn is_admin(p: &PollRecord, headers: &HeaderMap) -> bool {
-    match (bearer_token(headers), &p.admin_token_hash) {
-        (Some(token), Some(hash)) => bool::from(hash_token(token).as_bytes().ct_eq(hash.as_bytes())),
-        _ => false,
-    }
-}
-
-fn authorize(p: &PollRecord, headers: &HeaderMap) -> Result<(), Problem> {
-    if bearer_token(headers).is_none() {
-        return Err(Problem::unauthorized(
-            "this operation needs `Authorization: Bearer <admin_token>`",
-        ));
-    }
-    if p.admin_token_hash.is_none() {
-        return Err(Problem::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "this poll predates admin tokens and cannot be changed",
-        ));
-    }
-    if is_admin(p, headers) {
-        Ok(())
-    } else {
-        Err(Problem::unauthorized("the admin token is not valid for this poll"))
-    }
-}
-
-/// Whether the counts are shown to this caller.
-pub fn results_visible(p: &PollRecord, now: DateTime<Utc>, voted: bool, admin: bool) -> bool {
-    admin
-        || match p.results {
-            ResultsVisibility::Always => true,
-            ResultsVisibility::AfterVote => voted,
-            ResultsVisibility::AfterClose => p.status_at(now) == PollStatus::Closed,
-        }
 }
 
 async fn views(s: &AppState, polls: &[PollRecord], viewer: &Viewer, admin: bool) -> Result<Vec<PollView>, Problem> {
@@ -373,11 +320,15 @@ async fn update_poll(
     // A merge patch names only the fields it changes, so when another change lands between our
     // read and our write, it is applied again to the newer poll (which may now be closed or have
     // votes, and is checked again), instead of losing either change.
+    let update = body.to_update();
     for _ in 0..UPDATE_ATTEMPTS {
         let poll = load(&s.store, &id).await?;
         authorize(&poll, &headers)?;
         let now = Utc::now();
-        let mut next = apply_patch(&poll, &body, now)?;
+        let mut next = poll.apply(&update, now).map_err(|e| match e {
+            UpdateRefused::Closed => Problem::conflict("poll-closed", "the poll is closed and can no longer change"),
+            UpdateRefused::Invalid(errors) => Problem::validation(errors),
+        })?;
         let ballots_matter = next.options != poll.options || next.dedupe != poll.dedupe;
         let tally = s.votes.tally(&poll).await?;
         if ballots_matter && (tally.total > 0 || poll.legacy_votes > 0) {
@@ -402,49 +353,6 @@ async fn update_poll(
 /// How many times a patch is applied to a poll that keeps changing under it before the client is
 /// told to retry (each lost round means another change was stored).
 const UPDATE_ATTEMPTS: usize = 32;
-
-/// The poll with the merge patch applied and checked (a closed poll cannot change).
-fn apply_patch(poll: &PollRecord, body: &UpdatePoll, now: DateTime<Utc>) -> Result<PollRecord, Problem> {
-    if poll.status_at(now) == PollStatus::Closed {
-        return Err(Problem::conflict(
-            "poll-closed",
-            "the poll is closed and can no longer change",
-        ));
-    }
-    let mut errors = Vec::new();
-    let mut next = poll.clone();
-    if let Some(name) = &body.name {
-        next.name = check_name(name, &mut errors);
-    }
-    if let Some(desc) = &body.desc {
-        next.desc = check_desc(desc, &mut errors);
-    }
-    if let Some(options) = &body.options {
-        next.options = check_options(&options.0, &mut errors);
-    }
-    if let Some(m) = body.max_choices {
-        next.max_choices = m.0;
-    }
-    if body.max_choices.is_some() || body.options.is_some() {
-        check_max_choices(next.max_choices, next.options.len(), &mut errors);
-    }
-    if let Some(closes_at) = body.closes_at {
-        if let Some(t) = closes_at {
-            check_closes_at(t, now, &mut errors);
-        }
-        next.closes_at = closes_at;
-    }
-    if let Some(r) = body.results {
-        next.results = r;
-    }
-    if let Some(d) = body.dedupe {
-        next.dedupe = d;
-    }
-    if !errors.is_empty() {
-        return Err(Problem::validation(errors));
-    }
-    Ok(next)
-}
 
 /// Close a poll now (admin only). Closing a closed poll changes nothing and succeeds.
 #[utoipa::path(post, path = "/api/polls/{id}/close", tag = "polls", params(PollIdPath),

@@ -1,9 +1,11 @@
 //! The poll service: poll definitions and their lifecycle, results as JSON and as live streams.
 
+pub mod access;
 pub mod api;
 pub mod model;
 pub mod record;
 pub mod snapshots;
+pub mod state;
 pub mod store;
 pub mod stream;
 pub mod votes;
@@ -44,7 +46,7 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Server
     let votes = votes::VoteClient { peer: peer.clone() };
     let snapshots = Arc::new(snapshots::Snapshots::new(store.clone(), votes.clone()));
     let hub = stream::Hub::new(snapshots.clone(), STREAM_INTERVAL, shutdown.clone());
-    let state = Arc::new(api::AppState {
+    let state = Arc::new(state::AppState {
         store: store.clone(),
         votes,
         snapshots,

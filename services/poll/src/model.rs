@@ -1,20 +1,16 @@
-//! The poll service's API types (separate from the stored [`PollRecord`]) and their validation.
+//! The poll service's API types (separate from the stored [`PollRecord`], whose rules are in
+//! [`crate::record`]).
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
-use shared::FieldError;
 use shared::contract::{DedupePolicy, PollStatus, ResultsVisibility, Tally};
 
-use crate::record::PollRecord;
+use crate::record::{MIN_OPTIONS, PollRecord, PollUpdate};
+use shared::contract::MAX_OPTIONS;
 use utoipa::openapi::RefOr;
 use utoipa::openapi::schema::{ArrayBuilder, Schema};
 use utoipa::{IntoParams, PartialSchema, ToSchema};
 
-pub const MAX_NAME: usize = 200;
-pub const MAX_DESC: usize = 2000;
-pub const MIN_OPTIONS: usize = 2;
-pub const MAX_OPTIONS: usize = 20;
-pub const MAX_OPTION_LEN: usize = 200;
 /// The schema's pattern for text that must not be only white space: one character that `str::trim`
 /// does not remove (the `#[schema(pattern = ...)]` attributes repeat it, as they take literals only).
 pub const NOT_BLANK: &str = r"[^\t\n\v\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]";
@@ -62,6 +58,12 @@ pub struct CreatePoll {
 #[serde(transparent)]
 #[schema(value_type = String, min_length = 1, max_length = 200, pattern = r"[^\t\n\v\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")]
 pub struct OptionText(pub String);
+
+impl AsRef<str> for OptionText {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
 
 /// A poll's options: 2–20 of them, distinct (after trimming, case-insensitively, which the schema
 /// can state only for exact duplicates: `uniqueItems`).
@@ -149,6 +151,21 @@ pub struct UpdatePoll {
     /// Only while the poll has no votes.
     #[serde(default)]
     pub dedupe: Option<DedupePolicy>,
+}
+
+impl UpdatePoll {
+    /// The change this patch asks for.
+    pub fn to_update(&self) -> PollUpdate {
+        PollUpdate {
+            name: self.name.clone(),
+            desc: self.desc.clone(),
+            options: self.options.as_ref().map(|o| o.0.iter().map(|t| t.0.clone()).collect()),
+            max_choices: self.max_choices.as_ref().map(|m| m.0),
+            closes_at: self.closes_at,
+            results: self.results,
+            dedupe: self.dedupe,
+        }
+    }
 }
 
 fn double_option<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
@@ -275,103 +292,9 @@ impl PollView {
     }
 }
 
-/// Length limits apply to the text as sent (as the schema's `maxLength` does), before trimming.
-pub fn check_name(name: &str, errors: &mut Vec<FieldError>) -> String {
-    let n = name.trim();
-    if n.is_empty() {
-        errors.push(FieldError::new("name", "must not be empty"));
-    } else if name.chars().count() > MAX_NAME {
-        errors.push(FieldError::new(
-            "name",
-            format!("must be at most {MAX_NAME} characters"),
-        ));
-    }
-    n.to_owned()
-}
-
-pub fn check_desc(desc: &str, errors: &mut Vec<FieldError>) -> String {
-    if desc.chars().count() > MAX_DESC {
-        errors.push(FieldError::new(
-            "desc",
-            format!("must be at most {MAX_DESC} characters"),
-        ));
-    }
-    desc.trim().to_owned()
-}
-
-/// Trims the options and checks count, length and distinctness (trimmed, case-insensitive).
-pub fn check_options(options: &[OptionText], errors: &mut Vec<FieldError>) -> Vec<String> {
-    if options.len() < MIN_OPTIONS || options.len() > MAX_OPTIONS {
-        errors.push(FieldError::new(
-            "options",
-            format!(
-                "must have {MIN_OPTIONS} to {MAX_OPTIONS} options (got {})",
-                options.len()
-            ),
-        ));
-    }
-    let mut seen: Vec<String> = Vec::new();
-    let mut out = Vec::with_capacity(options.len());
-    for (i, OptionText(o)) in options.iter().enumerate() {
-        let t = o.trim();
-        if t.is_empty() {
-            errors.push(FieldError::new(format!("options[{i}]"), "must not be empty"));
-        } else if o.chars().count() > MAX_OPTION_LEN {
-            errors.push(FieldError::new(
-                format!("options[{i}]"),
-                format!("must be at most {MAX_OPTION_LEN} characters"),
-            ));
-        } else {
-            let folded = t.to_lowercase();
-            if let Some(j) = seen.iter().position(|s| *s == folded) {
-                errors.push(FieldError::new(
-                    format!("options[{i}]"),
-                    format!("duplicates options[{j}]"),
-                ));
-            }
-        }
-        seen.push(t.to_lowercase());
-        out.push(t.to_owned());
-    }
-    out
-}
-
-pub fn check_max_choices(max: u32, n_options: usize, errors: &mut Vec<FieldError>) {
-    if max == 0 || max as usize > n_options.max(1) {
-        errors.push(FieldError::new(
-            "max_choices",
-            format!("must be between 1 and the number of options ({n_options})"),
-        ));
-    }
-}
-
-pub fn check_closes_at(t: DateTime<Utc>, now: DateTime<Utc>, errors: &mut Vec<FieldError>) {
-    if t <= now {
-        errors.push(FieldError::new("closes_at", "must be in the future"));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn opts(v: &[&str]) -> Vec<OptionText> {
-        v.iter().map(|s| OptionText((*s).to_owned())).collect()
-    }
-
-    #[test]
-    fn options_are_trimmed_and_distinct_case_insensitively() {
-        let mut e = Vec::new();
-        assert_eq!(check_options(&opts(&[" red ", "Green"]), &mut e), vec!["red", "Green"]);
-        assert!(e.is_empty());
-        check_options(&opts(&["Red", " red", ""]), &mut e);
-        assert_eq!(e.len(), 2, "{e:?}");
-        assert_eq!(e[0].field, "options[1]");
-        assert_eq!(e[1].field, "options[2]");
-        let mut e = Vec::new();
-        check_options(&opts(&["only"]), &mut e);
-        assert_eq!(e[0].field, "options");
-    }
 
     /// The characters of `NOT_BLANK`'s class, read from its escapes.
     fn blank_class() -> Vec<char> {
@@ -435,29 +358,5 @@ mod tests {
         for bad in ["3.5", "-1", "-1.0", "4294967296", "1e10", "\"3\"", "null"] {
             assert!(parse(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn lengths_count_the_text_as_sent() {
-        let mut e = Vec::new();
-        assert_eq!(check_name(&format!(" {} ", "x".repeat(198)), &mut e).len(), 198);
-        assert!(e.is_empty(), "{e:?}");
-        check_name(&format!("x{}", " ".repeat(200)), &mut e);
-        check_options(&opts(&["a", &format!("{}b", " ".repeat(200))]), &mut e);
-        assert_eq!(e.len(), 2, "{e:?}");
-        assert_eq!(e[1].field, "options[1]");
-    }
-
-    #[test]
-    fn names_and_choices_are_bounded() {
-        let mut e = Vec::new();
-        check_name("   ", &mut e);
-        check_name(&"x".repeat(201), &mut e);
-        check_max_choices(3, 2, &mut e);
-        check_max_choices(0, 2, &mut e);
-        assert_eq!(e.len(), 4);
-        let mut e = Vec::new();
-        check_name(&"é".repeat(200), &mut e);
-        assert!(e.is_empty(), "length counts characters, not bytes");
     }
 }

@@ -1,10 +1,16 @@
-//! The poll service's records: a poll as stored, and a listing as the storage sees it.
+//! The poll service's domain: a poll as stored, the rules a poll's fields follow, how a change
+//! (a merge patch) applies to a poll, and a listing as the storage sees it.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use shared::contract::{DedupePolicy, PollStatus, ResultsVisibility, status_at};
+use shared::FieldError;
+use shared::contract::{DedupePolicy, MAX_OPTION_LEN, MAX_OPTIONS, PollStatus, ResultsVisibility, status_at};
 use shared::internal::PollDefinition;
 use utoipa::ToSchema;
+
+pub const MAX_NAME: usize = 200;
+pub const MAX_DESC: usize = 2000;
+pub const MIN_OPTIONS: usize = 2;
 
 /// A poll as stored by the poll service. Storage adapters map it to their own layout.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,6 +43,69 @@ impl PollRecord {
     pub fn status_at(&self, now: DateTime<Utc>) -> PollStatus {
         status_at(self.closes_at, self.closed_at, now)
     }
+
+    /// This poll with `update` applied and checked, at `now`: a closed poll cannot change, and
+    /// every field problem is listed. (Whether options and dedupe may still change depends on the
+    /// ballots, which the caller asks the vote service about.)
+    pub fn apply(&self, update: &PollUpdate, now: DateTime<Utc>) -> Result<PollRecord, UpdateRefused> {
+        if self.status_at(now) == PollStatus::Closed {
+            return Err(UpdateRefused::Closed);
+        }
+        let mut errors = Vec::new();
+        let mut next = self.clone();
+        if let Some(name) = &update.name {
+            next.name = check_name(name, &mut errors);
+        }
+        if let Some(desc) = &update.desc {
+            next.desc = check_desc(desc, &mut errors);
+        }
+        if let Some(options) = &update.options {
+            next.options = check_options(options, &mut errors);
+        }
+        if let Some(m) = update.max_choices {
+            next.max_choices = m;
+        }
+        if update.max_choices.is_some() || update.options.is_some() {
+            check_max_choices(next.max_choices, next.options.len(), &mut errors);
+        }
+        if let Some(closes_at) = update.closes_at {
+            if let Some(t) = closes_at {
+                check_closes_at(t, now, &mut errors);
+            }
+            next.closes_at = closes_at;
+        }
+        if let Some(r) = update.results {
+            next.results = r;
+        }
+        if let Some(d) = update.dedupe {
+            next.dedupe = d;
+        }
+        if !errors.is_empty() {
+            return Err(UpdateRefused::Invalid(errors));
+        }
+        Ok(next)
+    }
+}
+
+/// A change to a poll: each field present is set (`closes_at: Some(None)` removes the close time).
+#[derive(Debug, Clone, Default)]
+pub struct PollUpdate {
+    pub name: Option<String>,
+    pub desc: Option<String>,
+    pub options: Option<Vec<String>>,
+    pub max_choices: Option<u32>,
+    pub closes_at: Option<Option<DateTime<Utc>>>,
+    pub results: Option<ResultsVisibility>,
+    pub dedupe: Option<DedupePolicy>,
+}
+
+/// Why [`PollRecord::apply`] refused a change.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UpdateRefused {
+    /// The poll is closed and can no longer change.
+    Closed,
+    /// These fields break the rules.
+    Invalid(Vec<FieldError>),
 }
 
 /// Which polls a listing returns.
@@ -63,6 +132,83 @@ pub struct PollQuery {
     pub now: DateTime<Utc>,
 }
 
+/// Length limits apply to the text as sent (as the schema's `maxLength` does), before trimming.
+pub fn check_name(name: &str, errors: &mut Vec<FieldError>) -> String {
+    let n = name.trim();
+    if n.is_empty() {
+        errors.push(FieldError::new("name", "must not be empty"));
+    } else if name.chars().count() > MAX_NAME {
+        errors.push(FieldError::new(
+            "name",
+            format!("must be at most {MAX_NAME} characters"),
+        ));
+    }
+    n.to_owned()
+}
+
+pub fn check_desc(desc: &str, errors: &mut Vec<FieldError>) -> String {
+    if desc.chars().count() > MAX_DESC {
+        errors.push(FieldError::new(
+            "desc",
+            format!("must be at most {MAX_DESC} characters"),
+        ));
+    }
+    desc.trim().to_owned()
+}
+
+/// Trims the options and checks count, length and distinctness (trimmed, case-insensitive).
+pub fn check_options(options: &[impl AsRef<str>], errors: &mut Vec<FieldError>) -> Vec<String> {
+    if options.len() < MIN_OPTIONS || options.len() > MAX_OPTIONS {
+        errors.push(FieldError::new(
+            "options",
+            format!(
+                "must have {MIN_OPTIONS} to {MAX_OPTIONS} options (got {})",
+                options.len()
+            ),
+        ));
+    }
+    let mut seen: Vec<String> = Vec::new();
+    let mut out = Vec::with_capacity(options.len());
+    for (i, o) in options.iter().enumerate() {
+        let o = o.as_ref();
+        let t = o.trim();
+        if t.is_empty() {
+            errors.push(FieldError::new(format!("options[{i}]"), "must not be empty"));
+        } else if o.chars().count() > MAX_OPTION_LEN {
+            errors.push(FieldError::new(
+                format!("options[{i}]"),
+                format!("must be at most {MAX_OPTION_LEN} characters"),
+            ));
+        } else {
+            let folded = t.to_lowercase();
+            if let Some(j) = seen.iter().position(|s| *s == folded) {
+                errors.push(FieldError::new(
+                    format!("options[{i}]"),
+                    format!("duplicates options[{j}]"),
+                ));
+            }
+        }
+        seen.push(t.to_lowercase());
+        out.push(t.to_owned());
+    }
+    out
+}
+
+pub fn check_max_choices(max: u32, n_options: usize, errors: &mut Vec<FieldError>) {
+    if max == 0 || max as usize > n_options.max(1) {
+        errors.push(FieldError::new(
+            "max_choices",
+            format!("must be between 1 and the number of options ({n_options})"),
+        ));
+    }
+}
+
+pub fn check_closes_at(t: DateTime<Utc>, now: DateTime<Utc>, errors: &mut Vec<FieldError>) {
+    if t <= now {
+        errors.push(FieldError::new("closes_at", "must be in the future"));
+    }
+}
+
 impl From<&PollRecord> for PollDefinition {
     fn from(p: &PollRecord) -> Self {
         Self {
@@ -74,5 +220,97 @@ impl From<&PollRecord> for PollDefinition {
             closes_at: p.closes_at,
             closed_at: p.closed_at,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn options_are_trimmed_and_distinct_case_insensitively() {
+        let mut e = Vec::new();
+        assert_eq!(check_options(&opts(&[" red ", "Green"]), &mut e), vec!["red", "Green"]);
+        assert!(e.is_empty());
+        check_options(&opts(&["Red", " red", ""]), &mut e);
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert_eq!(e[0].field, "options[1]");
+        assert_eq!(e[1].field, "options[2]");
+        let mut e = Vec::new();
+        check_options(&opts(&["only"]), &mut e);
+        assert_eq!(e[0].field, "options");
+    }
+
+    #[test]
+    fn lengths_count_the_text_as_sent() {
+        let mut e = Vec::new();
+        assert_eq!(check_name(&format!(" {} ", "x".repeat(198)), &mut e).len(), 198);
+        assert!(e.is_empty(), "{e:?}");
+        check_name(&format!("x{}", " ".repeat(200)), &mut e);
+        check_options(&opts(&["a", &format!("{}b", " ".repeat(200))]), &mut e);
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert_eq!(e[1].field, "options[1]");
+    }
+
+    #[test]
+    fn names_and_choices_are_bounded() {
+        let mut e = Vec::new();
+        check_name("   ", &mut e);
+        check_name(&"x".repeat(201), &mut e);
+        check_max_choices(3, 2, &mut e);
+        check_max_choices(0, 2, &mut e);
+        assert_eq!(e.len(), 4);
+        let mut e = Vec::new();
+        check_name(&"é".repeat(200), &mut e);
+        assert!(e.is_empty(), "length counts characters, not bytes");
+    }
+
+    #[test]
+    fn a_patch_changes_only_what_it_names_and_never_a_closed_poll() {
+        let now = Utc::now();
+        let poll = PollRecord {
+            id: shared::contract::new_poll_id(now),
+            name: "n".into(),
+            desc: "d".into(),
+            options: opts(&["a", "b"]),
+            max_choices: 1,
+            closes_at: None,
+            closed_at: None,
+            results: ResultsVisibility::Always,
+            dedupe: DedupePolicy::Ip,
+            created_at: now,
+            updated_at: now,
+            admin_token_hash: None,
+            legacy_votes: 0,
+            revision: 1,
+        };
+        let update = PollUpdate {
+            desc: Some(" new ".into()),
+            max_choices: Some(2),
+            ..PollUpdate::default()
+        };
+        let next = poll.apply(&update, now).expect("applies");
+        assert_eq!(
+            (next.desc.as_str(), next.max_choices, next.name.as_str()),
+            ("new", 2, "n")
+        );
+        let too_many = PollUpdate {
+            max_choices: Some(3),
+            name: Some(" ".into()),
+            ..PollUpdate::default()
+        };
+        match poll.apply(&too_many, now) {
+            Err(UpdateRefused::Invalid(e)) => assert_eq!(e.len(), 2, "{e:?}"),
+            other => panic!("{other:?}"),
+        }
+        let closed = PollRecord {
+            closed_at: Some(now),
+            ..poll
+        };
+        assert_eq!(closed.apply(&update, now), Err(UpdateRefused::Closed));
     }
 }

@@ -124,7 +124,7 @@ impl Snapshots {
         let now = Utc::now();
         let status = poll.status_at(now);
         let public = (poll.results != ResultsVisibility::AfterVote).then(|| {
-            let shown = crate::api::results_visible(&poll, now, false, false);
+            let shown = crate::access::results_visible(&poll, now, false, false);
             let view = PollView::new(&poll, shown.then_some(&tally), now);
             Rendered::new(
                 serde_json::to_vec(&view).unwrap_or_default(),

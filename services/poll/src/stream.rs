@@ -29,9 +29,10 @@ use utoipa::openapi::extensions::Extensions;
 use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, OneOfBuilder, Schema, Type};
 use utoipa::{PartialSchema, ToSchema};
 
-use crate::api::{St, parse_id, results_visible};
+use crate::access::{is_admin, parse_id, results_visible};
 use crate::model::{PollIdPath, PollView, ViewerParams};
 use crate::snapshots::Snapshots;
+use crate::state::St;
 use crate::votes::Viewer;
 
 #[derive(Clone, Debug)]
@@ -227,7 +228,7 @@ pub async fn results_stream(
         }
     };
     let viewer = Viewer::new(addr, &headers, voter_id);
-    let admin = crate::api::is_admin(&poll, &headers);
+    let admin = is_admin(&poll, &headers);
     // Visibility that does not depend on time is decided once, here; only `after_vote` needs to
     // know whether this viewer voted.
     let voted = if poll.results == ResultsVisibility::AfterVote && !admin {

@@ -11,7 +11,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use serde::{Deserialize, Serialize};
 use shared::contract::{
-    DedupePolicy, PollStatus, Tally, VoterKind, normalise_poll_id, sha256_hex, validate_voter_id, voter_key,
+    DedupePolicy, MAX_OPTION_LEN, MAX_OPTIONS, POLL_ID_PATTERN, PollStatus, Tally, normalise_poll_id, validate_voter_id,
 };
 use shared::http::{AppJson, AppQuery, ClientAddr};
 use shared::internal::{PollDefinition, TalliesResponse, TallyView};
@@ -25,7 +25,7 @@ use utoipa::{PartialSchema, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::ballot::{BallotRecord, CastOutcome};
+use crate::ballot::{BallotRecord, CastOutcome, Duplicate, Refused, duplicate, identity, match_choices};
 use crate::catalog::Catalog;
 use crate::store::DynBallotStore;
 
@@ -82,11 +82,6 @@ pub struct CastBallot {
 fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
     T::deserialize(d).map(Some)
 }
-
-/// Longest option text a poll can have, in characters.
-const MAX_OPTION_LEN: usize = 200;
-/// Most options a poll can have.
-const MAX_OPTIONS: usize = 20;
 
 impl PartialSchema for CastBallot {
     fn schema() -> RefOr<Schema> {
@@ -156,7 +151,6 @@ impl PartialSchema for CastBallot {
 
 impl ToSchema for CastBallot {}
 
-const POLL_ID_PATTERN: &str = "^[0-9a-fA-F]{24}$";
 const VOTER_ID_PATTERN: &str = "^[!-~]+$";
 
 /// An accepted ballot.
@@ -199,49 +193,28 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
     Ok(Some(s.to_owned()))
 }
 
-/// Maps the chosen texts to option indices (exact match first, then trimmed and case-insensitive).
-fn choices(def: &PollDefinition, chosen: &[String]) -> Result<Vec<u32>, Problem> {
-    let mut out = Vec::with_capacity(chosen.len());
-    for (i, text) in chosen.iter().enumerate() {
-        let field = if chosen.len() == 1 {
-            "option".to_owned()
-        } else {
-            format!("options[{i}]")
-        };
-        let idx = def.options.iter().position(|o| o == text).or_else(|| {
-            let folded = text.trim().to_lowercase();
-            def.options.iter().position(|o| o.to_lowercase() == folded)
-        });
-        let Some(idx) = idx else {
-            return Err(Problem::unprocessable(
+impl From<Refused> for Problem {
+    fn from(r: Refused) -> Self {
+        match r {
+            Refused::UnknownOption { field, text } => Problem::unprocessable(
                 "unknown-option",
                 &field,
                 format!("`{text}` is not an option of this poll"),
-            ));
-        };
-        let idx = u32::try_from(idx).map_err(|_| Problem::internal())?;
-        if out.contains(&idx) {
-            return Err(Problem::unprocessable(
-                "duplicate-option",
-                &field,
-                format!("`{text}` is chosen twice"),
-            ));
-        }
-        out.push(idx);
-    }
-    if out.len() > def.max_choices as usize {
-        return Err(Problem::unprocessable(
-            "too-many-choices",
-            "options",
-            format!(
-                "this poll allows at most {} choice(s); got {}",
-                def.max_choices,
-                out.len()
             ),
-        ));
+            Refused::DuplicateOption { field, text } => {
+                Problem::unprocessable("duplicate-option", &field, format!("`{text}` is chosen twice"))
+            }
+            Refused::TooManyChoices { max, got } => Problem::unprocessable(
+                "too-many-choices",
+                "options",
+                format!("this poll allows at most {max} choice(s); got {got}"),
+            ),
+            Refused::VoterIdRequired => Problem::invalid(
+                "voter_id",
+                "this poll needs a voter id (body `voter_id` or header X-Voter-Id)",
+            ),
+        }
     }
-    out.sort_unstable();
-    Ok(out)
 }
 
 /// Cast a ballot.
@@ -387,56 +360,19 @@ async fn cast(
     if def.status_at(Utc::now()) == PollStatus::Closed {
         return Err(Problem::conflict("poll-closed", "the poll is closed"));
     }
-    let choices = choices(&def, &chosen)?;
-
-    let address_key = voter_key(VoterKind::Address, &addr.to_string());
-    let id_key = voter_id.as_deref().map(|v| voter_key(VoterKind::VoterId, v));
-    let (key, voter) = match def.dedupe {
-        DedupePolicy::Ip => (address_key.clone(), address_key),
-        DedupePolicy::Voter => {
-            let Some(k) = id_key else {
-                return Err(Problem::invalid(
-                    "voter_id",
-                    "this poll needs a voter id (body `voter_id` or header X-Voter-Id)",
-                ));
-            };
-            (k.clone(), k)
-        }
-        DedupePolicy::None => {
-            let key = match &idem {
-                Some(k) => format!("i:{}", sha256_hex(&[k.as_bytes()])),
-                None => format!("r:{}", uuid::Uuid::new_v4().simple()),
-            };
-            (key, id_key.unwrap_or(address_key))
-        }
-    };
-    let choice_text: Vec<String> = choices.iter().map(u32::to_string).collect();
-    let fingerprint = sha256_hex(&[poll_id.as_bytes(), choice_text.join(",").as_bytes(), voter.as_bytes()]);
-    let ballot = BallotRecord {
-        id: uuid::Uuid::new_v4().to_string(),
-        poll_id,
-        key,
-        voter: Some(voter),
-        choices,
-        idempotency_key: idem.clone(),
-        fingerprint,
-        created_at: Utc::now(),
-    };
+    let choices = match_choices(&def.options, def.max_choices, &chosen)?;
+    let (key, voter) = identity(def.dedupe, addr, voter_id.as_deref(), idem.as_deref())?;
+    let ballot = BallotRecord::new(poll_id, key, voter, choices, idem.clone());
     match s.store.cast(ballot.clone()).await? {
         CastOutcome::Accepted(b) => Ok((ballot_view(&b, &def), false)),
-        CastOutcome::Duplicate(existing) => match &idem {
-            Some(k) if existing.idempotency_key.as_deref() == Some(k.as_str()) => {
-                if existing.fingerprint == ballot.fingerprint {
-                    Ok((ballot_view(&existing, &def), true))
-                } else {
-                    Err(Problem::unprocessable(
-                        "idempotency-key-reused",
-                        "header.Idempotency-Key",
-                        "this Idempotency-Key was already used for a different ballot",
-                    ))
-                }
-            }
-            _ => Err(Problem::conflict(
+        CastOutcome::Duplicate(existing) => match duplicate(&existing, &ballot) {
+            Duplicate::Retry => Ok((ballot_view(&existing, &def), true)),
+            Duplicate::KeyReused => Err(Problem::unprocessable(
+                "idempotency-key-reused",
+                "header.Idempotency-Key",
+                "this Idempotency-Key was already used for a different ballot",
+            )),
+            Duplicate::AlreadyVoted => Err(Problem::conflict(
                 "already-voted",
                 "a ballot from this voter is already counted for this poll",
             )),
