@@ -2,6 +2,7 @@
 
 pub mod access;
 pub mod api;
+pub mod hub;
 pub mod model;
 pub mod record;
 pub mod snapshots;
@@ -45,7 +46,7 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Server
     .with_metrics(metrics.clone());
     let votes = votes::VoteClient { peer: peer.clone() };
     let snapshots = Arc::new(snapshots::Snapshots::new(store.clone(), votes.clone()));
-    let hub = stream::Hub::new(snapshots.clone(), STREAM_INTERVAL, shutdown.clone());
+    let hub = hub::Hub::new(snapshots.clone(), STREAM_INTERVAL, shutdown.clone());
     let state = Arc::new(state::AppState {
         store: store.clone(),
         votes,

@@ -4,9 +4,9 @@ use std::sync::Arc;
 
 use axum::extract::State;
 
+use crate::hub::Hub;
 use crate::snapshots::Snapshots;
 use crate::store::DynPollStore;
-use crate::stream::Hub;
 use crate::votes::VoteClient;
 
 pub struct AppState {
