@@ -31,7 +31,79 @@ impl PollDefinition {
     }
 }
 
-/// One poll's counts: `GET /internal/tallies?ids=a,b&voters=k1,k2` on the vote service.
+/// The query of `GET /internal/tallies?ids=a,b&keyed=1,0&voters=k1,k2` on the vote service: the
+/// counts of a page of polls, and whether the caller voted on each. It carries everything the vote
+/// service needs, so that it answers from its own store without calling the poll service back.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TalliesQuery {
+    /// The polls, comma-separated (at most [`MAX_TALLIES`]).
+    pub ids: String,
+    /// Per poll of `ids`, in order and comma-separated, `1` when its ballots are keyed by their
+    /// voter (its dedupe is `ip` or `voter`, not `none`), else `0`: the vote service then looks a
+    /// voter's ballot up by its identity alone. Absent: `0` for every poll, which is always
+    /// correct, only costlier. Sent only with `voters`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyed: Option<String>,
+    /// The caller's voter keys, comma-separated (at most [`MAX_VOTER_KEYS`] are read): `voted`
+    /// says whether any of them has a ballot on the poll. Absent: `voted` is `false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub voters: Option<String>,
+}
+
+/// Most polls in one [`TalliesQuery`].
+pub const MAX_TALLIES: usize = 200;
+/// Most voter keys of one [`TalliesQuery`] the vote service reads.
+pub const MAX_VOTER_KEYS: usize = 4;
+
+impl TalliesQuery {
+    /// The query for `polls` (id, whether its ballots are keyed by voter) and the caller's voter
+    /// keys (none: `voted` is not wanted).
+    pub fn new(polls: &[(&str, bool)], voters: &[String]) -> Self {
+        let ids: Vec<&str> = polls.iter().map(|(id, _)| *id).collect();
+        let wanted = !voters.is_empty();
+        let keyed: Vec<&str> = polls.iter().map(|(_, k)| if *k { "1" } else { "0" }).collect();
+        Self {
+            ids: ids.join(","),
+            keyed: wanted.then(|| keyed.join(",")),
+            voters: wanted.then(|| voters.join(",")),
+        }
+    }
+
+    /// Whether each of the `n` polls of `ids` is keyed by voter (`Err`: why `keyed` is invalid).
+    pub fn keyed_by_voter(&self, n: usize) -> Result<Vec<bool>, &'static str> {
+        let Some(keyed) = self.keyed.as_deref() else {
+            return Ok(vec![false; n]);
+        };
+        let flags: Vec<bool> = keyed
+            .split(',')
+            .map(|f| match f {
+                "1" => Ok(true),
+                "0" => Ok(false),
+                _ => Err("must be `1` or `0` per poll"),
+            })
+            .collect::<Result<_, _>>()?;
+        if flags.len() != n {
+            return Err("must have one flag per poll of `ids`");
+        }
+        Ok(flags)
+    }
+
+    /// The voter keys (the first [`MAX_VOTER_KEYS`]).
+    pub fn voter_keys(&self) -> Vec<String> {
+        self.voters
+            .as_deref()
+            .map(|v| {
+                v.split(',')
+                    .filter(|s| !s.is_empty())
+                    .take(MAX_VOTER_KEYS)
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// One poll's counts, an answer to a [`TalliesQuery`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TallyView {
     pub poll_id: String,
@@ -202,5 +274,35 @@ impl Dependency for PeerClient {
         } else {
             Err(format!("answered {}", res.status()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tallies_query_carries_each_polls_key_and_the_voters() {
+        let voters = vec!["ip:1.2.3.4".to_owned(), "id:alice".to_owned()];
+        let q = TalliesQuery::new(&[("a", true), ("b", false), ("c", true)], &voters);
+        assert_eq!(q.ids, "a,b,c");
+        assert_eq!(q.keyed.as_deref(), Some("1,0,1"));
+        assert_eq!(q.keyed_by_voter(3), Ok(vec![true, false, true]));
+        assert_eq!(q.voter_keys(), voters);
+        assert!(q.keyed_by_voter(2).is_err(), "one flag per poll");
+
+        // Without voters nothing but the ids is sent, and nothing is keyed.
+        let q = TalliesQuery::new(&[("a", true)], &[]);
+        assert_eq!((q.keyed.as_deref(), q.voters.as_deref()), (None, None));
+        assert_eq!(q.keyed_by_voter(1), Ok(vec![false]));
+        assert!(q.voter_keys().is_empty());
+
+        let q = TalliesQuery {
+            ids: "a".into(),
+            keyed: Some("yes".into()),
+            voters: Some("k1,,k2,k3,k4,k5".into()),
+        };
+        assert!(q.keyed_by_voter(1).is_err());
+        assert_eq!(q.voter_keys(), ["k1", "k2", "k3", "k4"]);
     }
 }

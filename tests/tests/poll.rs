@@ -2210,3 +2210,128 @@ async fn caller_dependent_views_are_private_and_never_leak() {
     assert_eq!(anyone_view["votes"]["count"], 1);
     s.stop().await;
 }
+
+/// Calls each service made to the other so far, from its `/metrics`
+/// (`pollvote_peer_request_duration_seconds` counts every call, whatever its outcome):
+/// (poll → vote on `/internal/tallies`, poll → vote on any route, vote → poll on any route).
+async fn peer_calls(s: &Stack) -> (f64, f64, f64) {
+    let metrics = |base: String| {
+        let http = s.http.clone();
+        async move {
+            let res = http.get(format!("{base}/metrics")).send().await.expect("metrics");
+            res.text().await.expect("text")
+        }
+    };
+    let count = |text: &str, labels: &[&str]| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with("pollvote_peer_request_duration_seconds_count{"))
+            .filter(|l| labels.iter().all(|x| l.contains(x)))
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .sum()
+    };
+    let (poll, vote) = (metrics(s.poll.clone()).await, metrics(s.vote.clone()).await);
+    (
+        count(&poll, &["peer=\"vote\"", "route=\"/internal/tallies\""]),
+        count(&poll, &["peer=\"vote\""]),
+        count(&vote, &["peer=\"poll\""]),
+    )
+}
+
+/// Issue "one house", acceptance item 3: a poll read and a page of the list each make exactly one
+/// call to the vote service (whatever the polls' results visibility and dedupe), and the vote
+/// service answers it without calling the poll service; `voted` still unlocks `after_vote` counts
+/// for the caller's ballots keyed by voter (`ip`, `voter`) and not (`none`).
+#[tokio::test]
+async fn a_poll_read_or_a_list_page_is_one_call_to_the_vote_service() {
+    let s = Stack::start().await;
+    let mut polls = Vec::new();
+    for extra in [
+        json!({"results": "after_vote", "dedupe": "ip"}),
+        json!({"results": "after_vote", "dedupe": "voter"}),
+        json!({"results": "after_vote", "dedupe": "none"}),
+        json!({"results": "after_vote", "dedupe": "ip"}),
+        json!({"results": "always"}),
+        json!({"results": "after_close"}),
+    ] {
+        polls.push(s.simple_poll(extra).await);
+    }
+    // The caller votes on the first three (by address, by voter id, and on a `none` poll); not on
+    // the fourth, whose definition the vote service has therefore never asked for.
+    for (i, body) in [
+        json!({"option": "red"}),
+        json!({"option": "green", "voter_id": "alice"}),
+        json!({"option": "blue"}),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut body = body;
+        body["poll_id"] = json!(polls[i].0);
+        assert_eq!(s.vote(body).await.status(), 201);
+    }
+
+    let s = &s;
+    // One read of `url` (as `admin` when given), measured; each starts once the poll service's
+    // snapshots (250 ms) have expired, so every read goes to the vote service. Answers the body
+    // and the `Link` header.
+    let read = |url: String, admin: Option<String>| async move {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let before = peer_calls(s).await;
+        let mut req = s.http.get(&url).header("x-voter-id", "alice");
+        if let Some(token) = &admin {
+            req = req.bearer_auth(token);
+        }
+        let res = req.send().await.expect("get");
+        assert_eq!(res.status(), 200, "{url}");
+        let link = res
+            .headers()
+            .get("link")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body: Value = res.json().await.expect("json");
+        let after = peer_calls(s).await;
+        let delta = (after.0 - before.0, after.1 - before.1, after.2 - before.2);
+        assert_eq!(
+            delta,
+            (1.0, 1.0, 0.0),
+            "{url} (admin: {}): (calls to /internal/tallies, calls to the vote service, calls from \
+             the vote service to the poll service)",
+            admin.is_some()
+        );
+        (link, body)
+    };
+
+    // The caller sees the counts of the `after_vote` polls it voted on, of the `always` poll, and
+    // not of the others; the admin always does.
+    let shown = [true, true, true, false, true, false];
+    for (i, (id, token)) in polls.iter().enumerate() {
+        let url = format!("{}/api/polls/{id}", s.poll);
+        let (_, body) = read(url.clone(), None).await;
+        assert_eq!(body["votes"].is_object(), shown[i], "poll {i}: {body}");
+        let (_, admin) = read(url, Some(token.clone())).await;
+        assert!(admin["votes"].is_object(), "poll {i}: the admin sees counts: {admin}");
+    }
+
+    // A page of the list, and the next one: one call each.
+    let (link, first) = read(format!("{}/api/polls?limit=4", s.poll), None).await;
+    let next = link
+        .as_deref()
+        .and_then(|l| l.strip_prefix('<'))
+        .and_then(|l| l.split_once('>'))
+        .map(|(path, _)| path.to_owned())
+        .expect("a next page");
+    let (_, second) = read(format!("{}{next}", s.poll), None).await;
+    let mut listed: Vec<(String, bool)> = [first, second]
+        .iter()
+        .flat_map(|page| page.as_array().expect("a page is an array").clone())
+        .map(|p| (p["id"].as_str().expect("id").to_owned(), p["votes"].is_object()))
+        .collect();
+    let mut expected: Vec<(String, bool)> = polls
+        .iter()
+        .zip(shown)
+        .map(|((id, _), shown)| (id.clone(), shown))
+        .collect();
+    listed.sort();
+    expected.sort();
+    assert_eq!(listed, expected, "both pages, counts shown as on the poll");
+}

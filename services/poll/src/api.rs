@@ -47,9 +47,16 @@ pub async fn load(store: &DynPollStore, id: &str) -> Result<PollRecord, Problem>
         .ok_or_else(|| Problem::not_found(format!("there is no poll {id}")))
 }
 
-async fn views(s: &AppState, polls: &[PollRecord], viewer: &Viewer, admin: bool) -> Result<Vec<PollView>, Problem> {
+/// The views of a page of polls: one call to the vote service for all their counts (and, with a
+/// `viewer`, whether they voted on each).
+async fn views(
+    s: &AppState,
+    polls: &[PollRecord],
+    viewer: Option<&Viewer>,
+    admin: bool,
+) -> Result<Vec<PollView>, Problem> {
     let refs: Vec<&PollRecord> = polls.iter().collect();
-    let tallies = s.votes.tallies(&refs, Some(viewer)).await?;
+    let tallies = s.votes.tallies(&refs, viewer).await?;
     let now = Utc::now();
     Ok(polls
         .iter()
@@ -207,7 +214,7 @@ async fn list_polls(
         polls.last().map(encode_cursor)
     });
     let viewer = Viewer::new(addr, &headers, voter_id);
-    let body = views(&s, &polls, &viewer, false).await?;
+    let body = views(&s, &polls, Some(&viewer), false).await?;
     // The list never recognises an admin, so only `after_vote` polls make it caller-dependent.
     let shared = polls.iter().all(|p| p.results != ResultsVisibility::AfterVote);
     let bytes = serde_json::to_vec(&body).map_err(|_| Problem::internal())?;
@@ -259,10 +266,17 @@ async fn get_poll(
     if let Some(public) = snap.public.as_ref().filter(|p| p.shared || !admin) {
         return Ok(conditional(&headers, public));
     }
-    // Caller-dependent: the admin's view, or a poll that shows its counts only to voters.
-    let viewer = Viewer::new(addr, &headers, voter_id);
-    let mut views = views(&s, std::slice::from_ref(&*snap.poll), &viewer, admin).await?;
-    let view = views.pop().ok_or_else(Problem::internal)?;
+    // Caller-dependent: the admin's view (from the snapshot's tally when it has one), or a poll
+    // that shows its counts only to voters. Either way at most one call to the vote service for
+    // the read: a snapshot without a tally (`after_vote`) was loaded without one.
+    let view = match (&snap.tally, admin) {
+        (Some(tally), true) => PollView::new(&snap.poll, Some(tally), Utc::now()),
+        _ => {
+            let viewer = (!admin).then(|| Viewer::new(addr, &headers, voter_id));
+            let mut views = views(&s, std::slice::from_ref(&*snap.poll), viewer.as_ref(), admin).await?;
+            views.pop().ok_or_else(Problem::internal)?
+        }
+    };
     let body = serde_json::to_vec(&view).map_err(|_| Problem::internal())?;
     Ok(conditional(&headers, &Rendered::new(body, false)))
 }

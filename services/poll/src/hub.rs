@@ -91,7 +91,14 @@ impl Hub {
                 }
             }
             let (poll, tally) = match self.snapshots.get(&id).await {
-                Ok(Some(snap)) => (snap.poll.clone(), snap.tally.clone()),
+                // An `after_vote` poll's snapshot has no tally: one call here reads it.
+                Ok(Some(snap)) => match self.snapshots.tally(&snap).await {
+                    Ok(tally) => (snap.poll.clone(), tally),
+                    Err(e) => {
+                        tracing::debug!(poll_id = %id, error = %e.detail, "results stream: tally read failed");
+                        continue;
+                    }
+                },
                 Ok(None) => {
                     tx.send_replace(Snapshot::Gone);
                     break;

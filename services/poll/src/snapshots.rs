@@ -1,7 +1,8 @@
 //! Reads of one poll shared by its concurrent readers.
 //!
 //! A [`Snapshot`] is a poll's definition and tally, read together (one storage read and one call
-//! to the vote service) and kept for [`TTL`]: every reader of the poll during that time is served
+//! to the vote service; no call for a poll that shows its counts only to voters, whose every read
+//! asks the vote service with the caller's voter keys anyway) and kept for [`TTL`]: every reader of the poll during that time is served
 //! from it, and a crowd of readers arriving when it is missing or expired waits for one load
 //! (single flight). The view that does not depend on the caller is serialised once per snapshot,
 //! with its `ETag`. Writes of this process drop the poll's snapshot, so an admin reads their own
@@ -32,7 +33,9 @@ const CAPACITY: u64 = 100_000;
 #[derive(Debug)]
 pub struct Snapshot {
     pub poll: Arc<PollRecord>,
-    pub tally: Arc<Tally>,
+    /// `None` for an `after_vote` poll: whoever reads it needs the caller's `voted` as well, which
+    /// comes with the counts in the one call the reader makes (see [`Snapshots::tally`]).
+    pub tally: Option<Arc<Tally>>,
     /// The poll's status when read (a snapshot is not served past a change of it by the clock).
     pub status: PollStatus,
     /// The view of every caller who is not the admin, when it does not depend on the caller
@@ -111,6 +114,14 @@ impl Snapshots {
         self.load(id).await
     }
 
+    /// The snapshot's tally, read from the vote service when the snapshot has none (`after_vote`).
+    pub async fn tally(&self, snap: &Snapshot) -> Result<Arc<Tally>, Problem> {
+        match &snap.tally {
+            Some(t) => Ok(t.clone()),
+            None => Ok(Arc::new(self.votes.tally(&snap.poll).await?)),
+        }
+    }
+
     /// Drops the poll's snapshot (this process changed or deleted it).
     pub async fn invalidate(&self, id: &str) {
         self.cache.invalidate(id).await;
@@ -120,12 +131,15 @@ impl Snapshots {
         let Some(poll) = self.store.get(id).await? else {
             return Ok(None);
         };
-        let tally = self.votes.tally(&poll).await?;
+        let tally = match poll.results {
+            ResultsVisibility::AfterVote => None,
+            _ => Some(self.votes.tally(&poll).await?),
+        };
         let now = Utc::now();
         let status = poll.status_at(now);
-        let public = (poll.results != ResultsVisibility::AfterVote).then(|| {
+        let public = tally.as_ref().map(|tally| {
             let shown = crate::access::results_visible(&poll, now, false, false);
-            let view = PollView::new(&poll, shown.then_some(&tally), now);
+            let view = PollView::new(&poll, shown.then_some(tally), now);
             Rendered::new(
                 serde_json::to_vec(&view).unwrap_or_default(),
                 same_for_everyone(&poll, status),
@@ -133,7 +147,7 @@ impl Snapshots {
         });
         Ok(Some(Arc::new(Snapshot {
             poll: Arc::new(poll),
-            tally: Arc::new(tally),
+            tally: tally.map(Arc::new),
             status,
             public,
         })))

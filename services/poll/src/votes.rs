@@ -5,10 +5,10 @@ use std::net::IpAddr;
 
 use axum::http::HeaderMap;
 use shared::Problem;
-use shared::contract::{ResultsVisibility, Tally, VoterKind, voter_key};
+use shared::contract::{DedupePolicy, ResultsVisibility, Tally, VoterKind, voter_key};
 
 use crate::record::PollRecord;
-use shared::internal::{PeerClient, TalliesResponse};
+use shared::internal::{PeerClient, TalliesQuery, TalliesResponse};
 
 /// Everything that may identify the caller as a voter.
 #[derive(Debug, Clone, Default)]
@@ -37,21 +37,29 @@ pub struct VoteClient {
 }
 
 impl VoteClient {
-    /// Tallies of `polls` in order, plus whether `viewer` voted on each.
+    /// Tallies of `polls` in order, plus whether `viewer` voted on each: one call to the vote
+    /// service, which needs nothing else to answer (each poll's dedupe comes with it).
     pub async fn tallies(&self, polls: &[&PollRecord], viewer: Option<&Viewer>) -> Result<Vec<(Tally, bool)>, Problem> {
         if polls.is_empty() {
             return Ok(Vec::new());
         }
         let ids: Vec<&str> = polls.iter().map(|p| p.id.as_str()).collect();
         let needs_voter = polls.iter().any(|p| p.results == ResultsVisibility::AfterVote);
-        let mut req = self
+        let voters = viewer
+            .filter(|_| needs_voter)
+            .map(|v| v.keys.as_slice())
+            .unwrap_or_default();
+        // Ballots of `ip`/`voter` dedupe polls are keyed by the voter key: the vote service finds
+        // a voter's by its identity.
+        let keyed: Vec<(&str, bool)> = polls
+            .iter()
+            .map(|p| (p.id.as_str(), p.dedupe != DedupePolicy::None))
+            .collect();
+        let req = self
             .peer
             .http()
             .get(self.peer.url("/internal/tallies"))
-            .query(&[("ids", ids.join(","))]);
-        if let Some(v) = viewer.filter(|_| needs_voter) {
-            req = req.query(&[("voters", v.keys.join(","))]);
-        }
+            .query(&TalliesQuery::new(&keyed, voters));
         let res = self
             .peer
             .send("/internal/tallies", req)

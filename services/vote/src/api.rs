@@ -14,7 +14,7 @@ use shared::contract::{
     DedupePolicy, MAX_OPTION_LEN, MAX_OPTIONS, POLL_ID_PATTERN, PollStatus, Tally, normalise_poll_id, validate_voter_id,
 };
 use shared::http::{AppJson, AppQuery, ClientAddr};
-use shared::internal::{PollDefinition, TalliesResponse, TallyView};
+use shared::internal::{MAX_TALLIES, PollDefinition, TalliesQuery, TalliesResponse, TallyView};
 use shared::problem::{FieldError, Problem, ProblemBody};
 use utoipa::openapi::Deprecated;
 use utoipa::openapi::RefOr;
@@ -386,52 +386,34 @@ fn poll_ids(list: &str) -> Result<Vec<String>, Problem> {
         .split(',')
         .map(|id| normalise_poll_id(id).ok_or_else(|| Problem::invalid("query.ids", "must be poll ids")))
         .collect::<Result<_, _>>()?;
-    if ids.len() > 200 {
-        return Err(Problem::invalid("query.ids", "at most 200 ids"));
+    if ids.len() > MAX_TALLIES {
+        return Err(Problem::invalid("query.ids", format!("at most {MAX_TALLIES} ids")));
     }
     Ok(ids)
 }
 
-#[derive(Debug, Deserialize)]
-struct TalliesQuery {
-    ids: String,
-    #[serde(default)]
-    voters: Option<String>,
-}
-
 /// Internal: tallies of several polls, and whether any of the given voter keys voted on each.
+/// Answered from this service's store alone, in one read of the tallies and one of the ballots:
+/// the query says which polls' ballots are keyed by voter (see [`TalliesQuery`]).
 async fn tallies(State(s): St, AppQuery(q): AppQuery<TalliesQuery>) -> Result<Json<TalliesResponse>, Problem> {
     let ids = poll_ids(&q.ids)?;
-    let voters: Vec<&str> = q
-        .voters
-        .as_deref()
-        .map(|v| v.split(',').filter(|s| !s.is_empty()).take(4).collect())
-        .unwrap_or_default();
-    let counts = s.store.tallies(&ids).await?;
-    let mut out = Vec::with_capacity(ids.len());
-    for (id, t) in ids.into_iter().zip(counts) {
-        let mut voted = false;
-        // Ballots of `ip`/`voter` dedupe polls are keyed by the voter key, which the store can
-        // look up by identity; unknown (poll service unreachable): the general lookup.
-        let keyed_by_voter = if voters.is_empty() {
-            false
-        } else {
-            matches!(s.catalog.get(&id).await, Ok(Some(def)) if def.dedupe != DedupePolicy::None)
-        };
-        for v in &voters {
-            if s.store.has_voted(&id, v, keyed_by_voter).await? {
-                voted = true;
-                break;
-            }
-        }
-        out.push(TallyView {
-            poll_id: id,
+    let keyed = q
+        .keyed_by_voter(ids.len())
+        .map_err(|msg| Problem::invalid("query.keyed", msg))?;
+    let voters = q.voter_keys();
+    let polls: Vec<(String, bool)> = ids.iter().cloned().zip(keyed).collect();
+    let (counts, voted) = tokio::try_join!(s.store.tallies(&ids), s.store.voted(&polls, &voters))?;
+    let tallies = ids
+        .into_iter()
+        .zip(counts.into_iter().zip(voted))
+        .map(|(poll_id, (t, voted))| TallyView {
+            poll_id,
             total: t.total,
             by_option: t.by_option,
             voted,
-        });
-    }
-    Ok(Json(TalliesResponse { tallies: out }))
+        })
+        .collect();
+    Ok(Json(TalliesResponse { tallies }))
 }
 
 /// Internal: deletes a deleted poll's ballots.

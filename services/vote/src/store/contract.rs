@@ -27,7 +27,17 @@ pub fn sample_ballot(poll_id: &str, key: &str, choices: &[u32]) -> BallotRecord 
     }
 }
 
-/// Uniqueness of `(poll, key)` under concurrency, tallies equal to recounts, `has_voted`, purge.
+/// Whether `voter` voted on `poll`, through [`BallotStore::voted`](super::BallotStore::voted).
+async fn voted_one(store: &DynBallotStore, poll: &str, voter: &str, keyed_by_voter: bool) -> bool {
+    let answer = store
+        .voted(&[(poll.to_owned(), keyed_by_voter)], &[voter.to_owned()])
+        .await
+        .expect("voted");
+    assert_eq!(answer.len(), 1, "one answer per poll");
+    answer[0]
+}
+
+/// Uniqueness of `(poll, key)` under concurrency, tallies equal to recounts, `voted`, purge.
 pub async fn ballot_store_contract(store: DynBallotStore) {
     store.ping().await.expect("ping on a healthy store");
     let poll = new_poll_id(Utc::now());
@@ -105,29 +115,94 @@ pub async fn ballot_store_contract(store: DynBallotStore) {
         "recount_many is recount of each, in the order asked"
     );
 
-    assert!(store.has_voted(&poll, "ip:same", true).await.expect("has_voted"));
-    assert!(store.has_voted(&poll, "id:voter-1", false).await.expect("has_voted"));
+    // `voted`, one poll and one voter at a time first (as the old per-poll lookup answered).
+    for (voter, keyed_by_voter, expected, why) in [
+        ("ip:same", true, true, "a ballot keyed by its voter"),
+        (
+            "id:voter-1",
+            false,
+            true,
+            "the general lookup finds a ballot keyed by voter too",
+        ),
+        ("id:voter-0", false, false, "voter-0 voted on the other poll"),
+        ("id:nobody", false, false, "nobody"),
+        // Keyed by voter (`ip`/`voter` dedupe): the same answers, looked up by identity.
+        ("id:voter-1", true, true, "keyed by voter"),
+        ("id:nobody", true, false, "nobody, keyed by voter"),
+    ] {
+        assert_eq!(
+            voted_one(&store, &poll, voter, keyed_by_voter).await,
+            expected,
+            "voted({voter}, keyed_by_voter: {keyed_by_voter}): {why}"
+        );
+    }
+    // `none` dedupe: a random key, the voter only in the ballot (twice: a `none` poll takes
+    // several ballots of one voter).
+    for key in ["r:0123456789abcdef", "r:0123456789abcdee"] {
+        let mut unkeyed = sample_ballot(&poll, key, &[0]);
+        unkeyed.voter = Some("ip:unkeyed".into());
+        assert!(matches!(
+            store.cast(unkeyed).await.expect("cast"),
+            CastOutcome::Accepted(_)
+        ));
+    }
+    assert!(voted_one(&store, &poll, "ip:unkeyed", false).await);
     assert!(
-        !store.has_voted(&poll, "id:voter-0", false).await.expect("has_voted"),
-        "voter-0 voted on the other poll"
+        !voted_one(&store, &poll, "r:0123456789abcdef", false).await,
+        "a ballot key that is not a voter key is not a voter"
     );
-    assert!(!store.has_voted(&poll, "id:nobody", false).await.expect("has_voted"));
-    // Keyed by voter (`ip`/`voter` dedupe): the same answers, looked up by identity.
-    assert!(store.has_voted(&poll, "id:voter-1", true).await.expect("has_voted"));
-    assert!(!store.has_voted(&poll, "id:nobody", true).await.expect("has_voted"));
-    // `none` dedupe: a random key, the voter only in the ballot.
-    let mut unkeyed = sample_ballot(&poll, "r:0123456789abcdef", &[0]);
-    unkeyed.voter = Some("ip:unkeyed".into());
-    assert!(matches!(
-        store.cast(unkeyed).await.expect("cast"),
-        CastOutcome::Accepted(_)
-    ));
-    assert!(store.has_voted(&poll, "ip:unkeyed", false).await.expect("has_voted"));
-    assert!(
-        !store
-            .has_voted(&poll, "r:0123456789abcdef", false)
+
+    // A page: several polls, keyed by voter and not, several voters, answers in the order asked.
+    let empty = new_poll_id(Utc::now());
+    let voters = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    // (A poll's hint is true to its ballots: what a store answers for a wrong one is unspecified.)
+    let unkeyed_page = [
+        (poll.clone(), false),
+        (other.clone(), true),
+        (empty.clone(), false),
+        (other.clone(), false),
+    ];
+    assert_eq!(
+        store
+            .voted(&unkeyed_page, &voters(&["ip:unkeyed", "id:voter-0"]))
             .await
-            .expect("has_voted")
+            .expect("voted"),
+        vec![true, true, false, true],
+        "a page, in the order asked"
+    );
+    let page = [
+        (poll.clone(), true),
+        (other.clone(), true),
+        (empty.clone(), true),
+        (poll.clone(), false),
+        (other.clone(), false),
+    ];
+    assert_eq!(
+        store
+            .voted(&page, &voters(&["id:nobody", "ip:same", "id:voter-3"]))
+            .await
+            .expect("voted"),
+        vec![true, true, false, true, true],
+        "any of the voters counts"
+    );
+    assert_eq!(
+        store.voted(&page, &voters(&["id:voter-1"])).await.expect("voted"),
+        vec![true, false, false, true, false],
+        "each poll is answered for its own ballots"
+    );
+    assert_eq!(
+        store.voted(&page, &voters(&["id:nobody"])).await.expect("voted"),
+        vec![false; 5]
+    );
+    assert_eq!(
+        store.voted(&page, &[]).await.expect("voted"),
+        vec![false; 5],
+        "no voters: nobody voted"
+    );
+    assert_eq!(
+        store.voted(&[], &voters(&["ip:same"])).await.expect("voted"),
+        Vec::<bool>::new(),
+        "no polls: an empty answer"
     );
 
     assert_eq!(store.purge(&other).await.expect("purge"), 100);
@@ -137,10 +212,11 @@ pub async fn ballot_store_contract(store: DynBallotStore) {
         "purge resets the tally"
     );
     assert_eq!(store.recount(&other).await.expect("recount"), Tally::default());
-    assert!(!store.has_voted(&other, "id:voter-0", false).await.expect("has_voted"));
+    assert!(!voted_one(&store, &other, "id:voter-0", false).await);
+    assert!(!voted_one(&store, &other, "id:voter-0", true).await);
     assert_eq!(
         store.tally(&poll).await.expect("tally").total,
-        202,
+        203,
         "purge touches only its poll"
     );
 }

@@ -129,7 +129,7 @@ fn writer(db: Arc<Database>, mut rx: mpsc::Receiver<CastJob>) {
 /// Each poll's tally is read once and written once per batch (under load a batch holds up to
 /// one ballot per waiting client, mostly for the same hot poll), and a voter row is written only
 /// when the voter key differs from the ballot key (`none` dedupe): with `ip` and `voter` dedupe the
-/// ballot row itself, keyed by the voter, answers [`BallotStore::has_voted`]. Fewer B-tree pages
+/// ballot row itself, keyed by the voter, answers [`BallotStore::voted`]. Fewer B-tree pages
 /// touched per ballot is fewer pages written per commit, which is what bounds the writer.
 fn apply_batch(db: &Database, batch: &[CastJob]) -> StoreResult<Vec<Applied>> {
     let tx = db.begin_write().map_err(internal)?;
@@ -222,19 +222,35 @@ impl BallotStore for EmbeddedBallotStore {
             .collect()
     }
 
-    /// Both lookups are by key here, so the hint is not needed.
-    async fn has_voted(&self, poll_id: &str, voter: &str, _keyed_by_voter: bool) -> StoreResult<bool> {
+    /// One read transaction for the page. Both lookups are by key here, so the hint is not needed.
+    async fn voted(&self, polls: &[(String, bool)], voters: &[String]) -> StoreResult<Vec<bool>> {
+        if polls.is_empty() || voters.is_empty() {
+            return Ok(vec![false; polls.len()]);
+        }
         let tx = self.db.begin_read().map_err(internal)?;
         // A ballot keyed by the voter key itself (`ip` and `voter` dedupe) has no voter row.
         let ballots = tx.open_table(BALLOTS).map_err(internal)?;
-        if let Some(v) = ballots.get((poll_id, voter)).map_err(internal)? {
-            let b: BallotRecord = serde_json::from_slice(v.value()).map_err(internal)?;
-            if b.voter.as_deref() == Some(voter) {
-                return Ok(true);
+        let voter_rows = tx.open_table(VOTERS).map_err(internal)?;
+        let mut out = Vec::with_capacity(polls.len());
+        for (poll_id, _keyed_by_voter) in polls {
+            let mut voted = false;
+            for voter in voters {
+                let key = (poll_id.as_str(), voter.as_str());
+                let by_key = match ballots.get(key).map_err(internal)? {
+                    Some(v) => {
+                        let b: BallotRecord = serde_json::from_slice(v.value()).map_err(internal)?;
+                        b.voter.as_deref() == Some(voter.as_str())
+                    }
+                    None => false,
+                };
+                if by_key || voter_rows.get(key).map_err(internal)?.is_some() {
+                    voted = true;
+                    break;
+                }
             }
+            out.push(voted);
         }
-        let voters = tx.open_table(VOTERS).map_err(internal)?;
-        Ok(voters.get((poll_id, voter)).map_err(internal)?.is_some())
+        Ok(out)
     }
 
     async fn recount(&self, poll_id: &str) -> StoreResult<Tally> {
@@ -305,8 +321,13 @@ mod tests {
     use super::*;
     use crate::store::contract::sample_ballot;
 
+    async fn voted_one(store: &EmbeddedBallotStore, poll: &str, voter: &str, keyed_by_voter: bool) -> bool {
+        let polls = [(poll.to_owned(), keyed_by_voter)];
+        store.voted(&polls, &[voter.to_owned()]).await.expect("voted") == [true]
+    }
+
     #[tokio::test]
-    async fn has_voted_for_ballots_keyed_by_voter_and_by_other_keys() {
+    async fn voted_for_ballots_keyed_by_voter_and_by_other_keys() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = EmbeddedBallotStore::open(&dir.path().join("vote.redb")).expect("open");
         let poll = "0123456789abcdef01234567";
@@ -329,18 +350,14 @@ mod tests {
             ("r:0001", false),
             ("ip:nobody", false),
         ] {
-            assert_eq!(
-                store.has_voted(poll, voter, false).await.expect("has_voted"),
-                voted,
-                "{voter}"
-            );
+            assert_eq!(voted_one(&store, poll, voter, false).await, voted, "{voter}");
         }
         let tally = store.tally(poll).await.expect("tally");
         assert_eq!(tally, store.recount(poll).await.expect("recount"));
         assert_eq!(tally.total, 3);
         assert_eq!(store.purge(poll).await.expect("purge"), 3);
-        assert!(!store.has_voted(poll, "ip:two", false).await.expect("has_voted"));
-        assert!(!store.has_voted(poll, "ip:one", true).await.expect("has_voted"));
+        assert!(!voted_one(&store, poll, "ip:two", false).await);
+        assert!(!voted_one(&store, poll, "ip:one", true).await);
     }
 
     #[tokio::test]

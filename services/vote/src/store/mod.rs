@@ -33,10 +33,13 @@ pub trait BallotStore: Send + Sync + 'static {
     async fn tally(&self, poll_id: &str) -> StoreResult<Tally>;
     /// Tallies for several polls, in the order asked.
     async fn tallies(&self, poll_ids: &[String]) -> StoreResult<Vec<Tally>>;
-    /// Whether a ballot with this voter key exists for the poll. `keyed_by_voter` says the poll's
-    /// ballots are keyed by their voter key (`ip` and `voter` dedupe), so this voter's ballot, if
-    /// any, is the one with the key `voter`: a store may then look it up by its identity alone.
-    async fn has_voted(&self, poll_id: &str, voter: &str, keyed_by_voter: bool) -> StoreResult<bool>;
+    /// For each poll, in the order asked, whether a ballot of any of the `voters` (voter keys)
+    /// exists for it: one storage round trip for the whole page (none when either list is
+    /// empty). Each poll comes with `keyed_by_voter`, saying its ballots are keyed by their voter
+    /// key (`ip` and `voter` dedupe), so a voter's ballot, if any, is the one with the key `voter`:
+    /// a store may then look it up by its identity alone. `false` is always a correct hint (the
+    /// general lookup also finds ballots keyed by voter).
+    async fn voted(&self, polls: &[(String, bool)], voters: &[String]) -> StoreResult<Vec<bool>>;
     /// Counts the stored ballots of the poll one by one (the ground truth the tally must equal).
     async fn recount(&self, poll_id: &str) -> StoreResult<Tally>;
     /// [`recount`](Self::recount) of several polls, in the order asked (a store may read them all
@@ -121,9 +124,8 @@ impl BallotStore for Slot<dyn BallotStore> {
     async fn tallies(&self, poll_ids: &[String]) -> StoreResult<Vec<Tally>> {
         self.call(|s| async move { s.tallies(poll_ids).await }).await
     }
-    async fn has_voted(&self, poll_id: &str, voter: &str, keyed_by_voter: bool) -> StoreResult<bool> {
-        self.call(|s| async move { s.has_voted(poll_id, voter, keyed_by_voter).await })
-            .await
+    async fn voted(&self, polls: &[(String, bool)], voters: &[String]) -> StoreResult<Vec<bool>> {
+        self.call(|s| async move { s.voted(polls, voters).await }).await
     }
     async fn recount(&self, poll_id: &str) -> StoreResult<Tally> {
         self.call(|s| async move { s.recount(poll_id).await }).await
@@ -162,14 +164,8 @@ impl BallotStore for ObservedBallots {
     async fn tallies(&self, poll_ids: &[String]) -> StoreResult<Vec<Tally>> {
         self.o.call("ballots", "tallies", self.inner.tallies(poll_ids)).await
     }
-    async fn has_voted(&self, poll_id: &str, voter: &str, keyed_by_voter: bool) -> StoreResult<bool> {
-        self.o
-            .call(
-                "ballots",
-                "has_voted",
-                self.inner.has_voted(poll_id, voter, keyed_by_voter),
-            )
-            .await
+    async fn voted(&self, polls: &[(String, bool)], voters: &[String]) -> StoreResult<Vec<bool>> {
+        self.o.call("ballots", "voted", self.inner.voted(polls, voters)).await
     }
     async fn recount(&self, poll_id: &str) -> StoreResult<Tally> {
         self.o.call("ballots", "recount", self.inner.recount(poll_id)).await

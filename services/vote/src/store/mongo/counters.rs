@@ -101,7 +101,7 @@ fn choices_of_group(key: &Document) -> StoreResult<Vec<u32>> {
 }
 
 /// Runs an aggregation to the end, within `retry`.
-async fn collect(
+pub(super) async fn collect(
     coll: &Collection<Document>,
     retry: &RetryPolicy,
     pipeline: Vec<Document>,

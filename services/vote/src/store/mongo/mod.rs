@@ -43,12 +43,12 @@
 //! shard key, and `_id` is only unique per shard (per logical partition on Cosmos DB) unless it
 //! is the shard key. Because the ballot `_id` embeds the poll id, every copy of one `_id` routes
 //! to the same shard/partition, whose `_id` index then rejects the duplicate: exactly-once holds
-//! cluster-wide. `poll_id` also keeps a poll's ballots together, so the tally aggregation,
-//! `has_voted` and `purge` are single-partition. Sharding by `_id` alone would spread a hot poll
-//! better but turn every tally into a cross-partition fan-out; the compound key on MongoDB keeps
-//! chunks splittable inside one huge poll. Cost on Cosmos DB: a logical partition holds at most
-//! 20 GB (tens of millions of ballots per poll) and one poll's write rate is bounded by one
-//! physical partition.
+//! cluster-wide. `poll_id` also keeps a poll's ballots together, so the tally aggregation and
+//! `purge` are single-partition, and `voted` reaches only its polls' partitions. Sharding by `_id`
+//! alone would spread a hot poll better but turn every tally into a cross-partition fan-out; the
+//! compound key on MongoDB keeps chunks splittable inside one huge poll. Cost on Cosmos DB: a
+//! logical partition holds at most 20 GB (tens of millions of ballots per poll) and one poll's
+//! write rate is bounded by one physical partition.
 //! Create sharded collections before the first start, e.g. MongoDB:
 //! `sh.shardCollection("vote.ballots", {poll_id: 1, _id: 1})`,
 //! `sh.shardCollection("poll.polls", {_id: "hashed"})`; Cosmos DB:
@@ -395,27 +395,41 @@ impl BallotStore for MongoBallotStore {
         Ok(out.into_iter().map(Option::unwrap_or_default).collect())
     }
 
-    /// By the ballot's identity first (`_id` lookups are cheap on every server, FerretDB's
-    /// SQLite backend included, which scans a collection for any other filter); then, unless the
-    /// poll's ballots are keyed by voter, by the `{poll_id, voter}` index.
-    async fn has_voted(&self, poll_id: &str, voter: &str, keyed_by_voter: bool) -> StoreResult<bool> {
-        let by_id = doc! { "_id": ballot_id(poll_id, voter) };
-        let found = self
-            .retry
-            .run(|| self.ballots.find_one(by_id.clone()).projection(doc! { "voter": 1 }))
-            .await?;
-        if found.is_some_and(|d| d.get_str("voter").ok() == Some(voter)) {
-            return Ok(true);
+    /// One aggregation for the page: ballots of the voters found by identity (`_id` lookups are
+    /// cheap on every server, FerretDB's SQLite backend included, which scans a collection for
+    /// any other filter) and, for the polls whose ballots are not keyed by voter, by the
+    /// `{poll_id, voter}` index; grouped by poll, so at most one document per poll comes back
+    /// however many ballots a voter has on a `none` dedupe poll. Every branch names its polls,
+    /// so a sharded collection routes it to their shards only.
+    async fn voted(&self, polls: &[(String, bool)], voters: &[String]) -> StoreResult<Vec<bool>> {
+        if polls.is_empty() || voters.is_empty() {
+            return Ok(vec![false; polls.len()]);
         }
-        if keyed_by_voter {
-            return Ok(false);
+        let ids: Vec<String> = polls
+            .iter()
+            .flat_map(|(poll_id, _)| voters.iter().map(move |v| ballot_id(poll_id, v)))
+            .collect();
+        let unkeyed: Vec<&str> = polls
+            .iter()
+            .filter(|(_, keyed_by_voter)| !keyed_by_voter)
+            .map(|(poll_id, _)| poll_id.as_str())
+            .collect();
+        let all: Vec<&str> = polls.iter().map(|(poll_id, _)| poll_id.as_str()).collect();
+        let mut any_of = vec![doc! { "poll_id": { "$in": &all }, "_id": { "$in": &ids }, "voter": { "$in": voters } }];
+        if !unkeyed.is_empty() {
+            any_of.push(doc! { "poll_id": { "$in": &unkeyed }, "voter": { "$in": voters } });
         }
-        let filter = doc! { "poll_id": poll_id, "voter": voter };
-        let found = self
-            .retry
-            .run(|| self.ballots.find_one(filter.clone()).projection(doc! { "_id": 1 }))
-            .await?;
-        Ok(found.is_some())
+        let filter = match any_of.len() {
+            1 => any_of.remove(0),
+            _ => doc! { "$or": any_of },
+        };
+        let pipeline = vec![doc! { "$match": filter }, doc! { "$group": { "_id": "$poll_id" } }];
+        let found = counters::collect(&self.ballots, &self.retry, pipeline).await?;
+        let found: std::collections::HashSet<&str> = found.iter().filter_map(|d| d.get_str("_id").ok()).collect();
+        Ok(polls
+            .iter()
+            .map(|(poll_id, _)| found.contains(poll_id.as_str()))
+            .collect())
     }
 
     async fn recount(&self, poll_id: &str) -> StoreResult<Tally> {
