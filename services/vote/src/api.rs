@@ -11,7 +11,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use serde::{Deserialize, Serialize};
 use shared::contract::{
-    DedupePolicy, MAX_OPTION_LEN, MAX_OPTIONS, POLL_ID_PATTERN, PollStatus, Tally, normalise_poll_id, validate_voter_id,
+    MAX_OPTION_LEN, MAX_OPTIONS, POLL_ID_PATTERN, PollStatus, Tally, normalise_poll_id, validate_voter_id,
 };
 use shared::http::{AppJson, AppQuery, ClientAddr};
 use shared::internal::{MAX_TALLIES, PollDefinition, TalliesQuery, TalliesResponse, TallyView};
