@@ -148,10 +148,15 @@ pub fn caller_span() -> tracing::Span {
     }
 }
 
-/// A span for one group-commit batch of `spans.len()` ballots (their [`caller_span`]s): a child
-/// of the first traced ballot's span and linked to the other traced ones; a disabled span when
-/// none is traced.
-pub fn batch_span(system: &'static str, operation: &'static str, spans: &[&tracing::Span]) -> tracing::Span {
+/// A span for one group-commit batch of `spans.len()` documents written to `collection` (their
+/// writers' [`caller_span`]s): a child of the first traced writer's span and linked to the other
+/// traced ones; a disabled span when none is traced.
+pub fn batch_span(
+    system: &'static str,
+    operation: &'static str,
+    collection: &'static str,
+    spans: &[&tracing::Span],
+) -> tracing::Span {
     let size = spans.len();
     let mut traced = spans.iter().filter(|s| !s.is_none());
     let Some(first) = traced.next() else {
@@ -160,10 +165,10 @@ pub fn batch_span(system: &'static str, operation: &'static str, spans: &[&traci
     let span = tracing::info_span!(
         parent: *first,
         "batch",
-        otel.name = %format_args!("{operation} ballots"),
+        otel.name = %format_args!("{operation} {collection}"),
         otel.kind = "client",
         db.system.name = system,
-        db.collection.name = "ballots",
+        db.collection.name = collection,
         db.operation.name = operation,
         db.operation.batch.size = size,
     );

@@ -98,7 +98,12 @@ fn writer(db: Arc<Database>, mut rx: mpsc::Receiver<CastJob>) {
             }
         }
         shared::metrics::storage().batch_size.observe(batch.len() as f64);
-        let span = shared::metrics::batch_span("redb", "commit", &batch.iter().map(|j| &j.span).collect::<Vec<_>>());
+        let span = shared::metrics::batch_span(
+            "redb",
+            "commit",
+            "ballots",
+            &batch.iter().map(|j| &j.span).collect::<Vec<_>>(),
+        );
         let committed = span.in_scope(|| apply_batch(&db, &batch));
         drop(span);
         match committed {

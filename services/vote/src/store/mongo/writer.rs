@@ -132,6 +132,7 @@ pub(super) async fn writer(w: Writer, mut queue: mpsc::Receiver<InsertJob>, in_f
         let span = shared::metrics::batch_span(
             "mongodb",
             "insertMany",
+            BALLOTS_COLLECTION,
             &batch.iter().map(|j| &j.span).collect::<Vec<_>>(),
         );
         let work = async move {
