@@ -30,6 +30,7 @@ use azure_security_keyvault_secrets::{SecretClient, SecretClientOptions};
 use tokio::sync::{Notify, watch};
 
 use crate::Secret;
+use crate::backoff::Backoff;
 use crate::config::KeyVaultConfig;
 use crate::health::{Dependency, Readiness};
 
@@ -262,8 +263,9 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
     pub refresh: Duration,
-    pub retry_initial: Duration,
-    pub retry_max: Duration,
+    /// Start-up reads until the secret loads (jittered: replicas starting together against one
+    /// vault spread their reads).
+    pub retry: Backoff,
     pub startup_deadline: Duration,
     pub min_gap: Duration,
 }
@@ -272,8 +274,11 @@ impl Timing {
     pub fn of(config: &KeyVaultConfig) -> Self {
         Self {
             refresh: Duration::from_millis(config.refresh_interval_ms),
-            retry_initial: Duration::from_millis(config.retry_initial_ms),
-            retry_max: Duration::from_millis(config.retry_max_ms),
+            retry: Backoff::new(
+                Duration::from_millis(config.retry_initial_ms),
+                Duration::from_millis(config.retry_max_ms),
+            )
+            .with_jitter(),
             startup_deadline: Duration::from_millis(config.startup_deadline_ms),
             min_gap: MIN_GAP,
         }
@@ -437,9 +442,8 @@ struct Task {
 impl Task {
     async fn run(self) {
         let started = Instant::now();
-        let mut delay = self.timing.retry_initial;
         let mut reported = false;
-        loop {
+        for delay in self.timing.retry.delays() {
             match self.read().await {
                 Ok(value) => {
                     self.tx.send_replace(Some(value));
@@ -463,7 +467,6 @@ impl Task {
                         tracing::warn!(secret = %self.what, error = %e, retry_in_ms, "cannot read the connection string from Key Vault");
                     }
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(self.timing.retry_max);
                 }
             }
         }
@@ -669,8 +672,7 @@ mod tests {
     fn timing() -> Timing {
         Timing {
             refresh: Duration::from_secs(60),
-            retry_initial: Duration::from_millis(100),
-            retry_max: Duration::from_millis(400),
+            retry: Backoff::new(Duration::from_millis(100), Duration::from_millis(400)),
             startup_deadline: Duration::from_secs(1),
             min_gap: Duration::from_secs(5),
         }

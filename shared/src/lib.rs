@@ -6,6 +6,7 @@
 //! rule, tallies and the voter key ([`contract`]). It names no service's records or stores: each
 //! service owns its data layer.
 
+pub mod backoff;
 pub mod config;
 pub mod contract;
 pub mod embedded;

@@ -28,6 +28,7 @@ use mongodb::error::{Error as MongoError, ErrorKind, WriteFailure};
 use mongodb::options::{Acknowledgment, ClientOptions, DatabaseOptions, IndexOptions, WriteConcern};
 use mongodb::{Client, Database, IndexModel};
 
+use crate::backoff::Backoff;
 use crate::config::{Config, StorageConfig};
 use crate::health::Readiness;
 use crate::keyvault::{ConnectionSource, CredentialsRejected};
@@ -256,16 +257,15 @@ pub enum Decision {
 
 /// Bounded exponential backoff for throttled calls, within one deadline per store call.
 ///
-/// The n-th retry (n from 0) waits `max(RetryAfterMs, min(base_delay * 2^n, max_delay))`; there
-/// are at most `max_retries` retries, and none that would end past `deadline` (counted from the
-/// first attempt). Then: `StoreError::Unavailable` with the server's hint (at least 1 s) as
+/// The n-th retry (n from 0) waits `max(RetryAfterMs, backoff.delay(n))` (jittered by default: a
+/// burst of throttled requests does not come back as one); there are at most `max_retries`
+/// retries, and none that would end past `deadline` (counted from the first attempt). Then: `StoreError::Unavailable` with the server's hint (at least 1 s) as
 /// `retry_after`. Unreachable-database errors are not retried here (server selection already
 /// waited); they become `Unavailable` with 1 s at once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetryPolicy {
     pub max_retries: u32,
-    pub base_delay: Duration,
-    pub max_delay: Duration,
+    pub backoff: Backoff,
     pub deadline: Duration,
     /// Told about every failure that is the server refusing our credentials.
     pub on_credentials_rejected: CredentialsRejected,
@@ -275,8 +275,7 @@ impl Default for RetryPolicy {
     fn default() -> Self {
         Self {
             max_retries: 6,
-            base_delay: Duration::from_millis(50),
-            max_delay: Duration::from_secs(1),
+            backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(1)).with_jitter(),
             deadline: Duration::from_secs(5),
             on_credentials_rejected: CredentialsRejected::default(),
         }
@@ -289,10 +288,7 @@ impl RetryPolicy {
     pub fn decide(&self, failure: Failure, retries_done: u32, elapsed: Duration) -> Decision {
         match failure {
             Failure::Throttled { retry_after, message } => {
-                let exp = self
-                    .base_delay
-                    .saturating_mul(2u32.saturating_pow(retries_done.min(31)));
-                let delay = exp.min(self.max_delay).max(retry_after.unwrap_or_default());
+                let delay = self.backoff.delay(retries_done).max(retry_after.unwrap_or_default());
                 if retries_done >= self.max_retries || elapsed.saturating_add(delay) >= self.deadline {
                     Decision::GiveUp(StoreError::Unavailable {
                         message: format!("database throttled (16500) after {retries_done} retries: {message}"),

@@ -20,6 +20,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::Secret;
+use crate::backoff::Backoff;
 use crate::health::Readiness;
 use crate::storage::{StoreError, StoreResult};
 
@@ -122,8 +123,12 @@ impl<T: ?Sized> Slot<T> {
     }
 }
 
+/// Reconnects wait 200 ms doubling to 5 s, jittered: replicas that lost the database together do
+/// not come back in lockstep.
+pub const RECONNECT: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5)).with_jitter();
+
 /// Starts the task that (re)builds the store for every connection string `uris` yields, retrying
-/// with backoff while the database is unreachable. Returns the slot the task fills; its calls
+/// with [`RECONNECT`] backoff while the database is unreachable. Returns the slot the task fills; its calls
 /// refused for their credentials wait up to `rebuild_wait` for a rebuilt store (zero when the
 /// connection string cannot change).
 pub fn connect_in_background<T, F, Fut>(
@@ -145,8 +150,7 @@ where
         loop {
             let uri = uris.borrow_and_update().clone();
             if let Some(uri) = uri {
-                let mut delay = Duration::from_millis(200);
-                loop {
+                for delay in RECONNECT.delays() {
                     match open(uri.clone()).await {
                         Ok(store) => {
                             let rotated = filled.is_set();
@@ -178,7 +182,6 @@ where
                                     break;
                                 }
                             }
-                            delay = (delay * 2).min(Duration::from_secs(5));
                         }
                     }
                 }

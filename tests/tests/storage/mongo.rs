@@ -23,6 +23,7 @@ use poll_service::store::PollStore;
 use poll_service::store::contract::{poll_store_concurrency_contract, poll_store_contract, sample_poll};
 use poll_service::store::mongo::{MongoPollStore, POLLS_COLLECTION};
 use shared::Problem;
+use shared::backoff::Backoff;
 use shared::contract::{DedupePolicy, ResultsVisibility, new_poll_id};
 use shared::mongo::{Decision, Failure, MongoSettings, RetryPolicy, build_client, classify, is_duplicate_key};
 use shared::storage::StoreError;
@@ -540,8 +541,7 @@ fn ms(v: &[u64]) -> Vec<Duration> {
 async fn throttling_is_retried_with_bounded_backoff_then_answered_503() {
     let policy = RetryPolicy {
         max_retries: 5,
-        base_delay: Duration::from_millis(50),
-        max_delay: Duration::from_millis(800),
+        backoff: Backoff::new(Duration::from_millis(50), Duration::from_millis(800)),
         deadline: Duration::from_secs(10),
         ..RetryPolicy::default()
     };
