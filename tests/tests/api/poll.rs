@@ -1222,7 +1222,7 @@ async fn voter_ids_in_the_query_are_checked_like_ballots_check_them() {
 }
 
 /// Both services' OpenAPI documents, pinned: any change of the public contract shows up as a
-/// reviewed diff of `tests/tests/snapshots/` (`cargo insta review`, or `INSTA_UPDATE=always`).
+/// reviewed diff of `tests/tests/api/snapshots/` (`cargo insta review`, or `INSTA_UPDATE=always`).
 #[tokio::test]
 async fn the_openapi_documents_match_their_snapshots() {
     let s = Stack::start().await;
