@@ -309,6 +309,22 @@ impl Stack {
         self.databases.get(1).map(String::as_str)
     }
 
+    /// Stops the vote service and waits until it has stopped (its port refuses connections then).
+    pub async fn stop_vote(&mut self) {
+        self.vote_shutdown.cancel();
+        if let Some(t) = self.vote_task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
+        }
+    }
+
+    /// Stops the poll service and waits until it has stopped (its port refuses connections then).
+    pub async fn stop_poll(&mut self) {
+        self.poll_shutdown.cancel();
+        if let Some(t) = self.poll_task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
+        }
+    }
+
     /// Stops both services and waits for them.
     pub async fn stop(mut self) {
         self.poll_shutdown.cancel();

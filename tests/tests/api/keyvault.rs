@@ -431,7 +431,11 @@ async fn key_vault_gives_the_vote_service_its_connection_string() {
     let (vote, poll_id) = kv.serving().await;
     let (status, p) = kv.run.get(format!("{}/api/polls/{poll_id}", kv.run.poll_url)).await;
     assert_eq!((status, &p["votes"]["count"]), (200, &json!(1)), "{p}");
-    assert_eq!(count_ballots(&kv.mongo, &kv.db).await, 1, "the ballot is in the database");
+    assert_eq!(
+        count_ballots(&kv.mongo, &kv.db).await,
+        1,
+        "the ballot is in the database"
+    );
     let entra = &kv.entra;
     let seen = entra.seen();
     assert!(!seen.is_empty(), "the token endpoint was asked");
@@ -550,7 +554,12 @@ async fn key_vault_rotation_moves_the_ballots_to_the_new_database_without_a_fail
     let switched = rotated.elapsed();
     // Ballots keep flowing, now into the new database.
     let after_switch = acknowledged.load(Ordering::SeqCst) + 8;
-    api_tests::eventually(Duration::from_secs(10), Duration::from_millis(20), flowing(after_switch)).await;
+    api_tests::eventually(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        flowing(after_switch),
+    )
+    .await;
     stop.store(true, Ordering::SeqCst);
     let mut outcomes = Vec::new();
     for c in clients {
