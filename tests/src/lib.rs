@@ -39,12 +39,13 @@ pub fn reserved_port() -> (tokio::net::TcpSocket, u16) {
     (socket, port)
 }
 
-/// A port that was free a moment ago, for a child process that binds it itself later: only where
-/// a child cannot bind port 0 and report its port (see [`Proc::spawn`]), because processes that
-/// point at each other need each other's address before either starts, or because a process is
-/// started again on the address its peers already have. There is a window between this check and
-/// the child's bind; in-process services and children that may pick their port use
-/// [`listener`] or `PORT=0` instead.
+/// A port that was free a moment ago, for a child process that binds it itself later.
+///
+/// Children cannot be handed a listener (the binaries take no inherited socket, and the workspace
+/// forbids the `unsafe` that passing one would need), nor asked to pick a port and report it: the
+/// binaries read `PORT=0` as "the service's default port". So there is a window between this check
+/// and the child's bind; in-process services use [`listener`] instead and have none. (A config
+/// value meaning "any free port", logged with the "listening" line, would close it for children.)
 ///
 /// Taken from 10000–19999: below the kernel's ephemeral range (32768–60999 by default), so the
 /// outgoing connections the tests themselves open cannot take it in that window, and below the
@@ -430,25 +431,20 @@ pub fn bin_path(name: &str) -> PathBuf {
 /// A service running as a child process.
 pub struct Proc {
     pub child: tokio::process::Child,
-    /// `http://127.0.0.1:<port>`; with `PORT=0`, known once [`Proc::listening`] has read the port.
     pub url: String,
     pub log: PathBuf,
 }
 
 impl Proc {
     /// Starts binary `name` with `env` (and nothing inherited but PATH/HOME) and waits for
-    /// `/readyz` to answer 200. With `PORT=0` the child binds a port the kernel picks (no race for
-    /// a free one) and the port is read from its "listening" log line (it logs at `info` or
-    /// below).
+    /// `/readyz` to answer 200.
     pub async fn start(name: &str, env: &[(&str, String)], log: PathBuf) -> Self {
-        let mut p = Self::spawn(name, env, log);
-        p.listening(Duration::from_secs(30)).await;
+        let p = Self::spawn(name, env, log);
         p.wait_ready(Duration::from_secs(20)).await;
         p
     }
 
-    /// Starts binary `name` like [`Proc::start`] without waiting for it to be ready; with `PORT=0`,
-    /// [`Proc::listening`] learns its URL.
+    /// Starts binary `name` like [`Proc::start`] without waiting for it to be ready.
     pub fn spawn(name: &str, env: &[(&str, String)], log: PathBuf) -> Self {
         let port = env
             .iter()
@@ -465,40 +461,8 @@ impl Proc {
             .stderr(Stdio::from(file))
             .kill_on_drop(true);
         let child = cmd.spawn().expect("spawn service");
-        let url = if port == "0" {
-            String::new()
-        } else {
-            format!("http://127.0.0.1:{port}")
-        };
+        let url = format!("http://127.0.0.1:{port}");
         Self { child, url, log }
-    }
-
-    /// With `PORT=0`: waits for the child's "<service> listening" log line and takes its URL from
-    /// the address it names. Otherwise the URL is known already.
-    pub async fn listening(&mut self, within: Duration) {
-        if !self.url.is_empty() {
-            return;
-        }
-        let log = self.log.clone();
-        let child = &mut self.child;
-        let addr = eventually(within, Duration::from_millis(20), || {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            let exited = child.try_wait().ok().flatten();
-            async move {
-                let addr = text
-                    .lines()
-                    .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                    .filter(|l| l["message"].as_str().is_some_and(|m| m.ends_with(" listening")))
-                    .find_map(|l| l["addr"].as_str().map(str::to_owned));
-                match (addr, exited) {
-                    (Some(addr), _) => Ok(addr),
-                    (None, Some(status)) => panic!("exited ({status}) before listening; log:\n{text}"),
-                    (None, None) => Err(format!("no \"listening\" line logged; log:\n{text}")),
-                }
-            }
-        })
-        .await;
-        self.url = format!("http://{addr}");
     }
 
     pub async fn wait_ready(&self, within: Duration) {

@@ -5,8 +5,7 @@
 //! certificate) name one (scripts/lowkey-vault), else the Key Vault double of `api_tests::azure`;
 //! the token endpoint is the fake Microsoft Entra of `api_tests::azure`; the database is
 //! `MONGODB_TEST_URI` (and a FerretDB from scripts/ferretdb for the rotation). The services trust
-//! the test CAs through `SSL_CERT_FILE`. Every vote service runs as a child process (on a port it
-//! picks and logs) whose environment holds no connection string; each `key_vault_*` test sets up
+//! the test CAs through `SSL_CERT_FILE`. Every vote service runs as a child process whose environment holds no connection string; each `key_vault_*` test sets up
 //! its own identity, vault and poll service ([`KeyVault::setup`]), so one failing step hides no
 //! other, and scans its logs at its end for secrets and tokens.
 //!
@@ -26,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use api_tests::azure::{FakeEntra, HttpsServer, KeyVaultDouble, TestCa};
 use api_tests::secantusdb::OwnSecantusDb;
-use api_tests::{Proc, base_config, drop_databases, wait_ready};
+use api_tests::{Proc, base_config, drop_databases, free_port, wait_ready};
 use mongodb::bson::doc;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -348,9 +347,10 @@ impl KeyVault {
         wait_ready(&self.run.http, &self.run.poll_url, Duration::from_secs(20)).await;
     }
 
-    /// The vote service's environment for the vault at `vault` (on a port it picks).
+    /// The vote service's environment for the vault at `vault`.
     fn vote_env(&self, vault: &str) -> Vec<(&'static str, String)> {
-        self.run.vote_env(0, &self.identity, vault, &self.secret, &self.db)
+        self.run
+            .vote_env(free_port(), &self.identity, vault, &self.secret, &self.db)
     }
 
     /// The vote service reading `conn1` from the vault, and the poll service asking it for
@@ -362,8 +362,7 @@ impl KeyVault {
             assert!(!v.contains("mongodb://"), "{k} holds a connection string");
         }
         let log = self.run.log("1-vote");
-        let mut vote = Proc::spawn("vote", &env, log);
-        vote.listening(Duration::from_secs(30)).await;
+        let vote = Proc::spawn("vote", &env, log);
         self.start_poll(Some(&vote.url)).await;
         vote.wait_ready(Duration::from_secs(20)).await;
         let created: Value = self
@@ -608,8 +607,7 @@ async fn key_vault_down_at_start_is_not_ready_saying_why_then_ready_by_itself() 
     let late = KeyVaultDouble::new(kv.entra.clone(), API_VERSION);
     late.set(&kv.secret, &kv.conn1);
     let log = kv.run.log("3-vote-vault-down");
-    let mut down = Proc::spawn("vote", &kv.vote_env(&late_url), log);
-    down.listening(Duration::from_secs(30)).await;
+    let down = Proc::spawn("vote", &kv.vote_env(&late_url), log);
     let secret = kv.secret.clone();
     let why = kv
         .run
@@ -663,8 +661,7 @@ async fn key_vault_a_refused_assertion_is_a_clear_start_up_error() {
         }
     }
     let log = kv.run.log("4-vote-wrong-assertion");
-    let mut forged = Proc::spawn("vote", &env, log);
-    forged.listening(Duration::from_secs(30)).await;
+    let forged = Proc::spawn("vote", &env, log);
     let secret = kv.secret.clone();
     kv.run
         .not_ready_because(
@@ -721,8 +718,7 @@ async fn key_vault_a_failing_token_endpoint_is_not_ready_then_ready_by_itself() 
         "AADSTS50000: There was an error issuing a token.",
     )));
     let log = kv.run.log("4-vote-entra-down");
-    let mut refused = Proc::spawn("vote", &kv.vote_env(&kv.vault.url()), log);
-    refused.listening(Duration::from_secs(30)).await;
+    let refused = Proc::spawn("vote", &kv.vote_env(&kv.vault.url()), log);
     kv.run
         .not_ready_because(
             &refused,
@@ -977,7 +973,7 @@ async fn database_credentials_a_right_password_serves_a_wrong_one_is_not_ready_s
     // The right password: ready, and the ballot is stored.
     let right = with_credentials(&server, "pollvote", &app_pw, "");
     let log = run.log("db-right-password");
-    let vote = Proc::start("vote", &run.db_vote_env(0, &right, &database), log).await;
+    let vote = Proc::start("vote", &run.db_vote_env(free_port(), &right, &database), log).await;
     let res = run.ballot(&vote, &poll_id, "first").await;
     assert_eq!(res.status(), 201, "{}", res.text().await.unwrap_or_default());
     assert_eq!(count_in(&admin, &database).await, 1, "stored in SecantusDB");
@@ -988,8 +984,7 @@ async fn database_credentials_a_right_password_serves_a_wrong_one_is_not_ready_s
     // A wrong password: not ready, saying why; deep health names the database; quick 503s.
     let wrong = with_credentials(&server, "pollvote", &wrong_pw, "");
     let log = run.log("db-wrong-password");
-    let mut refused = Proc::spawn("vote", &run.db_vote_env(0, &wrong, &database), log);
-    refused.listening(Duration::from_secs(30)).await;
+    let refused = Proc::spawn("vote", &run.db_vote_env(free_port(), &wrong, &database), log);
     let why = run
         .not_ready_because(
             &refused,
@@ -1091,7 +1086,7 @@ async fn database_tls_trusts_the_test_ca_and_refuses_another_ca_saying_why() {
 
     // The test CA: ready, the ballot is stored.
     let log = run.log("db-tls-trusted");
-    let vote = Proc::start("vote", &run.db_vote_env(0, &trusted, &database), log).await;
+    let vote = Proc::start("vote", &run.db_vote_env(free_port(), &trusted, &database), log).await;
     let res = run.ballot(&vote, &poll_id, "first").await;
     assert_eq!(res.status(), 201, "{}", res.text().await.unwrap_or_default());
     let client = mongodb::Client::with_uri_str(&trusted).await.expect("client");
@@ -1101,8 +1096,7 @@ async fn database_tls_trusts_the_test_ca_and_refuses_another_ca_saying_why() {
     // Another CA: the server's certificate is refused, and every report says so.
     let log = run.log("db-tls-other-ca");
     let foreign = tls(&path("other-ca.pem"));
-    let mut refused = Proc::spawn("vote", &run.db_vote_env(0, &foreign, &database), log);
-    refused.listening(Duration::from_secs(30)).await;
+    let refused = Proc::spawn("vote", &run.db_vote_env(free_port(), &foreign, &database), log);
     let needles = [
         "TLS: the database's certificate was refused (invalid peer certificate: UnknownIssuer; \
          is tlsCAFile the CA that signed it?)",
@@ -1239,7 +1233,7 @@ async fn database_password_rotation_is_followed_through_key_vault_without_failed
             .count()
     };
 
-    let mut env = run.vote_env(0, &identity, &vault.url(), &secret, &database);
+    let mut env = run.vote_env(free_port(), &identity, &vault.url(), &secret, &database);
     for (k, v) in &mut env {
         if *k == "KEYVAULT_REFRESH_INTERVAL_MS" {
             *v = "3600000".to_owned();

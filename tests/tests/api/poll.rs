@@ -1288,7 +1288,6 @@ async fn the_openapi_document_states_the_contract_the_server_enforces() {
 /// connection string if any, and the temporary directory (data and logs).
 async fn observed_pair(extra: &[(&str, String)]) -> (Proc, Proc, Option<String>, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
-    // Fixed ports, not PORT=0: each process needs the other's address before either starts.
     let (pp, vp) = (free_port(), free_port());
     let mongo = api_tests::mongo_uri();
     let db = format!("t{}", uuid::Uuid::new_v4().simple());

@@ -380,8 +380,7 @@ fn env_for(port: u16, data: &std::path::Path, poll_port: u16, vote_port: u16) ->
 #[tokio::test]
 async fn acknowledged_ballots_survive_kill_9_and_dedupe_still_holds() {
     let dir = tempfile::tempdir().expect("tempdir");
-    // Fixed ports, not PORT=0: the processes need each other's address before either starts, and
-    // the vote service starts again on the address the poll service has.
+    // free_port(), and the vote service starts again on the same port: the poll service has it.
     let (poll_port, vote_port) = (free_port(), free_port());
     let mut env_poll = env_for(poll_port, &dir.path().join("poll"), poll_port, vote_port);
     let mut env_vote = env_for(vote_port, &dir.path().join("vote"), poll_port, vote_port);
@@ -470,8 +469,8 @@ async fn acknowledged_ballots_survive_kill_9_and_dedupe_still_holds() {
 #[tokio::test]
 async fn sigterm_drains_and_exits_cleanly() {
     let dir = tempfile::tempdir().expect("tempdir");
-    // The poll service on a port it picks; no vote service is asked (the address is a placeholder).
-    let env = env_for(0, &dir.path().join("poll"), 0, 1);
+    let (poll_port, vote_port) = (free_port(), free_port());
+    let env = env_for(poll_port, &dir.path().join("poll"), poll_port, vote_port);
     let mut poll = Proc::start("poll", &env, dir.path().join("poll.log")).await;
     let pid = poll.child.id().expect("pid");
     let status = std::process::Command::new("kill")
@@ -666,7 +665,6 @@ async fn replicas_on_one_database_count_once_and_agree() {
     const TTL_MS: u64 = 500;
     let dir = tempfile::tempdir().expect("tempdir");
     let db = format!("r{}", uuid::Uuid::new_v4().simple());
-    // Fixed ports, not PORT=0: poll and vote replicas need each other's addresses before they start.
     let poll_ports = [free_port(), free_port()];
     let vote_ports = [free_port(), free_port(), free_port()];
     let mut polls = Vec::new();
@@ -951,8 +949,7 @@ async fn replicas_killed_mid_batch_24_times_store_each_acknowledged_ballot_once(
     let dir = tempfile::tempdir().expect("tempdir");
     let db = format!("m{}", uuid::Uuid::new_v4().simple());
     let _databases = DropDatabases(vec![format!("{db}_poll"), format!("{db}_vote")]);
-    // Fixed ports, not PORT=0: the processes need each other's addresses before they start, and a
-    // killed replica starts again on the address its peers have.
+    // free_port(), and a killed replica starts again on the same port: its peers have it.
     let poll_port = free_port();
     let vote_ports: Vec<u16> = (0..REPLICAS).map(|_| free_port()).collect();
     let mut poll_env = env_for(poll_port, &dir.path().join("poll"), poll_port, vote_ports[0]);
