@@ -34,7 +34,14 @@ async fn a_database_outage_gives_fast_503s_and_recovers_without_restart() {
         return;
     }
     // Killed when the test ends, also when it fails.
-    let db = OwnSecantusDb::start(&[]).unwrap_or_else(|why| panic!("SecantusDB for the fault test: {why}"));
+    let db = match OwnSecantusDb::start(&[]) {
+        Ok(db) => db,
+        Err(why) => {
+            return api_tests::skip(format!(
+                "the database outage test: no SecantusDB on this machine ({why})"
+            ));
+        }
+    };
     let uri = db.uri.clone();
     let s = Arc::new(
         Stack::start_with(|c| {
