@@ -2,7 +2,7 @@
 azmonitoring.coreos.com/v1, applied on its own from overlays/azure/monitoring) and the
 NetworkPolicy that lets the scraper in; the minikube overlay's prometheus.io annotations; the
 Grafana dashboard's shape. (That the dashboard's queries read only series the services expose, and
-parse as PromQL, is checked against the running services in tests/tests/poll.rs.)"""
+parse as PromQL, is checked against the running services in tests/tests/api/poll.rs.)"""
 
 from __future__ import annotations
 

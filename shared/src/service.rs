@@ -92,9 +92,11 @@ pub struct ServiceParts {
 }
 
 /// The start-up steps both services share: ops routes, the shared middleware and docs around the
-/// service's API routes, binding the configured address, and marking the server initialised.
+/// service's API routes, binding the configured address (or serving on `listener`, bound already),
+/// and marking the server initialised.
 pub async fn bind_service(
     config: &Config,
+    listener: Option<std::net::TcpListener>,
     parts: ServiceParts,
     api: utoipa_axum::router::OpenApiRouter,
     shutdown: CancellationToken,
@@ -115,17 +117,17 @@ pub async fn bind_service(
     });
     let router = crate::http::assemble(api, ops, config, describe);
     raise_open_files_limit();
-    let port = config.port_or(default_port);
-    let server = Server::bind(
-        &config.server.host,
-        port,
-        router,
-        readiness.clone(),
-        shutdown,
-        Duration::from_millis(config.server.drain_timeout_ms),
-    )
-    .await
-    .map_err(|e| format!("cannot listen on {}:{port}: {e}", config.server.host))?;
+    let drain = Duration::from_millis(config.server.drain_timeout_ms);
+    let server = match listener {
+        Some(listener) => Server::from_listener(listener, router, readiness.clone(), shutdown, drain)
+            .map_err(|e| format!("cannot serve on the listener given: {e}"))?,
+        None => {
+            let port = config.port_or(default_port);
+            Server::bind(&config.server.host, port, router, readiness.clone(), shutdown, drain)
+                .await
+                .map_err(|e| format!("cannot listen on {}:{port}: {e}", config.server.host))?
+        }
+    };
     readiness.set_initialised();
     Ok(server)
 }

@@ -84,9 +84,15 @@ pub struct HttpsServer {
 }
 
 impl HttpsServer {
-    /// Serves on `127.0.0.1:port` (0: any free port).
-    pub async fn start(ca: &TestCa, port: u16, router: Router) -> Self {
-        let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
+    /// Serves on `127.0.0.1`, on a port the kernel picks.
+    pub async fn start(ca: &TestCa, router: Router) -> Self {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await.expect("bind");
+        Self::start_on(ca, listener, router)
+    }
+
+    /// Serves on `listener` (bound already: e.g. a port that refused connections until now,
+    /// [`crate::reserved_port`]).
+    pub fn start_on(ca: &TestCa, listener: TcpListener, router: Router) -> Self {
         let addr = listener.local_addr().expect("addr");
         let acceptor = tokio_rustls::TlsAcceptor::from(ca.server.clone());
         let task = tokio::spawn(async move {

@@ -33,6 +33,16 @@ pub const STREAM_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Builds the poll service, bound and ready to run.
 pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Server, String> {
+    build_on(config, None, shutdown).await
+}
+
+/// [`build`], serving on `listener` when one is given (bound already: the tests bind port 0 first)
+/// instead of binding the configured address.
+pub async fn build_on(
+    config: Config,
+    listener: Option<std::net::TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<Server, String> {
     let readiness = Arc::new(Readiness::default());
     let metrics = Arc::new(Metrics::new(SERVICE));
     let source = connection_source(&config, &readiness)?;
@@ -67,7 +77,7 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Server
         metrics,
         dependencies: [database, Arc::new(peer)].into_iter().chain(keyvault).collect(),
     };
-    bind_service(&config, parts, api::router(state), shutdown, describe).await
+    bind_service(&config, listener, parts, api::router(state), shutdown, describe).await
 }
 
 /// The OpenAPI document's description.

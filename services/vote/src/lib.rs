@@ -26,6 +26,16 @@ pub const DEFAULT_PORT: u16 = 5000;
 
 /// Builds the vote service, bound and ready to run.
 pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Server, String> {
+    build_on(config, None, shutdown).await
+}
+
+/// [`build`], serving on `listener` when one is given (bound already: the tests bind port 0 first)
+/// instead of binding the configured address.
+pub async fn build_on(
+    config: Config,
+    listener: Option<std::net::TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<Server, String> {
     let readiness = Arc::new(Readiness::default());
     let metrics = Arc::new(Metrics::new(SERVICE));
     let source = connection_source(&config, &readiness)?;
@@ -62,7 +72,7 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Server
         metrics,
         dependencies: [database, Arc::new(peer)].into_iter().chain(keyvault).collect(),
     };
-    bind_service(&config, parts, api::router(state), shutdown, describe).await
+    bind_service(&config, listener, parts, api::router(state), shutdown, describe).await
 }
 
 /// The OpenAPI document's description.

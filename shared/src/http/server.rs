@@ -134,6 +134,25 @@ impl Server {
         })
     }
 
+    /// A server on `listener`, bound already (tests bind port 0 first and know the address before
+    /// the service is built: no window in which something else could take the port).
+    pub fn from_listener(
+        listener: std::net::TcpListener,
+        router: Router,
+        readiness: Arc<Readiness>,
+        shutdown: CancellationToken,
+        drain: Duration,
+    ) -> std::io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        Ok(Self {
+            listener: TcpListener::from_std(listener)?,
+            router,
+            readiness,
+            shutdown,
+            drain,
+        })
+    }
+
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
     }

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use api_tests::{Proc, Stack, expect_problem, free_port, names_field};
+use api_tests::{Proc, Stack, eventually, expect_problem, free_port, names_field, until};
 use serde_json::{Value, json};
 
 #[tokio::test]
@@ -144,6 +144,7 @@ async fn bad_ballots_get_the_right_problem_and_change_nothing() {
         .await
         .expect("close");
     assert_eq!(res.status(), 200);
+    // What is under test: the vote service's cached poll expiring (poll_cache_ttl_ms = 500).
     tokio::time::sleep(Duration::from_millis(600)).await;
     let p = expect_problem(s.vote(json!({"poll_id": id, "option": "red"})).await, 409).await;
     assert_eq!(p["type"], "urn:pollvote:problem:poll-closed");
@@ -341,10 +342,9 @@ async fn fifteen_hundred_ballots_from_32_clients_are_tallied_exactly() {
 
 #[tokio::test]
 async fn the_poll_service_being_down_is_a_503_with_retry_after() {
-    let s = Stack::start().await;
+    let mut s = Stack::start().await;
     let (id, _) = s.simple_poll(json!({})).await;
-    s.poll_shutdown.cancel();
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    s.stop_poll().await;
     let res = s.vote(json!({"poll_id": id, "option": "red"})).await;
     assert!(res.headers().get("retry-after").is_some());
     let p = expect_problem(res, 503).await;
@@ -380,6 +380,7 @@ fn env_for(port: u16, data: &std::path::Path, poll_port: u16, vote_port: u16) ->
 #[tokio::test]
 async fn acknowledged_ballots_survive_kill_9_and_dedupe_still_holds() {
     let dir = tempfile::tempdir().expect("tempdir");
+    // free_port(), and the vote service starts again on the same port: the poll service has it.
     let (poll_port, vote_port) = (free_port(), free_port());
     let mut env_poll = env_for(poll_port, &dir.path().join("poll"), poll_port, vote_port);
     let mut env_vote = env_for(vote_port, &dir.path().join("vote"), poll_port, vote_port);
@@ -657,8 +658,8 @@ async fn watch_until(res: reqwest::Response, want: u64) -> Option<std::time::Ins
 #[tokio::test]
 async fn replicas_on_one_database_count_once_and_agree() {
     if api_tests::mongo_uri().is_none() {
-        // scripts/test runs this file again with the MongoDB backend, where CI requires the server.
-        eprintln!("skipped: replicas share a MongoDB database; set POLLVOTE_TEST_BACKEND=mongodb (scripts/test does)");
+        // scripts/test runs this suite again with the MongoDB backend, where CI requires the server.
+        api_tests::skipped("replicas share a MongoDB database; set POLLVOTE_TEST_BACKEND=mongodb (scripts/test does)");
         return;
     }
     const TTL_MS: u64 = 500;
@@ -792,9 +793,15 @@ async fn replicas_on_one_database_count_once_and_agree() {
             (by_option, failures_on_survivors)
         }));
     }
-    while acked.load(std::sync::atomic::Ordering::SeqCst) < total / 3 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually(Duration::from_secs(120), Duration::from_millis(5), || async {
+        let n = acked.load(std::sync::atomic::Ordering::SeqCst);
+        if n >= total / 3 {
+            Ok(())
+        } else {
+            Err(format!("only {n} of {total} ballots acknowledged"))
+        }
+    })
+    .await;
     killed.store(true, std::sync::atomic::Ordering::SeqCst);
     votes[2].kill9().await;
     let mut expected = [0u64; 3];
@@ -818,30 +825,32 @@ async fn replicas_on_one_database_count_once_and_agree() {
     let want = json!(expected);
     let mut exact_after = Vec::new();
     for url in poll_urls.iter() {
-        loop {
+        until(last_ack + bound, Duration::from_millis(20), || async {
             let p: Value = api_tests::get_json(&http, &format!("{url}/api/polls/{id}")).await;
             let counts: Vec<u64> = p["votes"]["by_option"]
                 .as_array()
                 .map(|a| a.iter().filter_map(|o| o["count"].as_u64()).collect())
                 .unwrap_or_default();
             if p["votes"]["count"] == total && json!(counts) == want {
-                exact_after.push(last_ack.elapsed());
-                break;
+                Ok(())
+            } else {
+                Err(format!("{url}: not exact within {bound:?}: {p}"))
             }
-            assert!(last_ack.elapsed() < bound, "{url}: not exact within {bound:?}: {p}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await;
+        exact_after.push(last_ack.elapsed());
     }
     for url in &vote_urls[..2] {
-        loop {
+        until(last_ack + bound, Duration::from_millis(20), || async {
             let t: Value = api_tests::get_json(&http, &format!("{url}/internal/tallies?ids={id}")).await;
             if t["tallies"][0]["total"] == total && t["tallies"][0]["by_option"] == want {
-                exact_after.push(last_ack.elapsed());
-                break;
+                Ok(())
+            } else {
+                Err(format!("{url}: not exact within {bound:?}: {t}"))
             }
-            assert!(last_ack.elapsed() < bound, "{url}: not exact within {bound:?}: {t}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await;
+        exact_after.push(last_ack.elapsed());
     }
     eprintln!("replicas exact after {exact_after:?} (bound {bound:?})");
     for w in watchers {
@@ -926,8 +935,8 @@ async fn replicas_killed_mid_batch_24_times_store_each_acknowledged_ballot_once(
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
     use std::time::Instant;
     if api_tests::mongo_uri().is_none() {
-        // scripts/test runs this file again with the MongoDB backend, where CI requires the server.
-        eprintln!("skipped: replicas share a MongoDB database; set POLLVOTE_TEST_BACKEND=mongodb (scripts/test does)");
+        // scripts/test runs this suite again with the MongoDB backend, where CI requires the server.
+        api_tests::skipped("replicas share a MongoDB database; set POLLVOTE_TEST_BACKEND=mongodb (scripts/test does)");
         return;
     }
     const REPLICAS: usize = 3;
@@ -940,6 +949,7 @@ async fn replicas_killed_mid_batch_24_times_store_each_acknowledged_ballot_once(
     let dir = tempfile::tempdir().expect("tempdir");
     let db = format!("m{}", uuid::Uuid::new_v4().simple());
     let _databases = DropDatabases(vec![format!("{db}_poll"), format!("{db}_vote")]);
+    // free_port(), and a killed replica starts again on the same port: its peers have it.
     let poll_port = free_port();
     let vote_ports: Vec<u16> = (0..REPLICAS).map(|_| free_port()).collect();
     let mut poll_env = env_for(poll_port, &dir.path().join("poll"), poll_port, vote_ports[0]);
@@ -1039,6 +1049,7 @@ async fn replicas_killed_mid_batch_24_times_store_each_acknowledged_ballot_once(
                     }
                     retried = true;
                     replica = (replica + 1) % REPLICAS;
+                    // A careful client's back-off before the retry, not a wait for anything.
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 match answer {
@@ -1062,15 +1073,16 @@ async fn replicas_killed_mid_batch_24_times_store_each_acknowledged_ballot_once(
     let mut restart_times = Vec::new();
     for k in 0..KILLS {
         let r = random_below(REPLICAS as u64) as usize;
-        let flowing = Instant::now();
         let acked_before = acked_by[r].load(SeqCst);
-        while acked_by[r].load(SeqCst) == acked_before {
-            assert!(
-                flowing.elapsed() < Duration::from_secs(10),
-                "kill {k}: no ballot went through replica {r} for 10 s"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        eventually(Duration::from_secs(10), Duration::from_millis(5), || async {
+            if acked_by[r].load(SeqCst) != acked_before {
+                Ok(())
+            } else {
+                Err(format!("kill {k}: no ballot went through replica {r} for 10 s"))
+            }
+        })
+        .await;
+        // What is under test: the kill at a random instant (50-400 ms) while ballots flow.
         tokio::time::sleep(Duration::from_millis(50 + random_below(351))).await;
         let up_generation = generations[r].fetch_add(1, SeqCst);
         votes[r].kill9().await;
@@ -1133,20 +1145,20 @@ async fn replicas_killed_mid_batch_24_times_store_each_acknowledged_ballot_once(
     // ballots) within the bound, and the stored ballots are the acknowledged ones, each once.
     let mut stored: Option<Value> = None;
     for url in &vote_urls {
-        loop {
+        let audit = until(last_ack + bound, Duration::from_millis(50), || async {
             let audit = api_tests::get_json(&http, &format!("{url}/internal/polls/{id}/audit")).await;
             if audit["consistent"] == true {
-                match &stored {
-                    None => stored = Some(audit["stored"].clone()),
-                    Some(s) => assert_eq!(&audit["stored"], s, "{url}: the replicas recount one database"),
-                }
-                break;
+                Ok(audit)
+            } else {
+                Err(format!(
+                    "{url}: tally not equal to the stored ballots within {bound:?}: {audit}"
+                ))
             }
-            assert!(
-                last_ack.elapsed() < bound,
-                "{url}: tally not equal to the stored ballots within {bound:?}: {audit}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        })
+        .await;
+        match &stored {
+            None => stored = Some(audit["stored"].clone()),
+            Some(s) => assert_eq!(&audit["stored"], s, "{url}: the replicas recount one database"),
         }
     }
     let stored = stored.expect("audited");
@@ -1170,35 +1182,31 @@ async fn replicas_killed_mid_batch_24_times_store_each_acknowledged_ballot_once(
     // Every vote replica's tally and the poll service's results equal the audit within the bound.
     let mut exact_after = Vec::new();
     for url in &vote_urls {
-        loop {
+        until(last_ack + bound, Duration::from_millis(50), || async {
             let t = api_tests::get_json(&http, &format!("{url}/internal/tallies?ids={id}")).await;
             if t["tallies"][0]["total"] == total && t["tallies"][0]["by_option"] == stored["by_option"] {
-                exact_after.push(last_ack.elapsed());
-                break;
+                Ok(())
+            } else {
+                Err(format!("{url}: tally {t} is not {stored} within {bound:?}"))
             }
-            assert!(
-                last_ack.elapsed() < bound,
-                "{url}: tally {t} is not {stored} within {bound:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
+        exact_after.push(last_ack.elapsed());
     }
-    loop {
+    until(last_ack + bound, Duration::from_millis(50), || async {
         let p = api_tests::get_json(&http, &format!("{}/api/polls/{id}", poll.url)).await;
         let counts: Vec<u64> = p["votes"]["by_option"]
             .as_array()
             .map(|a| a.iter().filter_map(|o| o["count"].as_u64()).collect())
             .unwrap_or_default();
         if p["votes"]["count"] == total && json!(counts) == stored["by_option"] {
-            exact_after.push(last_ack.elapsed());
-            break;
+            Ok(())
+        } else {
+            Err(format!("poll service: {p} is not {stored} within {bound:?}"))
         }
-        assert!(
-            last_ack.elapsed() < bound,
-            "poll service: {p} is not {stored} within {bound:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
+    exact_after.push(last_ack.elapsed());
     eprintln!("tallies equal to the audit after {exact_after:?} (bound {bound:?})");
 
     // Each ballot that failed before it was acknowledged, and every 20th other one, replayed with
