@@ -18,6 +18,7 @@ use mongodb::bson::doc;
 use mongodb::options::{Acknowledgment, DatabaseOptions, IndexOptions, WriteConcern};
 use mongodb::{Client, IndexModel};
 use serde::Serialize;
+use shared::error::Chain;
 use shared::mongo::{self, MongoSettings};
 use vote_service::ballot::{BallotRecord, CastOutcome};
 use vote_service::store::BallotStore;
@@ -192,13 +193,13 @@ async fn cast_rate(
             match s.cast(ballot(POLL_ID, c, n)).await {
                 Ok(CastOutcome::Accepted(_)) => Ok(()),
                 Ok(other) => Err(format!("not accepted: {other:?}")),
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(Chain(&e).to_string()),
             }
         }
     })
     .await?;
-    let tally = store.tally(POLL_ID).await.map_err(|e| e.to_string())?;
-    let recount = store.recount(POLL_ID).await.map_err(|e| e.to_string())?;
+    let tally = store.tally(POLL_ID).await.map_err(|e| Chain(&e).to_string())?;
+    let recount = store.recount(POLL_ID).await.map_err(|e| Chain(&e).to_string())?;
     let ok = tally == recount && tally.total == run.writes;
     Ok(run.reference(what, clients, ok))
 }
@@ -242,10 +243,12 @@ pub async fn mongo_store_cast_rate(
         // Its closing tally and recount read every ballot written, which on a server without
         // indexes (FerretDB's SQLite backend scans the collection) takes longer than a request may.
         settings.operation_timeout = Duration::from_secs(60);
-        let client = mongo::build_client(&settings).await.map_err(|e| e.to_string())?;
+        let client = mongo::build_client(&settings)
+            .await
+            .map_err(|e| Chain(&e).to_string())?;
         let store = MongoBallotStore::open(client, &name, settings.retry_policy(), tuning)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Chain(&e).to_string())?;
         let what = format!(
             "store API: `MongoBallotStore::cast` (the vote service's write path without HTTP: group commit, \
              {{w: majority, j: true}}, retries), driver pool {}",
@@ -282,7 +285,9 @@ async fn driver_insert_rate(
     duration: Duration,
 ) -> Result<StoreReference, String> {
     let settings = MongoSettings::new(uri, name);
-    let client = mongo::build_client(&settings).await.map_err(|e| e.to_string())?;
+    let client = mongo::build_client(&settings)
+        .await
+        .map_err(|e| Chain(&e).to_string())?;
     let db = client.database_with_options(
         name,
         DatabaseOptions::builder()

@@ -5,15 +5,26 @@
 //! redb gives ACID transactions with a single writer; a commit returns only after the data is
 //! fsynced (`Durability::Immediate`), so what it acknowledges survives `kill -9`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use redb::Database;
 
 use crate::storage::{StoreError, StoreResult};
 
-pub fn internal(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Internal(e.to_string())
+/// The embedded store's file could not be opened (it becomes [`StoreError::Internal`]).
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot create {}", .0.display())]
+    CreateDir(PathBuf, #[source] std::io::Error),
+    #[error("cannot open {}", .0.display())]
+    Open(PathBuf, #[source] redb::DatabaseError),
+}
+
+impl From<OpenError> for StoreError {
+    fn from(e: OpenError) -> Self {
+        Self::internal(e)
+    }
 }
 
 /// Opens (or creates) the redb file at `path` with a page cache of `cache_bytes` (redb's default
@@ -21,15 +32,15 @@ pub fn internal(e: impl std::fmt::Display) -> StoreError {
 /// operating system's page cache, which the process's RSS does not include).
 pub fn open(path: &Path, cache_bytes: usize) -> StoreResult<Arc<Database>> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| internal(format!("cannot create {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|e| OpenError::CreateDir(dir.to_owned(), e))?;
     }
     let db = Database::builder()
         .set_cache_size(cache_bytes)
         .create(path)
-        .map_err(|e| internal(format!("cannot open {}: {e}", path.display())))?;
+        .map_err(|e| OpenError::Open(path.to_owned(), e))?;
     Ok(Arc::new(db))
 }
 
 pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> StoreResult<T> + Send + 'static) -> StoreResult<T> {
-    tokio::task::spawn_blocking(f).await.map_err(internal)?
+    tokio::task::spawn_blocking(f).await?
 }

@@ -10,6 +10,7 @@ pub mod backoff;
 pub mod config;
 pub mod contract;
 pub mod embedded;
+pub mod error;
 pub mod health;
 pub mod http;
 pub mod instrumented;

@@ -119,7 +119,7 @@ pub async fn build_client(settings: &MongoSettings) -> StoreResult<Client> {
         );
         match classify(&e) {
             Failure::Unreachable { .. } => StoreError::unavailable(message),
-            _ => StoreError::Internal(message),
+            _ => StoreError::internal(message),
         }
     })?;
     if settings.app_name.is_some() {
@@ -135,7 +135,7 @@ pub async fn build_client(settings: &MongoSettings) -> StoreResult<Client> {
     options.server_selection_timeout = Some(settings.server_selection_timeout);
     // `retry_writes` is left as the URI says (Cosmos DB needs `retryWrites=false`).
     Client::with_options(options).map_err(|e| {
-        StoreError::Internal(scrub(
+        StoreError::internal(scrub(
             &format!("cannot build MongoDB client: {}", describe(&e)),
             settings.uri.expose(),
         ))
@@ -300,7 +300,7 @@ impl RetryPolicy {
             }
             Failure::Unreachable { message } => Decision::GiveUp(StoreError::unavailable(message)),
             Failure::CredentialsRejected { message } => Decision::GiveUp(StoreError::CredentialsRejected { message }),
-            Failure::Fatal { message } => Decision::GiveUp(StoreError::Internal(message)),
+            Failure::Fatal { message } => Decision::GiveUp(StoreError::internal(message)),
         }
     }
 
@@ -499,7 +499,7 @@ pub fn fmt_time(t: DateTime<Utc>) -> String {
 }
 
 pub fn bad(what: &str) -> StoreError {
-    StoreError::Internal(format!("malformed stored document: {what}"))
+    StoreError::internal(format!("malformed stored document: {what}"))
 }
 
 pub fn time_of(b: &Bson) -> Option<DateTime<Utc>> {

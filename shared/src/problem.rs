@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::error::Chain;
 use crate::storage::StoreError;
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
@@ -169,17 +170,17 @@ impl IntoResponse for Problem {
 
 impl From<StoreError> for Problem {
     fn from(e: StoreError) -> Self {
-        match e {
+        match &e {
             StoreError::Unavailable { message, retry_after } => {
                 tracing::warn!(error = %message, "database unavailable");
-                Problem::unavailable("the database is unavailable; retry later", retry_after)
+                Problem::unavailable("the database is unavailable; retry later", *retry_after)
             }
             StoreError::CredentialsRejected { message } => {
                 tracing::warn!(error = %message, "the database refused the credentials");
                 Problem::unavailable("the database is unavailable; retry later", Duration::from_secs(1))
             }
-            StoreError::Internal(message) => {
-                tracing::error!(error = %message, "storage failure");
+            StoreError::Internal(_) => {
+                tracing::error!(error = %Chain(&e), "storage failure");
                 Problem::internal()
             }
         }

@@ -168,9 +168,9 @@ where
                                 StoreError::CredentialsRejected { message } => {
                                     format!("the database refused the credentials of the connection string ({message})")
                                 }
-                                StoreError::Internal(m) => m.clone(),
+                                StoreError::Internal(cause) => crate::error::Chain(&**cause).to_string(),
                             };
-                            tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot open the database");
+                            tracing::warn!(error = %crate::error::Chain(&e), retry_in_ms = delay.as_millis() as u64, "cannot open the database");
                             if !filled.is_set() {
                                 filled.set_error(e);
                                 readiness.wait_for(WHAT, why);

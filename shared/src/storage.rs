@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use crate::error::{Cause, cause};
+
 /// Why a storage call failed. Messages are for logs only: they never reach clients.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -18,12 +20,19 @@ pub enum StoreError {
     /// with a rotated connection string ([`slot`]).
     #[error("the database refused the credentials: {message}")]
     CredentialsRejected { message: String },
-    /// The stored data could not be read or written for another reason.
-    #[error("storage failure: {0}")]
-    Internal(String),
+    /// The stored data could not be read or written for another reason: the cause (redb's,
+    /// serde's or the driver's error, or a message scrubbed of connection strings) is for logs.
+    #[error("storage failure")]
+    Internal(#[source] Cause),
 }
 
 impl StoreError {
+    /// An [`Internal`](Self::Internal) failure caused by `e`: an error value, or a message when
+    /// there is none (already scrubbed of connection strings).
+    pub fn internal(e: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>) -> Self {
+        Self::Internal(cause(e))
+    }
+
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::Unavailable {
             message: message.into(),
@@ -33,6 +42,29 @@ impl StoreError {
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Failures of the embedded store (redb), of (de)serialising stored records and of blocking tasks
+/// are internal: `?` turns them into [`StoreError::Internal`] with the error as its source.
+macro_rules! internal_from {
+    ($($t:ty),* $(,)?) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                Self::internal(e)
+            }
+        }
+    )*};
+}
+
+internal_from!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    serde_json::Error,
+    tokio::task::JoinError,
+    std::io::Error,
+);
 
 /// A store as a `/health/deep` dependency named `database`.
 pub struct StoreHealth<F>(pub F);

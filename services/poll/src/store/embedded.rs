@@ -6,8 +6,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use shared::embedded::{blocking, internal, open};
-use shared::storage::StoreResult;
+use shared::embedded::{blocking, open};
+use shared::storage::{StoreError, StoreResult};
 
 use super::PollStore;
 use crate::record::{PollQuery, PollRecord, StatusFilter};
@@ -37,10 +37,10 @@ impl EmbeddedPollStore {
     /// Opens (or creates) the store at `path` and makes sure every table exists.
     pub fn open(path: &Path) -> StoreResult<Self> {
         let db = open(path, POLL_CACHE_BYTES)?;
-        let tx = db.begin_write().map_err(internal)?;
-        tx.open_table(POLLS).map_err(internal)?;
-        tx.open_table(POLLS_BY_CREATED).map_err(internal)?;
-        tx.commit().map_err(internal)?;
+        let tx = db.begin_write()?;
+        tx.open_table(POLLS)?;
+        tx.open_table(POLLS_BY_CREATED)?;
+        tx.commit()?;
         Ok(Self { db })
     }
 }
@@ -60,28 +60,27 @@ impl PollStore for EmbeddedPollStore {
         let db = self.db.clone();
         let poll = poll.clone();
         blocking(move || {
-            let doc = serde_json::to_vec(&poll).map_err(internal)?;
-            let tx = db.begin_write().map_err(internal)?;
+            let doc = serde_json::to_vec(&poll)?;
+            let tx = db.begin_write()?;
             {
-                let mut polls = tx.open_table(POLLS).map_err(internal)?;
-                if polls.get(poll.id.as_str()).map_err(internal)?.is_some() {
-                    return Err(internal(format!("poll id {} already exists", poll.id)));
+                let mut polls = tx.open_table(POLLS)?;
+                if polls.get(poll.id.as_str())?.is_some() {
+                    return Err(StoreError::internal(format!("poll id {} already exists", poll.id)));
                 }
-                polls.insert(poll.id.as_str(), doc.as_slice()).map_err(internal)?;
-                let mut idx = tx.open_table(POLLS_BY_CREATED).map_err(internal)?;
-                idx.insert((micros(poll.created_at), poll.id.as_str()), ())
-                    .map_err(internal)?;
+                polls.insert(poll.id.as_str(), doc.as_slice())?;
+                let mut idx = tx.open_table(POLLS_BY_CREATED)?;
+                idx.insert((micros(poll.created_at), poll.id.as_str()), ())?;
             }
-            tx.commit().map_err(internal)
+            Ok(tx.commit()?)
         })
         .await
     }
 
     async fn get(&self, id: &str) -> StoreResult<Option<PollRecord>> {
-        let tx = self.db.begin_read().map_err(internal)?;
-        let polls = tx.open_table(POLLS).map_err(internal)?;
-        match polls.get(id).map_err(internal)? {
-            Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(internal)?)),
+        let tx = self.db.begin_read()?;
+        let polls = tx.open_table(POLLS)?;
+        match polls.get(id)? {
+            Some(v) => Ok(Some(serde_json::from_slice(v.value())?)),
             None => Ok(None),
         }
     }
@@ -90,22 +89,21 @@ impl PollStore for EmbeddedPollStore {
         let db = self.db.clone();
         let query = query.clone();
         blocking(move || {
-            let tx = db.begin_read().map_err(internal)?;
-            let polls = tx.open_table(POLLS).map_err(internal)?;
-            let idx = tx.open_table(POLLS_BY_CREATED).map_err(internal)?;
+            let tx = db.begin_read()?;
+            let polls = tx.open_table(POLLS)?;
+            let idx = tx.open_table(POLLS_BY_CREATED)?;
             let range = match &query.after {
                 Some(c) => idx.range(..(micros(c.created_at), c.id.as_str())),
                 None => idx.range::<(i64, &str)>(..),
-            }
-            .map_err(internal)?;
+            }?;
             let mut out = Vec::with_capacity(query.limit);
             for entry in range.rev() {
-                let (k, _) = entry.map_err(internal)?;
+                let (k, _) = entry?;
                 let (_, id) = k.value();
-                let Some(doc) = polls.get(id).map_err(internal)? else {
+                let Some(doc) = polls.get(id)? else {
                     continue;
                 };
-                let poll: PollRecord = serde_json::from_slice(doc.value()).map_err(internal)?;
+                let poll: PollRecord = serde_json::from_slice(doc.value())?;
                 if matches(&poll, query.status, query.now) {
                     out.push(poll);
                     if out.len() >= query.limit {
@@ -122,20 +120,20 @@ impl PollStore for EmbeddedPollStore {
         let db = self.db.clone();
         let poll = poll.clone();
         blocking(move || {
-            let doc = serde_json::to_vec(&poll).map_err(internal)?;
-            let tx = db.begin_write().map_err(internal)?;
+            let doc = serde_json::to_vec(&poll)?;
+            let tx = db.begin_write()?;
             {
-                let mut polls = tx.open_table(POLLS).map_err(internal)?;
-                let current: PollRecord = match polls.get(poll.id.as_str()).map_err(internal)? {
-                    Some(v) => serde_json::from_slice(v.value()).map_err(internal)?,
+                let mut polls = tx.open_table(POLLS)?;
+                let current: PollRecord = match polls.get(poll.id.as_str())? {
+                    Some(v) => serde_json::from_slice(v.value())?,
                     None => return Ok(false),
                 };
                 if current.revision != expected_revision {
                     return Ok(false);
                 }
-                polls.insert(poll.id.as_str(), doc.as_slice()).map_err(internal)?;
+                polls.insert(poll.id.as_str(), doc.as_slice())?;
             }
-            tx.commit().map_err(internal)?;
+            tx.commit()?;
             Ok(true)
         })
         .await
@@ -145,28 +143,28 @@ impl PollStore for EmbeddedPollStore {
         let db = self.db.clone();
         let id = id.to_owned();
         blocking(move || {
-            let tx = db.begin_write().map_err(internal)?;
+            let tx = db.begin_write()?;
             let existed = {
-                let mut polls = tx.open_table(POLLS).map_err(internal)?;
-                let removed = polls.remove(id.as_str()).map_err(internal)?;
+                let mut polls = tx.open_table(POLLS)?;
+                let removed = polls.remove(id.as_str())?;
                 match removed {
                     Some(v) => {
-                        let poll: PollRecord = serde_json::from_slice(v.value()).map_err(internal)?;
+                        let poll: PollRecord = serde_json::from_slice(v.value())?;
                         drop(v);
-                        let mut idx = tx.open_table(POLLS_BY_CREATED).map_err(internal)?;
-                        idx.remove((micros(poll.created_at), id.as_str())).map_err(internal)?;
+                        let mut idx = tx.open_table(POLLS_BY_CREATED)?;
+                        idx.remove((micros(poll.created_at), id.as_str()))?;
                         true
                     }
                     None => false,
                 }
             };
-            tx.commit().map_err(internal)?;
+            tx.commit()?;
             Ok(existed)
         })
         .await
     }
 
     async fn ping(&self) -> StoreResult<()> {
-        self.db.begin_read().map(drop).map_err(internal)
+        Ok(self.db.begin_read().map(drop)?)
     }
 }

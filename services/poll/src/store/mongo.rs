@@ -38,7 +38,7 @@ fn poll_oid(id: &str) -> Option<ObjectId> {
 
 fn poll_to_doc(p: &PollRecord) -> StoreResult<Document> {
     let oid =
-        poll_oid(&p.id).ok_or_else(|| StoreError::Internal(format!("poll id {:?} is not 24 hex digits", p.id)))?;
+        poll_oid(&p.id).ok_or_else(|| StoreError::internal(format!("poll id {:?} is not 24 hex digits", p.id)))?;
     Ok(doc! {
         "_id": oid,
         "name": &p.name,
@@ -217,7 +217,7 @@ impl PollStore for MongoPollStore {
             // Our own insert, retried by the driver after a lost reply, also lands here: it is
             // ours when the stored document is exactly what we wrote.
             if self.get(&poll.id).await?.as_ref() != Some(poll) {
-                return Err(StoreError::Internal(format!("poll id {} already exists", poll.id)));
+                return Err(StoreError::internal(format!("poll id {} already exists", poll.id)));
             }
         }
         Ok(())
@@ -233,7 +233,7 @@ impl PollStore for MongoPollStore {
         let mut clauses = Vec::new();
         if let Some(c) = &query.after {
             let Some(oid) = poll_oid(&c.id) else {
-                return Err(StoreError::Internal(format!(
+                return Err(StoreError::internal(format!(
                     "listing cursor id {:?} is not a poll id",
                     c.id
                 )));

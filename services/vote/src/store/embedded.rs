@@ -16,7 +16,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use shared::contract::Tally;
-use shared::embedded::{blocking, internal, open};
+use shared::embedded::{blocking, open};
 use shared::storage::{StoreError, StoreResult};
 use tokio::sync::{mpsc, oneshot};
 
@@ -72,17 +72,16 @@ impl EmbeddedBallotStore {
     /// store is dropped.
     pub fn open(path: &Path) -> StoreResult<Self> {
         let db = open(path, BALLOT_CACHE_BYTES)?;
-        let tx = db.begin_write().map_err(internal)?;
-        tx.open_table(BALLOTS).map_err(internal)?;
-        tx.open_table(VOTERS).map_err(internal)?;
-        tx.open_table(TALLIES).map_err(internal)?;
-        tx.commit().map_err(internal)?;
+        let tx = db.begin_write()?;
+        tx.open_table(BALLOTS)?;
+        tx.open_table(VOTERS)?;
+        tx.open_table(TALLIES)?;
+        tx.commit()?;
         let (jobs, rx) = mpsc::channel(MAX_BATCH * 4);
         let writer_db = db.clone();
         std::thread::Builder::new()
             .name("ballot-writer".into())
-            .spawn(move || writer(writer_db, rx))
-            .map_err(internal)?;
+            .spawn(move || writer(writer_db, rx))?;
         Ok(Self { db, jobs })
     }
 }
@@ -118,10 +117,10 @@ fn writer(db: Arc<Database>, mut rx: mpsc::Receiver<CastJob>) {
                     let _ = job.reply.send(outcome);
                 }
             }
+            // Each caller's answer (a 500) logs the cause: not logged here too.
             Err(e) => {
-                tracing::error!(error = %e, ballots = batch.len(), "ballot batch failed to commit");
                 for job in batch.drain(..) {
-                    let _ = job.reply.send(Err(internal(&e)));
+                    let _ = job.reply.send(Err(e.clone()));
                 }
             }
         }
@@ -137,43 +136,43 @@ fn writer(db: Arc<Database>, mut rx: mpsc::Receiver<CastJob>) {
 /// ballot row itself, keyed by the voter, answers [`BallotStore::voted`]. Fewer B-tree pages
 /// touched per ballot is fewer pages written per commit, which is what bounds the writer.
 fn apply_batch(db: &Database, batch: &[CastJob]) -> StoreResult<Vec<Applied>> {
-    let tx = db.begin_write().map_err(internal)?;
+    let tx = db.begin_write()?;
     let mut outcomes = Vec::with_capacity(batch.len());
     {
-        let mut ballots = tx.open_table(BALLOTS).map_err(internal)?;
-        let mut voters = tx.open_table(VOTERS).map_err(internal)?;
-        let mut tallies = tx.open_table(TALLIES).map_err(internal)?;
+        let mut ballots = tx.open_table(BALLOTS)?;
+        let mut voters = tx.open_table(VOTERS)?;
+        let mut tallies = tx.open_table(TALLIES)?;
         let mut counted: HashMap<&str, Tally> = HashMap::new();
         for job in batch {
             let b = &job.ballot;
             let key = (b.poll_id.as_str(), b.key.as_str());
-            if let Some(existing) = ballots.get(key).map_err(internal)? {
+            if let Some(existing) = ballots.get(key)? {
                 outcomes.push(match serde_json::from_slice(existing.value()) {
                     Ok(stored) => Applied::Duplicate(stored),
-                    Err(e) => Applied::Failed(internal(e)),
+                    Err(e) => Applied::Failed(e.into()),
                 });
                 continue;
             }
             let tally = match counted.entry(b.poll_id.as_str()) {
                 Entry::Occupied(e) => e.into_mut(),
-                Entry::Vacant(e) => e.insert(match tallies.get(b.poll_id.as_str()).map_err(internal)? {
-                    Some(v) => serde_json::from_slice(v.value()).map_err(internal)?,
+                Entry::Vacant(e) => e.insert(match tallies.get(b.poll_id.as_str())? {
+                    Some(v) => serde_json::from_slice(v.value())?,
                     None => Tally::default(),
                 }),
             };
-            ballots.insert(key, job.doc.as_slice()).map_err(internal)?;
+            ballots.insert(key, job.doc.as_slice())?;
             if let Some(voter) = b.voter.as_deref().filter(|v| *v != b.key) {
-                voters.insert((b.poll_id.as_str(), voter), ()).map_err(internal)?;
+                voters.insert((b.poll_id.as_str(), voter), ())?;
             }
             tally.add(&b.choices);
             outcomes.push(Applied::Accepted);
         }
         for (poll_id, tally) in &counted {
-            let doc = serde_json::to_vec(tally).map_err(internal)?;
-            tallies.insert(*poll_id, doc.as_slice()).map_err(internal)?;
+            let doc = serde_json::to_vec(tally)?;
+            tallies.insert(*poll_id, doc.as_slice())?;
         }
     }
-    tx.commit().map_err(internal)?;
+    tx.commit()?;
     Ok(outcomes)
 }
 
@@ -183,10 +182,10 @@ fn poll_range(poll_id: &str) -> std::ops::Range<(&str, &str)> {
 }
 
 fn read_tally(db: &Database, poll_id: &str) -> StoreResult<Tally> {
-    let tx = db.begin_read().map_err(internal)?;
-    let tallies = tx.open_table(TALLIES).map_err(internal)?;
-    match tallies.get(poll_id).map_err(internal)? {
-        Some(v) => serde_json::from_slice(v.value()).map_err(internal),
+    let tx = db.begin_read()?;
+    let tallies = tx.open_table(TALLIES)?;
+    match tallies.get(poll_id)? {
+        Some(v) => Ok(serde_json::from_slice(v.value())?),
         None => Ok(Tally::default()),
     }
 }
@@ -195,9 +194,9 @@ fn read_tally(db: &Database, poll_id: &str) -> StoreResult<Tally> {
 impl BallotStore for EmbeddedBallotStore {
     async fn cast(&self, ballot: BallotRecord) -> StoreResult<CastOutcome> {
         if ballot.key.bytes().any(|b| !(0x20..0x7f).contains(&b)) {
-            return Err(internal("ballot keys must be printable ASCII"));
+            return Err(StoreError::internal("ballot keys must be printable ASCII"));
         }
-        let doc = serde_json::to_vec(&ballot).map_err(internal)?;
+        let doc = serde_json::to_vec(&ballot)?;
         let (reply, rx) = oneshot::channel();
         self.jobs
             .send(CastJob {
@@ -216,13 +215,15 @@ impl BallotStore for EmbeddedBallotStore {
     }
 
     async fn tallies(&self, poll_ids: &[String]) -> StoreResult<Vec<Tally>> {
-        let tx = self.db.begin_read().map_err(internal)?;
-        let tallies = tx.open_table(TALLIES).map_err(internal)?;
+        let tx = self.db.begin_read()?;
+        let tallies = tx.open_table(TALLIES)?;
         poll_ids
             .iter()
-            .map(|id| match tallies.get(id.as_str()).map_err(internal)? {
-                Some(v) => serde_json::from_slice(v.value()).map_err(internal),
-                None => Ok(Tally::default()),
+            .map(|id| -> StoreResult<Tally> {
+                match tallies.get(id.as_str())? {
+                    Some(v) => Ok(serde_json::from_slice(v.value())?),
+                    None => Ok(Tally::default()),
+                }
             })
             .collect()
     }
@@ -232,23 +233,23 @@ impl BallotStore for EmbeddedBallotStore {
         if polls.is_empty() || voters.is_empty() {
             return Ok(vec![false; polls.len()]);
         }
-        let tx = self.db.begin_read().map_err(internal)?;
+        let tx = self.db.begin_read()?;
         // A ballot keyed by the voter key itself (`ip` and `voter` dedupe) has no voter row.
-        let ballots = tx.open_table(BALLOTS).map_err(internal)?;
-        let voter_rows = tx.open_table(VOTERS).map_err(internal)?;
+        let ballots = tx.open_table(BALLOTS)?;
+        let voter_rows = tx.open_table(VOTERS)?;
         let mut out = Vec::with_capacity(polls.len());
         for (poll_id, _keyed_by_voter) in polls {
             let mut voted = false;
             for voter in voters {
                 let key = (poll_id.as_str(), voter.as_str());
-                let by_key = match ballots.get(key).map_err(internal)? {
+                let by_key = match ballots.get(key)? {
                     Some(v) => {
-                        let b: BallotRecord = serde_json::from_slice(v.value()).map_err(internal)?;
+                        let b: BallotRecord = serde_json::from_slice(v.value())?;
                         b.voter.as_deref() == Some(voter.as_str())
                     }
                     None => false,
                 };
-                if by_key || voter_rows.get(key).map_err(internal)?.is_some() {
+                if by_key || voter_rows.get(key)?.is_some() {
                     voted = true;
                     break;
                 }
@@ -262,12 +263,12 @@ impl BallotStore for EmbeddedBallotStore {
         let db = self.db.clone();
         let poll_id = poll_id.to_owned();
         blocking(move || {
-            let tx = db.begin_read().map_err(internal)?;
-            let ballots = tx.open_table(BALLOTS).map_err(internal)?;
+            let tx = db.begin_read()?;
+            let ballots = tx.open_table(BALLOTS)?;
             let mut tally = Tally::default();
-            for entry in ballots.range(poll_range(&poll_id)).map_err(internal)? {
-                let (_, v) = entry.map_err(internal)?;
-                let b: BallotRecord = serde_json::from_slice(v.value()).map_err(internal)?;
+            for entry in ballots.range(poll_range(&poll_id))? {
+                let (_, v) = entry?;
+                let b: BallotRecord = serde_json::from_slice(v.value())?;
                 tally.add(&b.choices);
             }
             Ok(tally)
@@ -291,23 +292,21 @@ impl BallotStore for EmbeddedBallotStore {
         let db = self.db.clone();
         let poll_id = poll_id.to_owned();
         blocking(move || {
-            let tx = db.begin_write().map_err(internal)?;
+            let tx = db.begin_write()?;
             let removed = {
-                let mut ballots = tx.open_table(BALLOTS).map_err(internal)?;
+                let mut ballots = tx.open_table(BALLOTS)?;
                 let mut n = 0u64;
-                ballots
-                    .retain_in(poll_range(&poll_id), |_, _| {
-                        n += 1;
-                        false
-                    })
-                    .map_err(internal)?;
-                let mut voters = tx.open_table(VOTERS).map_err(internal)?;
-                voters.retain_in(poll_range(&poll_id), |_, _| false).map_err(internal)?;
-                let mut tallies = tx.open_table(TALLIES).map_err(internal)?;
-                tallies.remove(poll_id.as_str()).map_err(internal)?;
+                ballots.retain_in(poll_range(&poll_id), |_, _| {
+                    n += 1;
+                    false
+                })?;
+                let mut voters = tx.open_table(VOTERS)?;
+                voters.retain_in(poll_range(&poll_id), |_, _| false)?;
+                let mut tallies = tx.open_table(TALLIES)?;
+                tallies.remove(poll_id.as_str())?;
                 n
             };
-            tx.commit().map_err(internal)?;
+            tx.commit()?;
             Ok(removed)
         })
         .await
@@ -317,7 +316,7 @@ impl BallotStore for EmbeddedBallotStore {
         if self.jobs.is_closed() {
             return Err(StoreError::unavailable("ballot writer stopped"));
         }
-        self.db.begin_read().map(drop).map_err(internal)
+        Ok(self.db.begin_read().map(drop)?)
     }
 }
 

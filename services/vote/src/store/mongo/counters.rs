@@ -204,7 +204,7 @@ impl Counters {
                 return counts_of(&d);
             }
         }
-        Err(StoreError::Internal(format!(
+        Err(StoreError::internal(format!(
             "cannot register the tally counter of poll {poll}"
         )))
     }

@@ -240,7 +240,9 @@ impl MongoBallotStore {
                     tracing::warn!(ballots = n, "creating tally counters for existing ballots");
                     match repair_all(&c, None).await {
                         Ok(r) => tracing::warn!(polls = r.len(), "tally counters created for existing ballots"),
-                        Err(e) => tracing::error!(error = %e, "creating tally counters failed; run the repair"),
+                        Err(e) => {
+                            tracing::error!(error = %shared::error::Chain(&e), "creating tally counters failed; run the repair")
+                        }
                     }
                 });
             }
@@ -271,10 +273,10 @@ impl MongoBallotStore {
         self.inserts
             .send(job)
             .await
-            .map_err(|_| StoreError::Internal("the ballot writer has stopped".into()))?;
+            .map_err(|_| StoreError::internal("the ballot writer has stopped"))?;
         answer
             .await
-            .map_err(|_| StoreError::Internal("the ballot writer dropped a ballot".into()))?
+            .map_err(|_| StoreError::internal("the ballot writer dropped a ballot"))?
     }
 
     async fn find_ballot(&self, id: &str) -> StoreResult<Option<BallotRecord>> {
@@ -349,7 +351,7 @@ impl BallotStore for MongoBallotStore {
                 None => continue,
             }
         }
-        Err(StoreError::Internal(format!(
+        Err(StoreError::internal(format!(
             "ballot {id} kept vanishing between insert and read"
         )))
     }
@@ -384,9 +386,7 @@ impl BallotStore for MongoBallotStore {
                 }
                 Ok::<_, StoreError>(filled)
             });
-            let filled = task
-                .await
-                .map_err(|e| StoreError::Internal(format!("tally task failed: {e}")))??;
+            let filled = task.await??;
             let mut filled = filled.into_iter();
             for slot in out.iter_mut().filter(|t| t.is_none()) {
                 *slot = filled.next().flatten();

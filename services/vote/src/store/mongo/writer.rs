@@ -54,7 +54,7 @@ impl Writer {
             let this = self.clone();
             tokio::spawn(async move {
                 if let Err(e) = this.refresh(&stale).await {
-                    tracing::warn!(error = %e, "tally refresh failed");
+                    tracing::warn!(error = %shared::error::Chain(&e), "tally refresh failed");
                 }
             });
         }
@@ -230,7 +230,7 @@ pub(super) async fn applier(w: Writer, stop: tokio_util::sync::CancellationToken
         match apply_round(&w).await {
             Ok(()) => backoff = Duration::ZERO,
             Err(e) => {
-                tracing::warn!(error = %e, "tally counter update failed; retrying");
+                tracing::warn!(error = %shared::error::Chain(&e), "tally counter update failed; retrying");
                 backoff = (backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
             }
         }
@@ -442,7 +442,7 @@ pub(super) async fn insert_batch(
                     again.push(i);
                     None
                 }
-                DocOutcome::Refused(code) => Some(Err(StoreError::Internal(format!(
+                DocOutcome::Refused(code) => Some(Err(StoreError::internal(format!(
                     "the database refused a ballot (error {code})"
                 )))),
             };
@@ -470,7 +470,7 @@ pub(super) async fn insert_batch(
     }
     let answers = answers
         .into_iter()
-        .map(|a| a.unwrap_or_else(|| Err(StoreError::Internal("ballot left unanswered".into()))))
+        .map(|a| a.unwrap_or_else(|| Err(StoreError::internal("ballot left unanswered"))))
         .collect();
     let clear = sent_attempts.load(Ordering::Relaxed) == known_attempts.load(Ordering::Relaxed);
     (answers, clear)
