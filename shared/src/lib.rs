@@ -26,5 +26,5 @@ pub mod storage;
 pub mod telemetry;
 
 pub use config::Config;
-pub use problem::{FieldError, Problem};
+pub use problem::{FieldError, Problem, ProblemKind};
 pub use secret::Secret;

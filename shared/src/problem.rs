@@ -44,11 +44,117 @@ pub struct ProblemBody {
     pub errors: Vec<FieldError>,
 }
 
+/// The kinds of problem both services answer with: each names its `type` URI's slug
+/// (`urn:pollvote:problem:<slug>`) and its status (whose reason phrase is the title).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProblemKind {
+    /// 400: invalid fields, each named in `errors`.
+    Validation,
+    /// 400: the body is not valid JSON.
+    MalformedJson,
+    /// 400: the body could not be read.
+    UnreadableBody,
+    /// 401: a bearer token is needed (the response has `WWW-Authenticate: Bearer`).
+    Unauthorized,
+    /// 403: refused (not through the configured Front Door, a poll without admin token).
+    Forbidden,
+    /// 404.
+    NotFound,
+    /// 405.
+    MethodNotAllowed,
+    /// 409: the poll is closed.
+    PollClosed,
+    /// 409: a ballot from this voter is already counted.
+    AlreadyVoted,
+    /// 409: options and dedupe cannot change once a vote exists.
+    VotesExist,
+    /// 409: the poll changed meanwhile.
+    ConcurrentChange,
+    /// 413.
+    BodyTooLarge,
+    /// 415: the body is not JSON.
+    UnsupportedMediaType,
+    /// 422: a chosen option is not one of the poll's.
+    UnknownOption,
+    /// 422: an option is chosen twice.
+    DuplicateOption,
+    /// 422: more choices than the poll allows.
+    TooManyChoices,
+    /// 422: an `Idempotency-Key` reused for a different ballot.
+    IdempotencyKeyReused,
+    /// 429 (with `Retry-After`).
+    RateLimited,
+    /// 500 with a generic body: the cause is logged, never sent.
+    Internal,
+    /// 503 (with `Retry-After`): a dependency is down or overloaded.
+    Unavailable,
+    /// Another 4xx status answered by a layer without a body of its own.
+    ClientError(StatusCode),
+}
+
+impl ProblemKind {
+    /// The last part of the `type` URI.
+    pub fn slug(self) -> &'static str {
+        match self {
+            Self::Validation => "validation",
+            Self::MalformedJson => "malformed-json",
+            Self::UnreadableBody => "unreadable-body",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::NotFound => "not-found",
+            Self::MethodNotAllowed => "method-not-allowed",
+            Self::PollClosed => "poll-closed",
+            Self::AlreadyVoted => "already-voted",
+            Self::VotesExist => "votes-exist",
+            Self::ConcurrentChange => "concurrent-change",
+            Self::BodyTooLarge => "body-too-large",
+            Self::UnsupportedMediaType => "unsupported-media-type",
+            Self::UnknownOption => "unknown-option",
+            Self::DuplicateOption => "duplicate-option",
+            Self::TooManyChoices => "too-many-choices",
+            Self::IdempotencyKeyReused => "idempotency-key-reused",
+            Self::RateLimited => "rate-limited",
+            Self::Internal => "internal",
+            Self::Unavailable => "unavailable",
+            Self::ClientError(_) => "client-error",
+        }
+    }
+
+    /// The `type` URI.
+    pub fn uri(self) -> String {
+        format!("urn:pollvote:problem:{}", self.slug())
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::Validation | Self::MalformedJson | Self::UnreadableBody => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::PollClosed | Self::AlreadyVoted | Self::VotesExist | Self::ConcurrentChange => StatusCode::CONFLICT,
+            Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::UnknownOption | Self::DuplicateOption | Self::TooManyChoices | Self::IdempotencyKeyReused => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ClientError(status) => status,
+        }
+    }
+
+    /// The status's reason phrase.
+    pub fn title(self) -> &'static str {
+        self.status().canonical_reason().unwrap_or("Error")
+    }
+}
+
 /// An error response.
 #[derive(Debug, Clone)]
 pub struct Problem {
-    pub status: StatusCode,
-    pub slug: &'static str,
+    pub kind: ProblemKind,
     pub detail: String,
     pub errors: Vec<FieldError>,
     pub retry_after: Option<Duration>,
@@ -56,15 +162,18 @@ pub struct Problem {
 }
 
 impl Problem {
-    pub fn new(status: StatusCode, slug: &'static str, detail: impl Into<String>) -> Self {
+    pub fn new(kind: ProblemKind, detail: impl Into<String>) -> Self {
         Self {
-            status,
-            slug,
+            kind,
             detail: detail.into(),
             errors: Vec::new(),
             retry_after: None,
             www_authenticate: false,
         }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.kind.status()
     }
 
     /// 400 with one entry per invalid field.
@@ -75,7 +184,7 @@ impl Problem {
         };
         Self {
             errors,
-            ..Self::new(StatusCode::BAD_REQUEST, "validation", detail)
+            ..Self::new(ProblemKind::Validation, detail)
         }
     }
 
@@ -84,30 +193,23 @@ impl Problem {
         Self::validation(vec![FieldError::new(field, message)])
     }
 
-    pub fn bad_request(slug: &'static str, detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, slug, detail)
-    }
-
     pub fn not_found(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not-found", detail)
+        Self::new(ProblemKind::NotFound, detail)
     }
 
-    pub fn conflict(slug: &'static str, detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::CONFLICT, slug, detail)
-    }
-
-    pub fn unprocessable(slug: &'static str, field: &str, detail: impl Into<String>) -> Self {
+    /// A problem of `kind` (422) about one field.
+    pub fn unprocessable(kind: ProblemKind, field: &str, detail: impl Into<String>) -> Self {
         let detail = detail.into();
         Self {
             errors: vec![FieldError::new(field, detail.clone())],
-            ..Self::new(StatusCode::UNPROCESSABLE_ENTITY, slug, detail)
+            ..Self::new(kind, detail)
         }
     }
 
     pub fn unauthorized(detail: impl Into<String>) -> Self {
         Self {
             www_authenticate: true,
-            ..Self::new(StatusCode::UNAUTHORIZED, "unauthorized", detail)
+            ..Self::new(ProblemKind::Unauthorized, detail)
         }
     }
 
@@ -115,8 +217,7 @@ impl Problem {
         Self {
             retry_after: Some(retry_after),
             ..Self::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate-limited",
+                ProblemKind::RateLimited,
                 "too many writes from this client; retry later",
             )
         }
@@ -126,24 +227,28 @@ impl Problem {
     pub fn unavailable(detail: impl Into<String>, retry_after: Duration) -> Self {
         Self {
             retry_after: Some(retry_after),
-            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail)
+            ..Self::new(ProblemKind::Unavailable, detail)
         }
     }
 
-    /// 500 with a generic body; log the cause before calling this.
-    pub fn internal() -> Self {
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "the server failed to handle the request",
-        )
+    /// 500 with a generic body. The cause (an error value, or a message when there is none) is
+    /// logged here with its sources, once: callers do not log it too.
+    pub fn internal(cause: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>) -> Self {
+        let cause = cause.into();
+        tracing::error!(error = %Chain(&*cause), "internal error");
+        Self::opaque_internal()
+    }
+
+    /// The 500 itself, logging nothing.
+    fn opaque_internal() -> Self {
+        Self::new(ProblemKind::Internal, "the server failed to handle the request")
     }
 
     pub fn body(&self) -> ProblemBody {
         ProblemBody {
-            kind: format!("urn:pollvote:problem:{}", self.slug),
-            title: self.status.canonical_reason().unwrap_or("Error").to_owned(),
-            status: self.status.as_u16(),
+            kind: self.kind.uri(),
+            title: self.kind.title().to_owned(),
+            status: self.status().as_u16(),
             detail: self.detail.clone(),
             errors: self.errors.clone(),
         }
@@ -153,7 +258,7 @@ impl Problem {
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
         let body = serde_json::to_vec(&self.body()).unwrap_or_default();
-        let mut res = (self.status, body).into_response();
+        let mut res = (self.status(), body).into_response();
         let h = res.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -181,7 +286,7 @@ impl From<StoreError> for Problem {
             }
             StoreError::Internal(_) => {
                 tracing::error!(error = %Chain(&e), "storage failure");
-                Problem::internal()
+                Problem::opaque_internal()
             }
         }
     }

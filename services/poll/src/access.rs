@@ -1,11 +1,11 @@
 //! Who may see and do what with a poll: the id in the path, the admin token (the one secret that
 //! changes a poll), and whether a caller sees the counts (`results`).
 
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use chrono::{DateTime, Utc};
-use shared::Problem;
 use shared::contract::{PollStatus, ResultsVisibility, normalise_poll_id, sha256_hex};
 use shared::http::bearer_token;
+use shared::{Problem, ProblemKind};
 use subtle::ConstantTimeEq;
 
 use crate::record::PollRecord;
@@ -34,8 +34,7 @@ pub fn authorize(p: &PollRecord, headers: &HeaderMap) -> Result<(), Problem> {
     }
     if p.admin_token_hash.is_none() {
         return Err(Problem::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
+            ProblemKind::Forbidden,
             "this poll predates admin tokens and cannot be changed",
         ));
     }

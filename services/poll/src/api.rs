@@ -13,7 +13,7 @@ use rand::RngCore;
 use shared::contract::{ResultsVisibility, Tally, new_poll_id};
 use shared::http::{AppJson, AppQuery, ClientAddr};
 use shared::internal::PollDefinition;
-use shared::problem::{FieldError, Problem, ProblemBody};
+use shared::problem::{FieldError, Problem, ProblemBody, ProblemKind};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -123,7 +123,7 @@ async fn create_poll(State(s): St, AppJson(body): AppJson<CreatePoll>) -> Result
         poll: PollView::new(&poll, Some(&tally), now),
         admin_token: token,
     };
-    let location = HeaderValue::from_str(&format!("/api/polls/{}", poll.id)).map_err(|_| Problem::internal())?;
+    let location = HeaderValue::from_str(&format!("/api/polls/{}", poll.id)).map_err(Problem::internal)?;
     Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(created)).into_response())
 }
 
@@ -217,7 +217,7 @@ async fn list_polls(
     let body = views(&s, &polls, Some(&viewer), false).await?;
     // The list never recognises an admin, so only `after_vote` polls make it caller-dependent.
     let shared = polls.iter().all(|p| p.results != ResultsVisibility::AfterVote);
-    let bytes = serde_json::to_vec(&body).map_err(|_| Problem::internal())?;
+    let bytes = serde_json::to_vec(&body).map_err(Problem::internal)?;
     let view = Rendered::new(bytes, shared);
     let mut res = conditional(&headers, &view);
     if let Some(Some(cursor)) = next {
@@ -274,10 +274,12 @@ async fn get_poll(
         _ => {
             let viewer = (!admin).then(|| Viewer::new(addr, &headers, voter_id));
             let mut views = views(&s, std::slice::from_ref(&*snap.poll), viewer.as_ref(), admin).await?;
-            views.pop().ok_or_else(Problem::internal)?
+            views
+                .pop()
+                .ok_or_else(|| Problem::internal("no view of the poll was made"))?
         }
     };
-    let body = serde_json::to_vec(&view).map_err(|_| Problem::internal())?;
+    let body = serde_json::to_vec(&view).map_err(Problem::internal)?;
     Ok(conditional(&headers, &Rendered::new(body, false)))
 }
 
@@ -340,14 +342,16 @@ async fn update_poll(
         authorize(&poll, &headers)?;
         let now = Utc::now();
         let mut next = poll.apply(&update, now).map_err(|e| match e {
-            UpdateRefused::Closed => Problem::conflict("poll-closed", "the poll is closed and can no longer change"),
+            UpdateRefused::Closed => {
+                Problem::new(ProblemKind::PollClosed, "the poll is closed and can no longer change")
+            }
             UpdateRefused::Invalid(errors) => Problem::validation(errors),
         })?;
         let ballots_matter = next.options != poll.options || next.dedupe != poll.dedupe;
         let tally = s.votes.tally(&poll).await?;
         if ballots_matter && (tally.total > 0 || poll.legacy_votes > 0) {
-            return Err(Problem::conflict(
-                "votes-exist",
+            return Err(Problem::new(
+                ProblemKind::VotesExist,
                 "options and dedupe cannot change once a vote exists",
             ));
         }
@@ -358,8 +362,8 @@ async fn update_poll(
             return Ok(Json(PollView::new(&next, Some(&tally.padded(next.options.len())), now)));
         }
     }
-    Err(Problem::conflict(
-        "concurrent-change",
+    Err(Problem::new(
+        ProblemKind::ConcurrentChange,
         "the poll changed meanwhile; read it again and retry",
     ))
 }

@@ -15,7 +15,7 @@ use shared::contract::{
 };
 use shared::http::{AppJson, AppQuery, ClientAddr};
 use shared::internal::{MAX_TALLIES, PollDefinition, TalliesQuery, TalliesResponse, TallyView};
-use shared::problem::{FieldError, Problem, ProblemBody};
+use shared::problem::{FieldError, Problem, ProblemBody, ProblemKind};
 use utoipa::openapi::Deprecated;
 use utoipa::openapi::RefOr;
 use utoipa::openapi::schema::{
@@ -197,15 +197,17 @@ impl From<Refused> for Problem {
     fn from(r: Refused) -> Self {
         match r {
             Refused::UnknownOption { field, text } => Problem::unprocessable(
-                "unknown-option",
+                ProblemKind::UnknownOption,
                 &field,
                 format!("`{text}` is not an option of this poll"),
             ),
-            Refused::DuplicateOption { field, text } => {
-                Problem::unprocessable("duplicate-option", &field, format!("`{text}` is chosen twice"))
-            }
+            Refused::DuplicateOption { field, text } => Problem::unprocessable(
+                ProblemKind::DuplicateOption,
+                &field,
+                format!("`{text}` is chosen twice"),
+            ),
             Refused::TooManyChoices { max, got } => Problem::unprocessable(
-                "too-many-choices",
+                ProblemKind::TooManyChoices,
                 "options",
                 format!("this poll allows at most {max} choice(s); got {got}"),
             ),
@@ -246,10 +248,10 @@ async fn cast_vote(
     let outcome = match &result {
         Ok((_, true)) => "replayed",
         Ok((_, false)) => "accepted",
-        Err(p) => match p.slug {
-            "already-voted" => "duplicate",
-            "poll-closed" => "closed",
-            "unavailable" => "unavailable",
+        Err(p) => match p.kind {
+            ProblemKind::AlreadyVoted => "duplicate",
+            ProblemKind::PollClosed => "closed",
+            ProblemKind::Unavailable => "unavailable",
             _ => "rejected",
         },
     };
@@ -358,7 +360,7 @@ async fn cast(
         .await?
         .ok_or_else(|| Problem::not_found(format!("there is no poll {poll_id}")))?;
     if def.status_at(Utc::now()) == PollStatus::Closed {
-        return Err(Problem::conflict("poll-closed", "the poll is closed"));
+        return Err(Problem::new(ProblemKind::PollClosed, "the poll is closed"));
     }
     let choices = match_choices(&def.options, def.max_choices, &chosen)?;
     let (key, voter) = identity(def.dedupe, addr, voter_id.as_deref(), idem.as_deref())?;
@@ -368,12 +370,12 @@ async fn cast(
         CastOutcome::Duplicate(existing) => match duplicate(&existing, &ballot) {
             Duplicate::Retry => Ok((ballot_view(&existing, &def), true)),
             Duplicate::KeyReused => Err(Problem::unprocessable(
-                "idempotency-key-reused",
+                ProblemKind::IdempotencyKeyReused,
                 "header.Idempotency-Key",
                 "this Idempotency-Key was already used for a different ballot",
             )),
-            Duplicate::AlreadyVoted => Err(Problem::conflict(
-                "already-voted",
+            Duplicate::AlreadyVoted => Err(Problem::new(
+                ProblemKind::AlreadyVoted,
                 "a ballot from this voter is already counted for this poll",
             )),
         },

@@ -7,7 +7,7 @@ use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::{StatusCode, header, request::Parts};
 use serde::de::DeserializeOwned;
 
-use crate::problem::{FieldError, Problem};
+use crate::problem::{FieldError, Problem, ProblemKind};
 
 /// A JSON body. Rejections: 415 (not JSON), 413 (too large), 400 (malformed JSON, or a field of
 /// the wrong type, unknown or missing, named in `errors`).
@@ -28,15 +28,15 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
         Some(b'[' | b'"' | b't' | b'f' | b'n' | b'-' | b'0'..=b'9') => {
             return Err(Problem::invalid("body", "must be a JSON object"));
         }
-        _ => return Err(Problem::bad_request("malformed-json", "the body is not valid JSON")),
+        _ => return Err(Problem::new(ProblemKind::MalformedJson, "the body is not valid JSON")),
     }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if inner.is_syntax() || inner.is_eof() {
-            Problem::bad_request(
-                "malformed-json",
+            Problem::new(
+                ProblemKind::MalformedJson,
                 format!(
                     "the body is not valid JSON ({} at line {} column {})",
                     inner_kind(&inner),
@@ -50,8 +50,8 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
         }
     })?;
     de.end().map_err(|e| {
-        Problem::bad_request(
-            "malformed-json",
+        Problem::new(
+            ProblemKind::MalformedJson,
             format!("unexpected data after the JSON value at column {}", e.column()),
         )
     })?;
@@ -80,20 +80,15 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for AppJson<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         if !is_json(req.headers()) {
             return Err(Problem::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported-media-type",
+                ProblemKind::UnsupportedMediaType,
                 "the body must be JSON (Content-Type: application/json)",
             ));
         }
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                Problem::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body-too-large",
-                    "the request body is too large",
-                )
+                Problem::new(ProblemKind::BodyTooLarge, "the request body is too large")
             } else {
-                Problem::bad_request("unreadable-body", "the request body could not be read")
+                Problem::new(ProblemKind::UnreadableBody, "the request body could not be read")
             }
         })?;
         parse_json(&bytes).map(AppJson)
@@ -129,10 +124,11 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        parts.extensions.get::<ClientAddr>().copied().ok_or_else(|| {
-            tracing::error!("client address middleware is not installed");
-            Problem::internal()
-        })
+        parts
+            .extensions
+            .get::<ClientAddr>()
+            .copied()
+            .ok_or_else(|| Problem::internal("client address middleware is not installed"))
     }
 }
 
@@ -162,7 +158,7 @@ mod tests {
     #[test]
     fn json_errors_name_the_field() {
         let e = parse_json::<Body>(br#"{"name": {"$gt": ""}, "options": []}"#).expect_err("map for string");
-        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
         assert_eq!(e.errors[0].field, "name");
         assert!(e.errors[0].message.contains("expected a string"), "{:?}", e.errors);
         let e = parse_json::<Body>(br#"{"name": "x", "options": [], "votes": 5}"#).expect_err("unknown");
@@ -170,13 +166,13 @@ mod tests {
         let e = parse_json::<Body>(br#"{"name": "x", "options": [1]}"#).expect_err("wrong item type");
         assert_eq!(e.errors[0].field, "options[0]");
         let e = parse_json::<Body>(br#"{"name": "x""#).expect_err("truncated");
-        assert_eq!(e.slug, "malformed-json");
+        assert_eq!(e.kind, ProblemKind::MalformedJson);
         let e = parse_json::<Body>(br#"{"name": "x", "options": []} {}"#).expect_err("trailing");
-        assert_eq!(e.slug, "malformed-json");
+        assert_eq!(e.kind, ProblemKind::MalformedJson);
         let e = parse_json::<Body>(br#"["x", []]"#).expect_err("array");
         assert_eq!(e.errors[0].field, "body");
         let e = parse_json::<Body>(b"").expect_err("empty");
-        assert_eq!(e.slug, "malformed-json");
+        assert_eq!(e.kind, ProblemKind::MalformedJson);
         let e = parse_json::<Body>(br#"{"options": []}"#).expect_err("missing");
         assert!(e.errors[0].message.contains("missing field `name`"), "{:?}", e.errors);
     }

@@ -17,7 +17,7 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use super::extract::ClientAddr;
 use crate::config::{ClientIpSource, ServerConfig};
 use crate::metrics::{HttpLabels, Metrics};
-use crate::problem::{PROBLEM_JSON, Problem};
+use crate::problem::{PROBLEM_JSON, Problem, ProblemKind};
 use crate::telemetry::{self, RequestContext};
 use tracing::Instrument as _;
 
@@ -102,8 +102,7 @@ pub async fn front_door(State(id): State<Arc<str>>, req: Request, next: Next) ->
         next.run(req).await
     } else {
         Problem::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
+            ProblemKind::Forbidden,
             "requests must come through the configured Front Door",
         )
         .into_response()
@@ -268,18 +267,16 @@ pub async fn problem_for_errors(req: Request, next: Next) -> Response {
     let problem = match status {
         StatusCode::NOT_FOUND => Problem::not_found("no such resource"),
         StatusCode::METHOD_NOT_ALLOWED => Problem::new(
-            status,
-            "method-not-allowed",
+            ProblemKind::MethodNotAllowed,
             "this resource does not support that method",
         ),
-        StatusCode::PAYLOAD_TOO_LARGE => Problem::new(status, "body-too-large", "the request body is too large"),
+        StatusCode::PAYLOAD_TOO_LARGE => Problem::new(ProblemKind::BodyTooLarge, "the request body is too large"),
         StatusCode::SERVICE_UNAVAILABLE | StatusCode::REQUEST_TIMEOUT | StatusCode::GATEWAY_TIMEOUT => {
             Problem::unavailable("the request took too long", Duration::from_secs(1))
         }
-        s if s.is_server_error() => Problem::internal(),
+        s if s.is_server_error() => Problem::internal(format!("a layer answered {s} without a body")),
         s => Problem::new(
-            s,
-            "client-error",
+            ProblemKind::ClientError(s),
             s.canonical_reason().unwrap_or("the request was refused"),
         ),
     };
@@ -301,8 +298,7 @@ pub fn panic_response(err: Box<dyn std::any::Any + Send + 'static>) -> Response<
         .map(String::as_str)
         .or_else(|| err.downcast_ref::<&str>().copied())
         .unwrap_or("unknown panic");
-    tracing::error!(panic = msg, "handler panicked");
-    Problem::internal().into_response()
+    Problem::internal(format!("handler panicked: {msg}")).into_response()
 }
 
 #[cfg(test)]
