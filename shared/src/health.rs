@@ -12,8 +12,43 @@ use async_trait::async_trait;
 pub trait Dependency: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// Ok when usable; otherwise a short reason without secrets.
-    async fn check(&self) -> Result<(), String>;
+    async fn check(&self) -> Result<(), Unhealthy>;
 }
+
+/// Why a `/health/deep` dependency is not usable: a short reason without secrets (the probe
+/// shows it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Unhealthy(pub String);
+
+/// Why the service is not ready (`/readyz`): starting (and what it waits for) or draining.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct NotReady(pub String);
+
+macro_rules! reason {
+    ($($t:ident),*) => {$(
+        impl From<String> for $t {
+            fn from(s: String) -> Self {
+                Self(s)
+            }
+        }
+        impl From<&str> for $t {
+            fn from(s: &str) -> Self {
+                Self(s.to_owned())
+            }
+        }
+        /// The reason's text.
+        impl std::ops::Deref for $t {
+            type Target = str;
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
+    )*};
+}
+
+reason!(Unhealthy, NotReady);
 
 /// Start-up and shutdown state behind `/readyz`: ready once the server is built and every
 /// pending start-up condition (storage connected, secret loaded) is resolved, until draining.
@@ -47,7 +82,7 @@ impl Readiness {
         self.draining.load(Ordering::SeqCst)
     }
     /// Ok when ready, else why not.
-    pub fn state(&self) -> Result<(), String> {
+    pub fn state(&self) -> Result<(), NotReady> {
         if self.draining.load(Ordering::SeqCst) {
             Err("draining: shutting down".into())
         } else if !self.initialised.load(Ordering::SeqCst) {
@@ -58,7 +93,7 @@ impl Readiness {
                 Ok(())
             } else {
                 let why: Vec<String> = pending.iter().map(|(k, v)| format!("{k}: {v}")).collect();
-                Err(format!("starting: {}", why.join("; ")))
+                Err(format!("starting: {}", why.join("; ")).into())
             }
         }
     }

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::contract::{DedupePolicy, PollStatus, ResultsVisibility, status_at};
-use crate::health::Dependency;
+use crate::health::{Dependency, Unhealthy};
 use crate::metrics::{Metrics, PeerLabels};
 use crate::problem::Problem;
 
@@ -132,14 +132,23 @@ pub struct PeerClient {
     metrics: Option<Arc<Metrics>>,
 }
 
+/// The HTTP client for the other service could not be built (a start-up error).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the HTTP client for {name}")]
+pub struct PeerClientError {
+    pub name: &'static str,
+    #[source]
+    pub source: reqwest::Error,
+}
+
 impl PeerClient {
-    pub fn new(name: &'static str, base: &str, timeout: Duration) -> Result<Self, String> {
+    pub fn new(name: &'static str, base: &str, timeout: Duration) -> Result<Self, PeerClientError> {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_millis(500)))
             .pool_idle_timeout(Duration::from_secs(30))
             .build()
-            .map_err(|e| format!("cannot build the HTTP client for {name}: {e}"))?;
+            .map_err(|source| PeerClientError { name, source })?;
         Ok(Self {
             name,
             base: base.trim_end_matches('/').to_owned(),
@@ -259,20 +268,20 @@ impl Dependency for PeerClient {
         self.name
     }
 
-    async fn check(&self) -> Result<(), String> {
+    async fn check(&self) -> Result<(), Unhealthy> {
         let res = self.http.get(self.url("/healthz")).send().await.map_err(|e| {
-            if e.is_timeout() {
-                "timed out".to_owned()
+            Unhealthy::from(if e.is_timeout() {
+                "timed out"
             } else if e.is_connect() {
-                "connection refused or unreachable".to_owned()
+                "connection refused or unreachable"
             } else {
-                "request failed".to_owned()
-            }
+                "request failed"
+            })
         })?;
         if res.status().is_success() {
             Ok(())
         } else {
-            Err(format!("answered {}", res.status()))
+            Err(format!("answered {}", res.status()).into())
         }
     }
 }

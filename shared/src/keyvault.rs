@@ -32,7 +32,7 @@ use tokio::sync::{Notify, watch};
 use crate::Secret;
 use crate::backoff::Backoff;
 use crate::config::KeyVaultConfig;
-use crate::health::{Dependency, Readiness};
+use crate::health::{Dependency, Readiness, Unhealthy};
 
 /// The readiness condition this module holds until the secret is loaded.
 pub const READINESS_KEY: &str = "secret";
@@ -40,6 +40,63 @@ pub const READINESS_KEY: &str = "secret";
 pub const MIN_GAP: Duration = Duration::from_secs(5);
 
 const WORKLOAD_IDENTITY_VARS: [&str; 3] = ["AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_FEDERATED_TOKEN_FILE"];
+
+/// Why Key Vault cannot be used (a start-up error). SDK errors are kept as messages made by
+/// [`describe`] (the kind, status and error code, never a response body: a body may hold the
+/// secret).
+#[derive(Debug, thiserror::Error)]
+pub enum KeyVaultError {
+    #[error(
+        "Key Vault: workload identity is only partly configured: {} not set (the Azure Workload Identity \
+         webhook sets AZURE_CLIENT_ID, AZURE_TENANT_ID, AZURE_FEDERATED_TOKEN_FILE and AZURE_AUTHORITY_HOST in \
+         pods labelled azure.workload.identity/use=true whose service account names the client id)",
+        missing.join(", ")
+    )]
+    PartlyConfigured { missing: Vec<&'static str> },
+    #[error(
+        "Key Vault: no Azure credential: AZURE_CLIENT_ID, AZURE_TENANT_ID and AZURE_FEDERATED_TOKEN_FILE are \
+         not set (workload identity, set in AKS by its webhook) and the Azure CLI (`az`) is not on PATH (on a \
+         laptop: install it and run `az login`)"
+    )]
+    NoCredential,
+    #[error("Key Vault: cannot build the HTTPS client")]
+    HttpClient(#[source] reqwest::Error),
+    /// The SDK refused to make the credential (`what`) or the client.
+    #[error("Key Vault: {what}")]
+    Sdk {
+        what: String,
+        #[source]
+        cause: SdkError,
+    },
+}
+
+/// An Azure SDK error as [`describe`] tells it: log- and probe-safe.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SdkError(pub String);
+
+impl SdkError {
+    fn of(e: &azure_core::Error) -> Self {
+        Self(describe(e))
+    }
+}
+
+/// Why one read of the secret failed: a message without secrets.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SecretReadError(pub String);
+
+impl From<String> for SecretReadError {
+    fn from(s: String) -> Self {
+        Self(s)
+    }
+}
+
+impl From<&str> for SecretReadError {
+    fn from(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+}
 
 /// Which Azure credential reads the vault.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,7 +124,7 @@ impl CredentialChoice {
 pub fn choose_credential(
     var: impl Fn(&str) -> Option<String>,
     on_path: impl Fn(&str) -> bool,
-) -> Result<CredentialChoice, String> {
+) -> Result<CredentialChoice, KeyVaultError> {
     let value = |name: &str| var(name).filter(|v| !v.trim().is_empty());
     let missing: Vec<&str> = WORKLOAD_IDENTITY_VARS
         .into_iter()
@@ -84,19 +141,9 @@ pub fn choose_credential(
             tenant_id,
             token_file: PathBuf::from(token_file),
         }),
-        (n, ..) if n < WORKLOAD_IDENTITY_VARS.len() => Err(format!(
-            "Key Vault: workload identity is only partly configured: {} not set (the Azure Workload Identity \
-             webhook sets AZURE_CLIENT_ID, AZURE_TENANT_ID, AZURE_FEDERATED_TOKEN_FILE and AZURE_AUTHORITY_HOST in \
-             pods labelled azure.workload.identity/use=true whose service account names the client id)",
-            missing.join(", ")
-        )),
+        (n, ..) if n < WORKLOAD_IDENTITY_VARS.len() => Err(KeyVaultError::PartlyConfigured { missing }),
         _ if on_path("az") || on_path("azd") => Ok(CredentialChoice::DeveloperTools),
-        _ => Err(
-            "Key Vault: no Azure credential: AZURE_CLIENT_ID, AZURE_TENANT_ID and AZURE_FEDERATED_TOKEN_FILE are \
-                  not set (workload identity, set in AKS by its webhook) and the Azure CLI (`az`) is not on PATH (on a \
-                  laptop: install it and run `az login`)"
-                .into(),
-        ),
+        _ => Err(KeyVaultError::NoCredential),
     }
 }
 
@@ -122,14 +169,14 @@ fn is_executable(p: &Path) -> bool {
 /// The SDK's transport: the workspace's reqwest (rustls; roots from the OS store, or from
 /// `SSL_CERT_FILE` / `SSL_CERT_DIR` when set) with our timeouts, and no retries of its own: the
 /// task below retries with its own backoff.
-fn client_options(config: &KeyVaultConfig) -> Result<ClientOptions, String> {
+fn client_options(config: &KeyVaultConfig) -> Result<ClientOptions, KeyVaultError> {
     let timeout = Duration::from_millis(config.timeout_ms);
     let http = reqwest::Client::builder()
         .connect_timeout(timeout.min(Duration::from_secs(5)))
         .timeout(timeout)
         .redirect(reqwest::redirect::Policy::none())
         .build()
-        .map_err(|e| format!("Key Vault: cannot build the HTTPS client: {}", chain(&e)))?;
+        .map_err(KeyVaultError::HttpClient)?;
     Ok(ClientOptions {
         transport: Some(Transport::new(Arc::new(http))),
         retry: RetryOptions::none(),
@@ -137,7 +184,7 @@ fn client_options(config: &KeyVaultConfig) -> Result<ClientOptions, String> {
     })
 }
 
-fn credential(choice: &CredentialChoice, options: &ClientOptions) -> Result<Arc<dyn TokenCredential>, String> {
+fn credential(choice: &CredentialChoice, options: &ClientOptions) -> Result<Arc<dyn TokenCredential>, KeyVaultError> {
     match choice {
         CredentialChoice::WorkloadIdentity {
             client_id,
@@ -154,11 +201,17 @@ fn credential(choice: &CredentialChoice, options: &ClientOptions) -> Result<Arc<
             };
             WorkloadIdentityCredential::new(Some(options))
                 .map(|c| c as Arc<dyn TokenCredential>)
-                .map_err(|e| format!("Key Vault: workload identity: {}", describe(&e)))
+                .map_err(|e| KeyVaultError::Sdk {
+                    what: "workload identity".into(),
+                    cause: SdkError::of(&e),
+                })
         }
         CredentialChoice::DeveloperTools => DeveloperToolsCredential::new(None)
             .map(|c| c as Arc<dyn TokenCredential>)
-            .map_err(|e| format!("Key Vault: Azure CLI credential: {}", describe(&e))),
+            .map_err(|e| KeyVaultError::Sdk {
+                what: "Azure CLI credential".into(),
+                cause: SdkError::of(&e),
+            }),
     }
 }
 
@@ -197,7 +250,7 @@ impl TokenCredential for TracedCredential {
 #[async_trait]
 pub trait SecretReader: Send + Sync + 'static {
     /// The value, or why not (a message without secrets).
-    async fn read(&self) -> Result<Secret, String>;
+    async fn read(&self) -> Result<Secret, SecretReadError>;
 }
 
 struct VaultReader {
@@ -207,17 +260,17 @@ struct VaultReader {
 
 #[async_trait]
 impl SecretReader for VaultReader {
-    async fn read(&self) -> Result<Secret, String> {
+    async fn read(&self) -> Result<Secret, SecretReadError> {
         let response = self
             .client
             .get_secret(&self.name, None)
             .await
-            .map_err(|e| describe(&e))?;
-        let secret = response.into_model().map_err(|e| describe(&e))?;
+            .map_err(|e| SecretReadError(describe(&e)))?;
+        let secret = response.into_model().map_err(|e| SecretReadError(describe(&e)))?;
         secret
             .value
             .map(Secret::new)
-            .ok_or_else(|| "the secret has no value".to_owned())
+            .ok_or_else(|| "the secret has no value".into())
     }
 }
 
@@ -299,7 +352,10 @@ pub struct ConnectionSource {
 /// The connection string as configured: from Key Vault when `keyvault` is in use (fetched in the
 /// background, refreshed, readiness waiting for "secret" until loaded), else `storage.mongodb_uri`,
 /// a value that never changes. Errors are start-up errors (no usable Azure credential, …).
-pub fn connection_source(config: &crate::Config, readiness: &Arc<Readiness>) -> Result<ConnectionSource, String> {
+pub fn connection_source(
+    config: &crate::Config,
+    readiness: &Arc<Readiness>,
+) -> Result<ConnectionSource, KeyVaultError> {
     if config.keyvault.in_use() {
         return start(&config.keyvault, readiness);
     }
@@ -361,7 +417,7 @@ impl PartialEq for CredentialsRejected {
 impl Eq for CredentialsRejected {}
 
 /// Reads the connection string from Key Vault as `config` says; see the module docs.
-pub fn start(config: &KeyVaultConfig, readiness: &Arc<Readiness>) -> Result<ConnectionSource, String> {
+pub fn start(config: &KeyVaultConfig, readiness: &Arc<Readiness>) -> Result<ConnectionSource, KeyVaultError> {
     let url = config.url.trim();
     let choice = choose_credential(|name| std::env::var(name).ok(), on_path)?;
     let options = client_options(config)?;
@@ -380,7 +436,10 @@ pub fn start(config: &KeyVaultConfig, readiness: &Arc<Readiness>) -> Result<Conn
             verify_challenge_resource: Some(config.verify_challenge_resource),
         }),
     )
-    .map_err(|e| format!("Key Vault {url}: {}", describe(&e)))?;
+    .map_err(|e| KeyVaultError::Sdk {
+        what: url.to_owned(),
+        cause: SdkError::of(&e),
+    })?;
     tracing::info!(
         vault = url,
         secret = %config.secret_name,
@@ -499,7 +558,7 @@ impl Task {
     }
 
     /// One read, checked, with its outcome recorded for `/health/deep`.
-    async fn read(&self) -> Result<Secret, String> {
+    async fn read(&self) -> Result<Secret, SecretReadError> {
         let span = if crate::telemetry::span_wanted() {
             tracing::info_span!(
                 "keyvault",
@@ -519,12 +578,12 @@ impl Task {
                 Ok(value)
             } else {
                 // Never echo the value.
-                Err("its value is not a MongoDB connection string (mongodb:// or mongodb+srv://)".to_owned())
+                Err("its value is not a MongoDB connection string (mongodb:// or mongodb+srv://)".into())
             }
         });
         if let Ok(mut s) = self.state.lock() {
             s.loaded |= result.is_ok();
-            s.error = result.as_ref().err().cloned();
+            s.error = result.as_ref().err().map(ToString::to_string);
         }
         crate::metrics::keyvault().read(result.is_ok());
         if result.is_err() {
@@ -546,7 +605,7 @@ impl Dependency for KeyVaultHealth {
         "keyvault"
     }
 
-    async fn check(&self) -> Result<(), String> {
+    async fn check(&self) -> Result<(), Unhealthy> {
         let (loaded, error) = self
             .state
             .lock()
@@ -554,12 +613,13 @@ impl Dependency for KeyVaultHealth {
             .unwrap_or((false, Some("state unavailable".into())));
         match (loaded, error) {
             (true, None) => Ok(()),
-            (false, None) => Err(format!("reading {} (no answer yet)", self.what)),
-            (false, Some(e)) => Err(format!("cannot read {}: {e}", self.what)),
+            (false, None) => Err(format!("reading {} (no answer yet)", self.what).into()),
+            (false, Some(e)) => Err(format!("cannot read {}: {e}", self.what).into()),
             (true, Some(e)) => Err(format!(
                 "cannot read {}: {e} (serving with the connection string read before)",
                 self.what
-            )),
+            )
+            .into()),
         }
     }
 }
@@ -601,7 +661,8 @@ mod tests {
     #[test]
     fn partial_workload_identity_names_what_is_missing() {
         let err = choose_credential(env(&[("AZURE_CLIENT_ID", "c"), ("AZURE_TENANT_ID", " ")]), |_| true)
-            .expect_err("partial");
+            .expect_err("partial")
+            .to_string();
         assert!(
             err.contains("AZURE_TENANT_ID, AZURE_FEDERATED_TOKEN_FILE not set"),
             "{err}"
@@ -612,10 +673,10 @@ mod tests {
     #[test]
     fn the_azure_cli_on_a_laptop_otherwise_a_clear_error() {
         assert_eq!(
-            choose_credential(env(&[]), |p| p == "az"),
-            Ok(CredentialChoice::DeveloperTools)
+            choose_credential(env(&[]), |p| p == "az").ok(),
+            Some(CredentialChoice::DeveloperTools)
         );
-        let err = choose_credential(env(&[]), |_| false).expect_err("nothing");
+        let err = choose_credential(env(&[]), |_| false).expect_err("nothing").to_string();
         for needle in [
             "AZURE_CLIENT_ID",
             "AZURE_TENANT_ID",
@@ -654,7 +715,7 @@ mod tests {
 
     #[async_trait]
     impl SecretReader for Script {
-        async fn read(&self) -> Result<Secret, String> {
+        async fn read(&self) -> Result<Secret, SecretReadError> {
             *self.reads.lock().expect("lock") += 1;
             let mut answers = self.answers.lock().expect("lock");
             let answer = if answers.len() > 1 {
@@ -664,7 +725,7 @@ mod tests {
             };
             match answer.expect("an answer") {
                 Ok(v) => Ok(Secret::new(v)),
-                Err(e) => Err(e.to_owned()),
+                Err(e) => Err(e.into()),
             }
         }
     }

@@ -8,13 +8,39 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Sources};
+use crate::error::Chain;
 use crate::http::Server;
+use crate::internal::PeerClientError;
+use crate::keyvault::KeyVaultError;
+use crate::storage::StoreError;
+
+/// Why a service could not start. `main` prints it with its sources.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The connection string's source (Key Vault) cannot be used.
+    #[error(transparent)]
+    KeyVault(#[from] KeyVaultError),
+    /// The store could not be opened (the embedded file; a MongoDB store connects in the background).
+    #[error("cannot open the store")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Peer(#[from] PeerClientError),
+    #[error("cannot serve on the listener given")]
+    Listener(#[source] std::io::Error),
+    #[error("cannot listen on {host}:{port}")]
+    Listen {
+        host: String,
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
+}
 
 /// Runs a service binary. `build` gets the validated config and the shutdown token.
 pub async fn main_with<F, Fut>(service: &'static str, default_port: u16, build: F) -> ExitCode
 where
     F: FnOnce(Config, CancellationToken) -> Fut,
-    Fut: Future<Output = Result<Server, String>>,
+    Fut: Future<Output = Result<Server, StartError>>,
 {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let config = match Config::load(&Sources::from_process()) {
@@ -40,7 +66,7 @@ where
     let server = match build(config, shutdown).await {
         Ok(s) => s,
         Err(e) => {
-            tracing::error!(error = %e, "{service} failed to start");
+            tracing::error!(error = %Chain(&e), "{service} failed to start");
             return ExitCode::FAILURE;
         }
     };
@@ -101,7 +127,7 @@ pub async fn bind_service(
     api: utoipa_axum::router::OpenApiRouter,
     shutdown: CancellationToken,
     describe: impl FnOnce(&mut utoipa::openapi::OpenApi),
-) -> Result<Server, String> {
+) -> Result<Server, StartError> {
     let ServiceParts {
         service,
         default_port,
@@ -119,13 +145,18 @@ pub async fn bind_service(
     raise_open_files_limit();
     let drain = Duration::from_millis(config.server.drain_timeout_ms);
     let server = match listener {
-        Some(listener) => Server::from_listener(listener, router, readiness.clone(), shutdown, drain)
-            .map_err(|e| format!("cannot serve on the listener given: {e}"))?,
+        Some(listener) => {
+            Server::from_listener(listener, router, readiness.clone(), shutdown, drain).map_err(StartError::Listener)?
+        }
         None => {
             let port = config.port_or(default_port);
             Server::bind(&config.server.host, port, router, readiness.clone(), shutdown, drain)
                 .await
-                .map_err(|e| format!("cannot listen on {}:{port}: {e}", config.server.host))?
+                .map_err(|source| StartError::Listen {
+                    host: config.server.host.clone(),
+                    port,
+                    source,
+                })?
         }
     };
     readiness.set_initialised();

@@ -6,6 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::error::{Cause, cause};
+use crate::health::Unhealthy;
 
 /// Why a storage call failed. Messages are for logs only: they never reach clients.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -79,8 +80,9 @@ where
         "database"
     }
 
-    async fn check(&self) -> Result<(), String> {
-        (self.0)().await.map_err(|e| match e {
+    async fn check(&self) -> Result<(), Unhealthy> {
+        (self.0)().await.map_err(|e| {
+            Unhealthy(match e {
             // Scrubbed of connection strings where they are made (`mongo::describe`).
             StoreError::Unavailable { message, .. } => format!("unreachable: {message}"),
             StoreError::CredentialsRejected { message } => {
@@ -88,7 +90,8 @@ where
                     "authentication failed: the database refused the credentials of the connection string ({message})"
                 )
             }
-            StoreError::Internal(_) => "failing".to_owned(),
+                StoreError::Internal(_) => "failing".to_owned(),
+            })
         })
     }
 }

@@ -70,11 +70,16 @@ fn otlp_endpoint_set() -> bool {
     !disabled && !none && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
 }
 
-fn tracer_provider(service: &str) -> Result<SdkTracerProvider, String> {
+/// The OTLP exporter could not be built (tracing then stays off; logs go on).
+#[derive(Debug, thiserror::Error)]
+#[error("OTLP exporter")]
+pub struct ExporterError(#[source] opentelemetry_otlp::ExporterBuildError);
+
+fn tracer_provider(service: &str) -> Result<SdkTracerProvider, ExporterError> {
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .build()
-        .map_err(|e| format!("OTLP exporter: {e}"))?;
+        .map_err(ExporterError)?;
     let name = std::env::var("OTEL_SERVICE_NAME")
         .ok()
         .filter(|s| !s.trim().is_empty())
@@ -163,7 +168,7 @@ fn install(log: &LogConfig, service: Option<&str>) -> Telemetry {
         let _ = TRACING_ON.set(provider.is_some());
     }
     if let Some(e) = problem {
-        tracing::error!(error = %e, "tracing is off: the OTLP exporter could not be built");
+        tracing::error!(error = %crate::error::Chain(&e), "tracing is off: the OTLP exporter could not be built");
     }
     Telemetry {
         provider: provider.filter(|_| installed),

@@ -20,7 +20,7 @@ use shared::http::Server;
 use shared::internal::PeerClient;
 use shared::keyvault::connection_source;
 use shared::metrics::Metrics;
-use shared::service::{ServiceParts, bind_service, describe_service};
+use shared::service::{ServiceParts, StartError, bind_service, describe_service};
 use shared::storage::StoreHealth;
 use tokio_util::sync::CancellationToken;
 use utoipa::openapi::OpenApi;
@@ -32,7 +32,7 @@ pub const DEFAULT_PORT: u16 = 4000;
 pub const STREAM_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Builds the poll service, bound and ready to run.
-pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Server, String> {
+pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Server, StartError> {
     build_on(config, None, shutdown).await
 }
 
@@ -42,12 +42,12 @@ pub async fn build_on(
     config: Config,
     listener: Option<std::net::TcpListener>,
     shutdown: CancellationToken,
-) -> Result<Server, String> {
+) -> Result<Server, StartError> {
     let readiness = Arc::new(Readiness::default());
     let metrics = Arc::new(Metrics::new(SERVICE));
     let source = connection_source(&config, &readiness)?;
     let keyvault = source.health.clone();
-    let store = store::open(&config, &readiness, source, metrics.clone()).map_err(|e| e.to_string())?;
+    let store = store::open(&config, &readiness, source, metrics.clone())?;
     let peer = PeerClient::new(
         "vote service",
         &config.services.vote_url,

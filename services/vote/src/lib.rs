@@ -16,7 +16,7 @@ use shared::http::Server;
 use shared::internal::PeerClient;
 use shared::keyvault::connection_source;
 use shared::metrics::Metrics;
-use shared::service::{ServiceParts, bind_service, describe_service};
+use shared::service::{ServiceParts, StartError, bind_service, describe_service};
 use shared::storage::StoreHealth;
 use tokio_util::sync::CancellationToken;
 use utoipa::openapi::OpenApi;
@@ -25,7 +25,7 @@ pub const SERVICE: &str = "vote";
 pub const DEFAULT_PORT: u16 = 5000;
 
 /// Builds the vote service, bound and ready to run.
-pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Server, String> {
+pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Server, StartError> {
     build_on(config, None, shutdown).await
 }
 
@@ -35,12 +35,12 @@ pub async fn build_on(
     config: Config,
     listener: Option<std::net::TcpListener>,
     shutdown: CancellationToken,
-) -> Result<Server, String> {
+) -> Result<Server, StartError> {
     let readiness = Arc::new(Readiness::default());
     let metrics = Arc::new(Metrics::new(SERVICE));
     let source = connection_source(&config, &readiness)?;
     let keyvault = source.health.clone();
-    let store = store::open(&config, &readiness, source, metrics.clone()).map_err(|e| e.to_string())?;
+    let store = store::open(&config, &readiness, source, metrics.clone())?;
     let peer = PeerClient::new(
         "poll service",
         &config.services.poll_url,

@@ -100,7 +100,7 @@ async fn deep(State(ops): State<Arc<Ops>>) -> Response {
             let started = Instant::now();
             let result = match tokio::time::timeout(Duration::from_secs(3), d.check()).await {
                 Ok(r) => r,
-                Err(_) => Err("no answer within 3 s".to_owned()),
+                Err(_) => Err("no answer within 3 s".into()),
             };
             let latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
             let state = match result {
@@ -111,7 +111,7 @@ async fn deep(State(ops): State<Arc<Ops>>) -> Response {
                 },
                 Err(e) => DependencyState {
                     status: "down".into(),
-                    detail: Some(e),
+                    detail: Some(e.0),
                     latency_ms,
                 },
             };
@@ -125,7 +125,7 @@ async fn deep(State(ops): State<Arc<Ops>>) -> Response {
         service: ops.service.to_owned(),
         status: if healthy { "ok" } else { "degraded" }.into(),
         ready: ready.is_ok(),
-        ready_detail: ready.err(),
+        ready_detail: ready.err().map(|r| r.0),
         dependencies,
     };
     let status = if healthy {
