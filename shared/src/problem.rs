@@ -291,3 +291,43 @@ impl From<StoreError> for Problem {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_storage_failure_is_an_opaque_500() {
+        let p = Problem::from(StoreError::internal("cannot reach mongodb://user:hunter2@db"));
+        let body = serde_json::to_string(&p.body()).expect("json");
+        assert_eq!(
+            body,
+            r#"{"type":"urn:pollvote:problem:internal","title":"Internal Server Error","status":500,"detail":"the server failed to handle the request"}"#
+        );
+    }
+
+    #[test]
+    fn the_kind_gives_type_title_and_status() {
+        for (kind, slug, status, title) in [
+            (ProblemKind::Validation, "validation", 400, "Bad Request"),
+            (ProblemKind::AlreadyVoted, "already-voted", 409, "Conflict"),
+            (
+                ProblemKind::IdempotencyKeyReused,
+                "idempotency-key-reused",
+                422,
+                "Unprocessable Entity",
+            ),
+            (ProblemKind::Unavailable, "unavailable", 503, "Service Unavailable"),
+            (
+                ProblemKind::ClientError(StatusCode::IM_A_TEAPOT),
+                "client-error",
+                418,
+                "I'm a teapot",
+            ),
+        ] {
+            let body = Problem::new(kind, "d").body();
+            assert_eq!(body.kind, format!("urn:pollvote:problem:{slug}"));
+            assert_eq!((body.status, body.title.as_str()), (status, title), "{slug}");
+        }
+    }
+}
