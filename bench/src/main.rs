@@ -905,11 +905,12 @@ async fn start_services(args: &Args, run_id: &str) -> Result<(Service, Service, 
                 ],
                 None => Vec::new(),
             };
-            let (pp, vp) = procs::two_ports().map_err(|e| e.to_string())?;
+            let (poll_listener, pp) = procs::listener().map_err(|e| e.to_string())?;
+            let (vote_listener, vp) = procs::listener().map_err(|e| e.to_string())?;
             let (poll, poll_ready) = Service::spawn(SpawnSpec {
                 name: "poll",
                 bin: poll_bin,
-                port: pp,
+                listener: poll_listener,
                 data_dir,
                 env: [("VOTE_API".to_owned(), format!("http://127.0.0.1:{vp}"))]
                     .into_iter()
@@ -921,7 +922,7 @@ async fn start_services(args: &Args, run_id: &str) -> Result<(Service, Service, 
             let (vote, vote_ready) = Service::spawn(SpawnSpec {
                 name: "vote",
                 bin: vote_bin,
-                port: vp,
+                listener: vote_listener,
                 data_dir,
                 env: [("POLL_API".to_owned(), format!("http://127.0.0.1:{pp}"))]
                     .into_iter()

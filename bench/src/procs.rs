@@ -161,26 +161,23 @@ pub fn machine() -> Machine {
     }
 }
 
-fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 /// How a spawned service is configured.
 pub struct SpawnSpec<'a> {
     pub name: &'static str,
     pub bin: &'a Path,
-    pub port: u16,
+    /// Bound already (`listener`); the child serves on it (socket activation, `LISTEN_FDS`), so no
+    /// other process can take the port between choosing it and the child's start.
+    pub listener: TcpListener,
     pub data_dir: &'a Path,
     /// Extra environment (the other service's URL).
     pub env: Vec<(String, String)>,
 }
 
-/// Two free loopback ports.
-pub fn two_ports() -> std::io::Result<(u16, u16)> {
-    // Hold the first listener while asking for the second so that they differ.
-    let a = TcpListener::bind("127.0.0.1:0")?;
-    let b = free_port()?;
-    Ok((a.local_addr()?.port(), b))
+/// A loopback listener on a port the kernel picked, and that port.
+pub fn listener() -> std::io::Result<(TcpListener, u16)> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let port = l.local_addr()?.port();
+    Ok((l, port))
 }
 
 impl Service {
@@ -200,10 +197,15 @@ impl Service {
     pub async fn spawn(spec: SpawnSpec<'_>) -> Result<(Self, Duration), String> {
         let log = spec.data_dir.join(format!("{}.log", spec.name));
         let file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        use command_fds::{CommandFdExt, FdMapping};
+        let addr = spec
+            .listener
+            .local_addr()
+            .map_err(|e| format!("the listener for {}: {e}", spec.name))?;
         let mut cmd = Command::new(spec.bin);
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("PORT", spec.port.to_string())
+            .env("LISTEN_FDS", "1")
             .env("POLLVOTE__SERVER__HOST", "127.0.0.1")
             .env("DATA_DIR", spec.data_dir)
             .env("RATE_LIMIT_PER_MINUTE", "0")
@@ -214,7 +216,11 @@ impl Service {
             .stdout(Stdio::null())
             .stderr(Stdio::from(file))
             .kill_on_drop(true);
-        let addr: SocketAddr = ([127, 0, 0, 1], spec.port).into();
+        cmd.fd_mappings(vec![FdMapping {
+            parent_fd: std::os::fd::OwnedFd::from(spec.listener),
+            child_fd: 3,
+        }])
+        .map_err(|e| e.to_string())?;
         let started = Instant::now();
         let child = cmd
             .spawn()

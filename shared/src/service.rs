@@ -1,7 +1,9 @@
-//! What both binaries' `main` does: load config (every problem listed, exit 2), answer
-//! `--health`, set up logging and signals, build the service and run it until SIGTERM.
+//! What both binaries' `main` does: take an inherited listening socket if there is one (socket
+//! activation), load config (every problem listed, exit 2), answer `--health`, set up logging and
+//! signals, build the service and run it until SIGTERM.
 
 use std::future::Future;
+use std::net::TcpListener;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -36,10 +38,41 @@ pub enum StartError {
     },
 }
 
-/// Runs a service binary. `build` gets the validated config and the shutdown token.
-pub async fn main_with<F, Fut>(service: &'static str, default_port: u16, build: F) -> ExitCode
+/// Runs a service binary. `build` gets the validated config, the inherited listener if any, and
+/// the shutdown token.
+///
+/// Socket activation: with `LISTEN_FDS=1` in the environment (systemd's protocol, as systemd's
+/// socket units, `systemd-socket-activate` or a test harness set it; `LISTEN_PID`, when set, must
+/// be this process), the service serves on the listening TCP socket it inherited as descriptor 3
+/// instead of binding `server.host`/`server.port`. Whoever bound it holds the port, so there is no
+/// moment in which the port is free, and connections made while the process (re)starts wait in the
+/// socket's backlog. The socket is taken before the runtime starts any thread, because taking it
+/// removes those variables from the environment.
+pub fn main_with<F, Fut>(service: &'static str, default_port: u16, build: F) -> ExitCode
 where
-    F: FnOnce(Config, CancellationToken) -> Fut,
+    F: FnOnce(Config, Option<TcpListener>, CancellationToken) -> Fut,
+    Fut: Future<Output = Result<Server, StartError>>,
+{
+    let inherited = match listenfd::ListenFd::from_env().take_tcp_listener(0) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("{service}: LISTEN_FDS is set but descriptor 3 is not a listening TCP socket: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{service}: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(serve(service, default_port, inherited, build))
+}
+
+async fn serve<F, Fut>(service: &'static str, default_port: u16, inherited: Option<TcpListener>, build: F) -> ExitCode
+where
+    F: FnOnce(Config, Option<TcpListener>, CancellationToken) -> Fut,
     Fut: Future<Output = Result<Server, StartError>>,
 {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -63,7 +96,7 @@ where
     let telemetry = crate::telemetry::init_service(&config.log, service);
     let shutdown = CancellationToken::new();
     crate::http::cancel_on_signals(shutdown.clone());
-    let server = match build(config, shutdown).await {
+    let server = match build(config, inherited, shutdown).await {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %Chain(&e), "{service} failed to start");
@@ -122,7 +155,7 @@ pub struct ServiceParts {
 /// and marking the server initialised.
 pub async fn bind_service(
     config: &Config,
-    listener: Option<std::net::TcpListener>,
+    listener: Option<TcpListener>,
     parts: ServiceParts,
     api: utoipa_axum::router::OpenApiRouter,
     shutdown: CancellationToken,

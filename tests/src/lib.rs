@@ -1,7 +1,7 @@
 //! Test harness: both services over real HTTP on loopback sockets, each with its own data.
 //!
 //! [`Stack::start`] runs both services in-process (on listeners bound to port 0 before the
-//! services are built, fresh store per stack). [`ProcStack`] runs the real binaries as child processes, for kill -9 and signal tests.
+//! services are built, fresh store per stack). [`Proc`] runs a real binary as a child process (kill -9, signals, replicas).
 //! With `POLLVOTE_TEST_BACKEND=mongodb` and `MONGODB_TEST_URI`, stacks use that server with one
 //! database per stack (dropped afterwards); otherwise the embedded store in a temp directory.
 
@@ -19,7 +19,7 @@ pub mod azure;
 pub mod secantusdb;
 
 /// A listener on `127.0.0.1`, on a port the kernel picked, bound now: hand it to the service
-/// (`poll_service::build_on`, `vote_service::build_on`) and nothing can take the port in between.
+/// (`poll_service::build`, `vote_service::build`) and nothing can take the port in between.
 /// Connections made before the service runs wait in the listen backlog.
 pub fn listener() -> (TcpListener, u16) {
     let l = TcpListener::bind(("127.0.0.1", 0)).expect("bind 127.0.0.1:0");
@@ -37,35 +37,6 @@ pub fn reserved_port() -> (tokio::net::TcpSocket, u16) {
         .expect("bind 127.0.0.1:0");
     let port = socket.local_addr().expect("local addr").port();
     (socket, port)
-}
-
-/// A port that was free a moment ago, for a child process that binds it itself later.
-///
-/// Children cannot be handed a listener (the binaries take no inherited socket, and the workspace
-/// forbids the `unsafe` that passing one would need), nor asked to pick a port and report it: the
-/// binaries read `PORT=0` as "the service's default port". So there is a window between this check
-/// and the child's bind; in-process services use [`listener`] instead and have none. (A config
-/// value meaning "any free port", logged with the "listening" line, would close it for children.)
-///
-/// Taken from 10000–19999: below the kernel's ephemeral range (32768–60999 by default), so the
-/// outgoing connections the tests themselves open cannot take it in that window, and below the
-/// 20000+ ports the test servers' scripts pick. Never the same port twice in one test process.
-pub fn free_port() -> u16 {
-    use std::sync::Mutex;
-    static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
-    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
-    let seed = u64::from(std::process::id()) ^ uuid::Uuid::new_v4().as_u64_pair().0;
-    for i in 0..10_000u64 {
-        let port = 10_000 + ((seed + i * 7919) % 10_000) as u16;
-        if handed_out.contains(&port) {
-            continue;
-        }
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            handed_out.push(port);
-            return port;
-        }
-    }
-    panic!("no free port in 10000-19999")
 }
 
 /// A test that cannot run on this machine (a server or tool it needs cannot be provisioned):
@@ -212,10 +183,10 @@ impl Stack {
         }
         let poll_shutdown = CancellationToken::new();
         let vote_shutdown = CancellationToken::new();
-        let poll = poll_service::build_on(poll_config, Some(poll_listener), poll_shutdown.clone())
+        let poll = poll_service::build(poll_config, Some(poll_listener), poll_shutdown.clone())
             .await
             .expect("poll service starts");
-        let vote = vote_service::build_on(vote_config, Some(vote_listener), vote_shutdown.clone())
+        let vote = vote_service::build(vote_config, Some(vote_listener), vote_shutdown.clone())
             .await
             .expect("vote service starts");
         let poll_task = tokio::spawn(poll.run_until_stopped());
@@ -436,30 +407,39 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Starts binary `name` with `env` (and nothing inherited but PATH/HOME) and waits for
-    /// `/readyz` to answer 200.
-    pub async fn start(name: &str, env: &[(&str, String)], log: PathBuf) -> Self {
-        let p = Self::spawn(name, env, log);
+    /// Starts binary `name` serving on `listener`, with `env` (and nothing inherited but PATH),
+    /// and waits for `/readyz` to answer 200.
+    pub async fn start(name: &str, listener: TcpListener, env: &[(&str, String)], log: PathBuf) -> Self {
+        let p = Self::spawn(name, listener, env, log);
         p.wait_ready(Duration::from_secs(20)).await;
         p
     }
 
     /// Starts binary `name` like [`Proc::start`] without waiting for it to be ready.
-    pub fn spawn(name: &str, env: &[(&str, String)], log: PathBuf) -> Self {
-        let port = env
-            .iter()
-            .find(|(k, _)| *k == "PORT")
-            .map(|(_, v)| v.clone())
-            .expect("PORT");
+    ///
+    /// The child gets `listener` as descriptor 3 with `LISTEN_FDS=1` (socket activation, see
+    /// `shared::service::main_with`): the port was bound before the child existed, so nothing can
+    /// take it in between. Keep a copy (`listener.try_clone()`) to start a process again on the
+    /// same port after killing it; while the copy is open, connections to the port wait in its
+    /// backlog rather than being refused.
+    pub fn spawn(name: &str, listener: TcpListener, env: &[(&str, String)], log: PathBuf) -> Self {
+        use command_fds::{CommandFdExt, FdMapping};
+        let port = listener.local_addr().expect("local addr").port();
         let file = std::fs::File::create(&log).expect("log file");
         let mut cmd = tokio::process::Command::new(bin_path(name));
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .envs(env.iter().map(|(k, v)| (*k, v.clone())))
+            .env("LISTEN_FDS", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(file))
             .kill_on_drop(true);
+        cmd.fd_mappings(vec![FdMapping {
+            parent_fd: std::os::fd::OwnedFd::from(listener),
+            child_fd: 3,
+        }])
+        .expect("one descriptor mapping");
         let child = cmd.spawn().expect("spawn service");
         let url = format!("http://127.0.0.1:{port}");
         Self { child, url, log }

@@ -31,14 +31,9 @@ pub const DEFAULT_PORT: u16 = 4000;
 /// How often a watched poll's results are re-read for its live streams.
 pub const STREAM_INTERVAL: Duration = Duration::from_millis(250);
 
-/// Builds the poll service, bound and ready to run.
-pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Server, StartError> {
-    build_on(config, None, shutdown).await
-}
-
-/// [`build`], serving on `listener` when one is given (bound already: the tests bind port 0 first)
-/// instead of binding the configured address.
-pub async fn build_on(
+/// Builds the poll service, bound and ready to run: on `listener` when one is given (bound
+/// already: socket activation, or the tests binding port 0 first), else on the configured address.
+pub async fn build(
     config: Config,
     listener: Option<std::net::TcpListener>,
     shutdown: CancellationToken,

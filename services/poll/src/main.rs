@@ -1,6 +1,5 @@
 //! `poll`: the poll service binary. Configuration is documented in the README.
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    shared::service::main_with(poll_service::SERVICE, poll_service::DEFAULT_PORT, poll_service::build).await
+fn main() -> std::process::ExitCode {
+    shared::service::main_with(poll_service::SERVICE, poll_service::DEFAULT_PORT, poll_service::build)
 }

@@ -24,14 +24,9 @@ use utoipa::openapi::OpenApi;
 pub const SERVICE: &str = "vote";
 pub const DEFAULT_PORT: u16 = 5000;
 
-/// Builds the vote service, bound and ready to run.
-pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Server, StartError> {
-    build_on(config, None, shutdown).await
-}
-
-/// [`build`], serving on `listener` when one is given (bound already: the tests bind port 0 first)
-/// instead of binding the configured address.
-pub async fn build_on(
+/// Builds the vote service, bound and ready to run: on `listener` when one is given (bound
+/// already: socket activation, or the tests binding port 0 first), else on the configured address.
+pub async fn build(
     config: Config,
     listener: Option<std::net::TcpListener>,
     shutdown: CancellationToken,

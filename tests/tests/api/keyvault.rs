@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use api_tests::azure::{FakeEntra, HttpsServer, KeyVaultDouble, TestCa};
 use api_tests::secantusdb::OwnSecantusDb;
-use api_tests::{Proc, base_config, drop_databases, free_port, wait_ready};
+use api_tests::{Proc, base_config, drop_databases, listener, wait_ready};
 use mongodb::bson::doc;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -165,17 +165,9 @@ impl Run {
     }
 
     /// The vote service's environment: `identity` for `vault`, plus the test's plumbing.
-    fn vote_env(
-        &self,
-        port: u16,
-        identity: &Identity,
-        vault: &str,
-        secret: &str,
-        db: &str,
-    ) -> Vec<(&'static str, String)> {
+    fn vote_env(&self, identity: &Identity, vault: &str, secret: &str, db: &str) -> Vec<(&'static str, String)> {
         let mut env = identity.env(vault, secret);
         env.extend([
-            ("PORT", port.to_string()),
             ("POLL_API", self.poll_url.clone()),
             ("KEYVAULT_REFRESH_INTERVAL_MS", REFRESH_MS.to_string()),
             ("POLLVOTE__KEYVAULT__RETRY_MAX_MS", "1000".to_owned()),
@@ -340,7 +332,7 @@ impl KeyVault {
             poll_config.services.vote_url = url.to_owned();
         }
         let listener = self.poll_listener.take().expect("the poll service starts once");
-        let poll = poll_service::build_on(poll_config, Some(listener), self.poll_shutdown.clone())
+        let poll = poll_service::build(poll_config, Some(listener), self.poll_shutdown.clone())
             .await
             .expect("poll service");
         tokio::spawn(poll.run_until_stopped());
@@ -349,8 +341,7 @@ impl KeyVault {
 
     /// The vote service's environment for the vault at `vault`.
     fn vote_env(&self, vault: &str) -> Vec<(&'static str, String)> {
-        self.run
-            .vote_env(free_port(), &self.identity, vault, &self.secret, &self.db)
+        self.run.vote_env(&self.identity, vault, &self.secret, &self.db)
     }
 
     /// The vote service reading `conn1` from the vault, and the poll service asking it for
@@ -362,7 +353,7 @@ impl KeyVault {
             assert!(!v.contains("mongodb://"), "{k} holds a connection string");
         }
         let log = self.run.log("1-vote");
-        let vote = Proc::spawn("vote", &env, log);
+        let vote = Proc::spawn("vote", listener().0, &env, log);
         self.start_poll(Some(&vote.url)).await;
         vote.wait_ready(Duration::from_secs(20)).await;
         let created: Value = self
@@ -607,7 +598,7 @@ async fn key_vault_down_at_start_is_not_ready_saying_why_then_ready_by_itself() 
     let late = KeyVaultDouble::new(kv.entra.clone(), API_VERSION);
     late.set(&kv.secret, &kv.conn1);
     let log = kv.run.log("3-vote-vault-down");
-    let down = Proc::spawn("vote", &kv.vote_env(&late_url), log);
+    let down = Proc::spawn("vote", listener().0, &kv.vote_env(&late_url), log);
     let secret = kv.secret.clone();
     let why = kv
         .run
@@ -661,7 +652,7 @@ async fn key_vault_a_refused_assertion_is_a_clear_start_up_error() {
         }
     }
     let log = kv.run.log("4-vote-wrong-assertion");
-    let forged = Proc::spawn("vote", &env, log);
+    let forged = Proc::spawn("vote", listener().0, &env, log);
     let secret = kv.secret.clone();
     kv.run
         .not_ready_because(
@@ -718,7 +709,7 @@ async fn key_vault_a_failing_token_endpoint_is_not_ready_then_ready_by_itself() 
         "AADSTS50000: There was an error issuing a token.",
     )));
     let log = kv.run.log("4-vote-entra-down");
-    let refused = Proc::spawn("vote", &kv.vote_env(&kv.vault.url()), log);
+    let refused = Proc::spawn("vote", listener().0, &kv.vote_env(&kv.vault.url()), log);
     kv.run
         .not_ready_because(
             &refused,
@@ -740,7 +731,7 @@ async fn key_vault_a_missing_identity_stops_the_start_naming_what_is_missing() {
     let mut env = kv.vote_env(&kv.vault.url());
     env.retain(|(k, _)| !matches!(*k, "AZURE_TENANT_ID" | "AZURE_FEDERATED_TOKEN_FILE"));
     let log = kv.run.log("4-vote-no-identity");
-    let mut missing = Proc::spawn("vote", &env, log);
+    let mut missing = Proc::spawn("vote", listener().0, &env, log);
     let exit = tokio::time::timeout(Duration::from_secs(20), missing.child.wait())
         .await
         .expect("exits")
@@ -850,7 +841,7 @@ impl PollService {
         config.storage.data_dir = dir.path().to_path_buf();
         config.server.port = port;
         let shutdown = CancellationToken::new();
-        let poll = poll_service::build_on(config, Some(listener), shutdown.clone())
+        let poll = poll_service::build(config, Some(listener), shutdown.clone())
             .await
             .expect("poll service");
         tokio::spawn(poll.run_until_stopped());
@@ -898,9 +889,8 @@ impl Run {
     }
 
     /// The vote service's environment with the connection string itself (no Key Vault).
-    fn db_vote_env(&self, port: u16, connection_string: &str, database: &str) -> Vec<(&'static str, String)> {
+    fn db_vote_env(&self, connection_string: &str, database: &str) -> Vec<(&'static str, String)> {
         vec![
-            ("PORT", port.to_string()),
             ("POLL_API", self.poll_url.clone()),
             ("MONGODB_CONNECTION_STRING", connection_string.to_owned()),
             ("POLLVOTE__STORAGE__DATABASE", database.to_owned()),
@@ -973,7 +963,7 @@ async fn database_credentials_a_right_password_serves_a_wrong_one_is_not_ready_s
     // The right password: ready, and the ballot is stored.
     let right = with_credentials(&server, "pollvote", &app_pw, "");
     let log = run.log("db-right-password");
-    let vote = Proc::start("vote", &run.db_vote_env(free_port(), &right, &database), log).await;
+    let vote = Proc::start("vote", listener().0, &run.db_vote_env(&right, &database), log).await;
     let res = run.ballot(&vote, &poll_id, "first").await;
     assert_eq!(res.status(), 201, "{}", res.text().await.unwrap_or_default());
     assert_eq!(count_in(&admin, &database).await, 1, "stored in SecantusDB");
@@ -984,7 +974,7 @@ async fn database_credentials_a_right_password_serves_a_wrong_one_is_not_ready_s
     // A wrong password: not ready, saying why; deep health names the database; quick 503s.
     let wrong = with_credentials(&server, "pollvote", &wrong_pw, "");
     let log = run.log("db-wrong-password");
-    let refused = Proc::spawn("vote", &run.db_vote_env(free_port(), &wrong, &database), log);
+    let refused = Proc::spawn("vote", listener().0, &run.db_vote_env(&wrong, &database), log);
     let why = run
         .not_ready_because(
             &refused,
@@ -1086,7 +1076,7 @@ async fn database_tls_trusts_the_test_ca_and_refuses_another_ca_saying_why() {
 
     // The test CA: ready, the ballot is stored.
     let log = run.log("db-tls-trusted");
-    let vote = Proc::start("vote", &run.db_vote_env(free_port(), &trusted, &database), log).await;
+    let vote = Proc::start("vote", listener().0, &run.db_vote_env(&trusted, &database), log).await;
     let res = run.ballot(&vote, &poll_id, "first").await;
     assert_eq!(res.status(), 201, "{}", res.text().await.unwrap_or_default());
     let client = mongodb::Client::with_uri_str(&trusted).await.expect("client");
@@ -1096,7 +1086,7 @@ async fn database_tls_trusts_the_test_ca_and_refuses_another_ca_saying_why() {
     // Another CA: the server's certificate is refused, and every report says so.
     let log = run.log("db-tls-other-ca");
     let foreign = tls(&path("other-ca.pem"));
-    let refused = Proc::spawn("vote", &run.db_vote_env(free_port(), &foreign, &database), log);
+    let refused = Proc::spawn("vote", listener().0, &run.db_vote_env(&foreign, &database), log);
     let needles = [
         "TLS: the database's certificate was refused (invalid peer certificate: UnknownIssuer; \
          is tlsCAFile the CA that signed it?)",
@@ -1233,14 +1223,14 @@ async fn database_password_rotation_is_followed_through_key_vault_without_failed
             .count()
     };
 
-    let mut env = run.vote_env(free_port(), &identity, &vault.url(), &secret, &database);
+    let mut env = run.vote_env(&identity, &vault.url(), &secret, &database);
     for (k, v) in &mut env {
         if *k == "KEYVAULT_REFRESH_INTERVAL_MS" {
             *v = "3600000".to_owned();
         }
     }
     let log = run.log("rotation-vote");
-    let mut vote = Proc::start("vote", &env, log).await;
+    let mut vote = Proc::start("vote", listener().0, &env, log).await;
     let ready = Instant::now();
     let pid = vote.child.id();
     let poll_id = polls.create_poll(&run.http).await;

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use api_tests::{Proc, Stack, eventually, expect_problem, free_port, header, names_field, skip, until};
+use api_tests::{Proc, Stack, eventually, expect_problem, header, listener, names_field, skip, until};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
@@ -1288,12 +1288,11 @@ async fn the_openapi_document_states_the_contract_the_server_enforces() {
 /// connection string if any, and the temporary directory (data and logs).
 async fn observed_pair(extra: &[(&str, String)]) -> (Proc, Proc, Option<String>, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (pp, vp) = (free_port(), free_port());
+    let ((poll_socket, pp), (vote_socket, vp)) = (listener(), listener());
     let mongo = api_tests::mongo_uri();
     let db = format!("t{}", uuid::Uuid::new_v4().simple());
-    let env = |port: u16, name: &str| {
+    let env = |name: &str| {
         let mut env = vec![
-            ("PORT", port.to_string()),
             ("POLL_API", format!("http://127.0.0.1:{pp}")),
             ("VOTE_API", format!("http://127.0.0.1:{vp}")),
             ("DATA_DIR", dir.path().join(name).display().to_string()),
@@ -1308,8 +1307,8 @@ async fn observed_pair(extra: &[(&str, String)]) -> (Proc, Proc, Option<String>,
         env.extend(extra.iter().cloned());
         env
     };
-    let poll = Proc::start("poll", &env(pp, "poll"), dir.path().join("poll.log")).await;
-    let vote = Proc::start("vote", &env(vp, "vote"), dir.path().join("vote.log")).await;
+    let poll = Proc::start("poll", poll_socket, &env("poll"), dir.path().join("poll.log")).await;
+    let vote = Proc::start("vote", vote_socket, &env("vote"), dir.path().join("vote.log")).await;
     if let Some(uri) = &mongo {
         // Dropped when the test ends (the processes are killed first, on drop).
         let (uri, names) = (uri.clone(), vec![format!("{db}_poll"), format!("{db}_vote")]);

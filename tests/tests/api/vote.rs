@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use api_tests::{Proc, Stack, eventually, expect_problem, free_port, names_field, until};
+use api_tests::{Proc, Stack, eventually, expect_problem, listener, names_field, until};
 use serde_json::{Value, json};
 
 #[tokio::test]
@@ -361,9 +361,10 @@ async fn the_poll_service_being_down_is_a_503_with_retry_after() {
     assert_eq!(deep["dependencies"]["poll service"]["status"], "down");
 }
 
-fn env_for(port: u16, data: &std::path::Path, poll_port: u16, vote_port: u16) -> Vec<(&'static str, String)> {
+/// The environment of a service process started by a test; it serves on the listener it is
+/// handed (`Proc::spawn`), so no port is configured.
+fn env_for(data: &std::path::Path, poll_port: u16, vote_port: u16) -> Vec<(&'static str, String)> {
     let mut env = vec![
-        ("PORT", port.to_string()),
         ("DATA_DIR", data.display().to_string()),
         ("POLL_API", format!("http://127.0.0.1:{poll_port}")),
         ("VOTE_API", format!("http://127.0.0.1:{vote_port}")),
@@ -380,17 +381,19 @@ fn env_for(port: u16, data: &std::path::Path, poll_port: u16, vote_port: u16) ->
 #[tokio::test]
 async fn acknowledged_ballots_survive_kill_9_and_dedupe_still_holds() {
     let dir = tempfile::tempdir().expect("tempdir");
-    // free_port(), and the vote service starts again on the same port: the poll service has it.
-    let (poll_port, vote_port) = (free_port(), free_port());
-    let mut env_poll = env_for(poll_port, &dir.path().join("poll"), poll_port, vote_port);
-    let mut env_vote = env_for(vote_port, &dir.path().join("vote"), poll_port, vote_port);
+    // The vote service starts again on the same port (the poll service has it): this test keeps a
+    // copy of its listener.
+    let ((poll_socket, poll_port), (vote_socket, vote_port)) = (listener(), listener());
+    let mut env_poll = env_for(&dir.path().join("poll"), poll_port, vote_port);
+    let mut env_vote = env_for(&dir.path().join("vote"), poll_port, vote_port);
     if api_tests::mongo_uri().is_some() {
         let db = format!("k{}", uuid::Uuid::new_v4().simple());
         env_poll.push(("POLLVOTE__STORAGE__DATABASE", format!("{db}_poll")));
         env_vote.push(("POLLVOTE__STORAGE__DATABASE", format!("{db}_vote")));
     }
-    let poll = Proc::start("poll", &env_poll, dir.path().join("poll.log")).await;
-    let mut vote = Proc::start("vote", &env_vote, dir.path().join("vote.log")).await;
+    let poll = Proc::start("poll", poll_socket, &env_poll, dir.path().join("poll.log")).await;
+    let vote_copy = vote_socket.try_clone().expect("dup");
+    let mut vote = Proc::start("vote", vote_socket, &env_vote, dir.path().join("vote.log")).await;
     let http = reqwest::Client::new();
     let res = http
         .post(format!("{}/api/polls", poll.url))
@@ -431,7 +434,7 @@ async fn acknowledged_ballots_survive_kill_9_and_dedupe_still_holds() {
     vote.kill9().await;
     drop(vote);
 
-    let vote = Proc::start("vote", &env_vote, dir.path().join("vote2.log")).await;
+    let vote = Proc::start("vote", vote_copy, &env_vote, dir.path().join("vote2.log")).await;
     let p: Value = http
         .get(format!("{}/api/polls/{id}", poll.url))
         .send()
@@ -469,9 +472,9 @@ async fn acknowledged_ballots_survive_kill_9_and_dedupe_still_holds() {
 #[tokio::test]
 async fn sigterm_drains_and_exits_cleanly() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (poll_port, vote_port) = (free_port(), free_port());
-    let env = env_for(poll_port, &dir.path().join("poll"), poll_port, vote_port);
-    let mut poll = Proc::start("poll", &env, dir.path().join("poll.log")).await;
+    let ((poll_socket, poll_port), (_, vote_port)) = (listener(), listener());
+    let env = env_for(&dir.path().join("poll"), poll_port, vote_port);
+    let mut poll = Proc::start("poll", poll_socket, &env, dir.path().join("poll.log")).await;
     let pid = poll.child.id().expect("pid");
     let status = std::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])
@@ -488,10 +491,36 @@ async fn sigterm_drains_and_exits_cleanly() {
         log.contains("shutdown signal received") && log.contains("stopped"),
         "{log}"
     );
+    let served_on = format!("127.0.0.1:{poll_port}");
+    assert!(
+        log.lines().any(|l| l.contains("listening") && l.contains(&served_on)),
+        "served on the inherited socket ({served_on}), not the default port:\n{log}"
+    );
     for line in log.lines() {
         assert!(
             serde_json::from_str::<Value>(line).is_ok(),
             "logs are JSON lines: {line}"
+        );
+    }
+}
+
+/// Socket activation misused: `LISTEN_FDS=1` without a listening socket as descriptor 3 stops
+/// either binary at once with exit status 2, naming the problem, before it binds anything.
+#[tokio::test]
+async fn listen_fds_without_a_socket_stops_the_start() {
+    for name in ["poll", "vote"] {
+        let out = tokio::process::Command::new(api_tests::bin_path(name))
+            .env_clear()
+            .env("LISTEN_FDS", "1")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
+        assert!(
+            stderr.contains("LISTEN_FDS is set but descriptor 3 is not a listening TCP socket"),
+            "{name}: {stderr}"
         );
     }
 }
@@ -665,25 +694,32 @@ async fn replicas_on_one_database_count_once_and_agree() {
     const TTL_MS: u64 = 500;
     let dir = tempfile::tempdir().expect("tempdir");
     let db = format!("r{}", uuid::Uuid::new_v4().simple());
-    let poll_ports = [free_port(), free_port()];
-    let vote_ports = [free_port(), free_port(), free_port()];
+    // The processes own their listeners: the killed vote replica's port refuses connections.
+    let (poll_sockets, poll_ports): (Vec<_>, Vec<_>) = (0..2).map(|_| listener()).unzip();
+    let (vote_sockets, vote_ports): (Vec<_>, Vec<_>) = (0..3).map(|_| listener()).unzip();
     let mut polls = Vec::new();
-    for (i, port) in poll_ports.iter().enumerate() {
-        let mut env = env_for(*port, &dir.path().join(format!("poll{i}")), *port, vote_ports[i]);
+    for (i, socket) in poll_sockets.into_iter().enumerate() {
+        let mut env = env_for(&dir.path().join(format!("poll{i}")), poll_ports[i], vote_ports[i]);
         env.push(("POLLVOTE__STORAGE__DATABASE", format!("{db}_poll")));
-        polls.push(Proc::spawn("poll", &env, dir.path().join(format!("poll{i}.log"))));
+        polls.push(Proc::spawn(
+            "poll",
+            socket,
+            &env,
+            dir.path().join(format!("poll{i}.log")),
+        ));
     }
     let vote_env = |i: usize| {
         let port = vote_ports[i];
-        let mut env = env_for(port, &dir.path().join(format!("vote{i}")), poll_ports[i % 2], port);
+        let mut env = env_for(&dir.path().join(format!("vote{i}")), poll_ports[i % 2], port);
         env.push(("POLLVOTE__STORAGE__DATABASE", format!("{db}_vote")));
         env.push(("POLLVOTE__STORAGE__TALLY_CACHE_TTL_MS", TTL_MS.to_string()));
         env
     };
     let mut votes = Vec::new();
-    for i in 0..3 {
+    for (i, socket) in vote_sockets.into_iter().enumerate() {
         votes.push(Proc::spawn(
             "vote",
+            socket,
             &vote_env(i),
             dir.path().join(format!("vote{i}.log")),
         ));
@@ -949,25 +985,25 @@ async fn replicas_killed_mid_batch_24_times_store_each_acknowledged_ballot_once(
     let dir = tempfile::tempdir().expect("tempdir");
     let db = format!("m{}", uuid::Uuid::new_v4().simple());
     let _databases = DropDatabases(vec![format!("{db}_poll"), format!("{db}_vote")]);
-    // free_port(), and a killed replica starts again on the same port: its peers have it.
-    let poll_port = free_port();
-    let vote_ports: Vec<u16> = (0..REPLICAS).map(|_| free_port()).collect();
-    let mut poll_env = env_for(poll_port, &dir.path().join("poll"), poll_port, vote_ports[0]);
+    // A killed replica starts again on the same port (its peers have it): the test keeps a copy of
+    // each vote replica's listener, as a socket-activating supervisor would, so connections made
+    // while a replica is down wait in the backlog for the next process.
+    let (poll_socket, poll_port) = listener();
+    let (vote_sockets, vote_ports): (Vec<_>, Vec<_>) = (0..REPLICAS).map(|_| listener()).unzip();
+    let mut poll_env = env_for(&dir.path().join("poll"), poll_port, vote_ports[0]);
     poll_env.push(("POLLVOTE__STORAGE__DATABASE", format!("{db}_poll")));
     // Every process is a `Proc`: killed when dropped, so also when this test panics.
-    let poll = Proc::spawn("poll", &poll_env, dir.path().join("poll.log"));
+    let poll = Proc::spawn("poll", poll_socket, &poll_env, dir.path().join("poll.log"));
     let vote_env = |i: usize| {
-        let mut env = env_for(
-            vote_ports[i],
-            &dir.path().join(format!("vote{i}")),
-            poll_port,
-            vote_ports[i],
-        );
+        let mut env = env_for(&dir.path().join(format!("vote{i}")), poll_port, vote_ports[i]);
         env.push(("POLLVOTE__STORAGE__DATABASE", format!("{db}_vote")));
         env
     };
     let mut votes: Vec<Proc> = (0..REPLICAS)
-        .map(|i| Proc::spawn("vote", &vote_env(i), dir.path().join(format!("vote{i}-0.log"))))
+        .map(|i| {
+            let socket = vote_sockets[i].try_clone().expect("dup");
+            Proc::spawn("vote", socket, &vote_env(i), dir.path().join(format!("vote{i}-0.log")))
+        })
         .collect();
     poll.wait_ready(Duration::from_secs(30)).await;
     for v in &votes {
@@ -1087,7 +1123,13 @@ async fn replicas_killed_mid_batch_24_times_store_each_acknowledged_ballot_once(
         let up_generation = generations[r].fetch_add(1, SeqCst);
         votes[r].kill9().await;
         let restarting = Instant::now();
-        votes[r] = Proc::spawn("vote", &vote_env(r), dir.path().join(format!("vote{r}-{}.log", k + 1)));
+        let socket = vote_sockets[r].try_clone().expect("dup");
+        votes[r] = Proc::spawn(
+            "vote",
+            socket,
+            &vote_env(r),
+            dir.path().join(format!("vote{r}-{}.log", k + 1)),
+        );
         votes[r].wait_ready(Duration::from_secs(30)).await;
         generations[r].fetch_add(1, SeqCst);
         restart_times.push(restarting.elapsed());
