@@ -65,21 +65,37 @@ pub enum DedupePolicy {
     None,
 }
 
-/// A poll's lifecycle state, derived from `closed_at` and `closes_at` at a given instant.
+/// A poll's lifecycle state, derived from `opens_at`, `closes_at` and `closed_at` at a given
+/// instant: `scheduled` before `opens_at`, `open` until `closes_at` or an explicit close, then
+/// `closed`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PollStatus {
+    Scheduled,
     Open,
     Closed,
 }
 
-/// A poll's status at `now` from its scheduled close (`closes_at`) and its explicit close
-/// (`closed_at`): the one rule both services apply.
-pub fn status_at(closes_at: Option<DateTime<Utc>>, closed_at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> PollStatus {
-    if closed_at.is_some() || closes_at.is_some_and(|t| t <= now) {
-        PollStatus::Closed
-    } else {
-        PollStatus::Open
+/// When a poll opens and closes: its scheduled opening (`opens_at`), its scheduled close
+/// (`closes_at`) and its explicit close (`closed_at`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Schedule {
+    pub opens_at: Option<DateTime<Utc>>,
+    pub closes_at: Option<DateTime<Utc>>,
+    pub closed_at: Option<DateTime<Utc>>,
+}
+
+impl Schedule {
+    /// The poll's status at `now`: the one rule both services apply. A close (explicit or
+    /// scheduled) wins over a scheduled opening.
+    pub fn status_at(&self, now: DateTime<Utc>) -> PollStatus {
+        if self.closed_at.is_some() || self.closes_at.is_some_and(|t| t <= now) {
+            PollStatus::Closed
+        } else if self.opens_at.is_some_and(|t| t > now) {
+            PollStatus::Scheduled
+        } else {
+            PollStatus::Open
+        }
     }
 }
 
@@ -185,15 +201,41 @@ mod tests {
     }
 
     #[test]
-    fn status_follows_close_time_and_explicit_close() {
+    fn status_follows_opening_close_time_and_explicit_close() {
         let now = Utc::now();
-        let later = Some(now + chrono::Duration::seconds(10));
-        assert_eq!(status_at(later, None, now), PollStatus::Open);
+        let secs = chrono::Duration::seconds;
+        let later = Some(now + secs(10));
+        let closes = |closes_at, closed_at| Schedule {
+            opens_at: None,
+            closes_at,
+            closed_at,
+        };
+        assert_eq!(closes(later, None).status_at(now), PollStatus::Open);
+        assert_eq!(closes(later, None).status_at(now + secs(10)), PollStatus::Closed);
+        assert_eq!(closes(None, Some(now)).status_at(now), PollStatus::Closed);
+        assert_eq!(closes(None, None).status_at(now), PollStatus::Open);
+
+        let scheduled = Schedule {
+            opens_at: Some(now + secs(5)),
+            closes_at: later,
+            closed_at: None,
+        };
+        assert_eq!(scheduled.status_at(now), PollStatus::Scheduled);
         assert_eq!(
-            status_at(later, None, now + chrono::Duration::seconds(10)),
-            PollStatus::Closed
+            scheduled.status_at(now + secs(5)),
+            PollStatus::Open,
+            "open from opens_at on"
         );
-        assert_eq!(status_at(None, Some(now), now), PollStatus::Closed);
+        assert_eq!(scheduled.status_at(now + secs(10)), PollStatus::Closed);
+        let closed_early = Schedule {
+            closed_at: Some(now),
+            ..scheduled
+        };
+        assert_eq!(
+            closed_early.status_at(now),
+            PollStatus::Closed,
+            "a close wins over the opening"
+        );
     }
 
     #[test]

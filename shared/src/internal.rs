@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::contract::{DedupePolicy, PollStatus, ResultsVisibility, status_at};
+use crate::contract::{DedupePolicy, PollStatus, ResultsVisibility, Schedule};
 use crate::health::{Dependency, Unhealthy};
 use crate::metrics::{Metrics, PeerLabels};
 use crate::problem::Problem;
@@ -21,13 +21,21 @@ pub struct PollDefinition {
     pub max_choices: u32,
     pub dedupe: DedupePolicy,
     pub results: ResultsVisibility,
+    /// Absent from a poll service that predates scheduled openings: open at once.
+    #[serde(default)]
+    pub opens_at: Option<DateTime<Utc>>,
     pub closes_at: Option<DateTime<Utc>>,
     pub closed_at: Option<DateTime<Utc>>,
 }
 
 impl PollDefinition {
     pub fn status_at(&self, now: DateTime<Utc>) -> PollStatus {
-        status_at(self.closes_at, self.closed_at, now)
+        Schedule {
+            opens_at: self.opens_at,
+            closes_at: self.closes_at,
+            closed_at: self.closed_at,
+        }
+        .status_at(now)
     }
 }
 

@@ -64,6 +64,10 @@ pub enum ProblemKind {
     MethodNotAllowed,
     /// 409: the poll is closed.
     PollClosed,
+    /// 409: the poll has not opened yet (`opens_at` is in the future).
+    PollNotOpen,
+    /// 409: the poll has opened, so its opening time can no longer change.
+    PollAlreadyOpen,
     /// 409: a ballot from this voter is already counted.
     AlreadyVoted,
     /// 409: options and dedupe cannot change once a vote exists.
@@ -104,6 +108,8 @@ impl ProblemKind {
             Self::NotFound => "not-found",
             Self::MethodNotAllowed => "method-not-allowed",
             Self::PollClosed => "poll-closed",
+            Self::PollNotOpen => "poll-not-open",
+            Self::PollAlreadyOpen => "poll-already-open",
             Self::AlreadyVoted => "already-voted",
             Self::VotesExist => "votes-exist",
             Self::ConcurrentChange => "concurrent-change",
@@ -132,7 +138,12 @@ impl ProblemKind {
             Self::Forbidden => StatusCode::FORBIDDEN,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::PollClosed | Self::AlreadyVoted | Self::VotesExist | Self::ConcurrentChange => StatusCode::CONFLICT,
+            Self::PollClosed
+            | Self::PollNotOpen
+            | Self::PollAlreadyOpen
+            | Self::AlreadyVoted
+            | Self::VotesExist
+            | Self::ConcurrentChange => StatusCode::CONFLICT,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::UnknownOption | Self::DuplicateOption | Self::TooManyChoices | Self::IdempotencyKeyReused => {

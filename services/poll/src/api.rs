@@ -21,7 +21,7 @@ use crate::access::{authorize, hash_token, is_admin, parse_id, results_visible};
 use crate::model::*;
 use crate::record::{
     PollCursor, PollQuery, PollRecord, UpdateRefused, check_closes_at, check_desc, check_max_choices, check_name,
-    check_options,
+    check_options, check_order,
 };
 use crate::snapshots::Rendered;
 use crate::state::{AppState, St};
@@ -95,6 +95,7 @@ async fn create_poll(State(s): St, AppJson(body): AppJson<CreatePoll>) -> Result
     if let Some(t) = body.closes_at {
         check_closes_at(t, now, &mut errors);
     }
+    check_order(body.opens_at, body.closes_at, &mut errors);
     if !errors.is_empty() {
         return Err(Problem::validation(errors));
     }
@@ -105,6 +106,7 @@ async fn create_poll(State(s): St, AppJson(body): AppJson<CreatePoll>) -> Result
         desc,
         options,
         max_choices,
+        opens_at: body.opens_at,
         closes_at: body.closes_at,
         closed_at: None,
         results: body.results.unwrap_or_default(),
@@ -224,6 +226,7 @@ async fn list_polls(
         let mut link = format!("/api/polls?limit={limit}&cursor={cursor}");
         if let Some(status) = q.status {
             link.push_str(match status {
+                crate::record::StatusFilter::Scheduled => "&status=scheduled",
                 crate::record::StatusFilter::Open => "&status=open",
                 crate::record::StatusFilter::Closed => "&status=closed",
             });
@@ -321,7 +324,7 @@ fn conditional(headers: &HeaderMap, view: &Rendered) -> Response {
     (status = 401, description = "Missing or wrong admin token", body = ProblemBody, content_type = "application/problem+json"),
     (status = 403, description = "The poll has no admin token", body = ProblemBody, content_type = "application/problem+json"),
     (status = 404, description = "No such poll", body = ProblemBody, content_type = "application/problem+json"),
-    (status = 409, description = "Poll closed, votes exist, or changed concurrently", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 409, description = "Poll closed, votes exist, changed concurrently, or opens_at changed after the poll opened", body = ProblemBody, content_type = "application/problem+json"),
     (status = 413, description = "Body too large", body = ProblemBody, content_type = "application/problem+json"),
     (status = 415, description = "Body is not JSON", body = ProblemBody, content_type = "application/problem+json"),
     (status = 429, description = "Too many writes from this client", body = ProblemBody, content_type = "application/problem+json"),
@@ -345,6 +348,10 @@ async fn update_poll(
             UpdateRefused::Closed => {
                 Problem::new(ProblemKind::PollClosed, "the poll is closed and can no longer change")
             }
+            UpdateRefused::AlreadyOpen => Problem::new(
+                ProblemKind::PollAlreadyOpen,
+                "the poll has opened; its opening time (opens_at) can no longer change",
+            ),
             UpdateRefused::Invalid(errors) => Problem::validation(errors),
         })?;
         let ballots_matter = next.options != poll.options || next.dedupe != poll.dedupe;

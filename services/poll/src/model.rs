@@ -19,7 +19,7 @@ pub const NOT_BLANK: &str = r"[^\t\n\v\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028
 ///
 /// Rules JSON Schema cannot state, answered with 400 naming the field all the same: options are
 /// distinct after trimming, case-insensitively; `max_choices` is at most the number of options;
-/// `closes_at` is in the future.
+/// `closes_at` is in the future and after `opens_at`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreatePoll {
@@ -41,7 +41,11 @@ pub struct CreatePoll {
     #[serde(default)]
     #[schema(value_type = Option<u32>, minimum = 1, maximum = 20)]
     pub max_choices: Option<WholeNumber>,
-    /// When voting stops (RFC 3339, in the future).
+    /// When voting starts (RFC 3339; default: at once). Until then the poll is `scheduled` and
+    /// ballots are refused with 409 `poll-not-open`.
+    #[serde(default)]
+    pub opens_at: Option<DateTime<Utc>>,
+    /// When voting stops (RFC 3339, in the future, after `opens_at`).
     #[serde(default)]
     pub closes_at: Option<DateTime<Utc>>,
     #[serde(default)]
@@ -143,6 +147,11 @@ pub struct UpdatePoll {
     #[serde(default)]
     #[schema(value_type = Option<u32>, minimum = 1, maximum = 20)]
     pub max_choices: Option<WholeNumber>,
+    /// Only while the poll is `scheduled` (409 `poll-already-open` afterwards; sending the value
+    /// it has is not a change); `null` opens it now.
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<DateTime<Utc>>)]
+    pub opens_at: Option<Option<DateTime<Utc>>>,
     #[serde(default, deserialize_with = "double_option")]
     #[schema(value_type = Option<DateTime<Utc>>)]
     pub closes_at: Option<Option<DateTime<Utc>>>,
@@ -161,6 +170,7 @@ impl UpdatePoll {
             desc: self.desc.clone(),
             options: self.options.as_ref().map(|o| o.0.iter().map(|t| t.0.clone()).collect()),
             max_choices: self.max_choices.as_ref().map(|m| m.0),
+            opens_at: self.opens_at,
             closes_at: self.closes_at,
             results: self.results,
             dedupe: self.dedupe,
@@ -191,7 +201,7 @@ pub struct ListParams {
     /// Opaque cursor from a previous page's `Link: rel="next"`.
     #[param(min_length = 27, max_length = 27, pattern = "^[A-Za-z0-9_-]{26}[AEIMQUYcgkosw048]$")]
     pub cursor: Option<String>,
-    /// Only open or only closed polls.
+    /// Only scheduled, only open or only closed polls.
     #[param(inline)]
     pub status: Option<crate::record::StatusFilter>,
 }
@@ -241,6 +251,7 @@ pub struct PollView {
     pub options: Vec<String>,
     pub max_choices: u32,
     pub status: PollStatus,
+    pub opens_at: Option<DateTime<Utc>>,
     pub closes_at: Option<DateTime<Utc>>,
     pub closed_at: Option<DateTime<Utc>>,
     pub results: ResultsVisibility,
@@ -281,6 +292,7 @@ impl PollView {
             options: p.options.clone(),
             max_choices: p.max_choices,
             status: p.status_at(now),
+            opens_at: p.opens_at,
             closes_at: p.closes_at,
             closed_at: p.closed_at,
             results: p.results,

@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use shared::FieldError;
-use shared::contract::{DedupePolicy, MAX_OPTION_LEN, MAX_OPTIONS, PollStatus, ResultsVisibility, status_at};
+use shared::contract::{DedupePolicy, MAX_OPTION_LEN, MAX_OPTIONS, PollStatus, ResultsVisibility, Schedule};
 use shared::internal::PollDefinition;
 use utoipa::ToSchema;
 
@@ -21,6 +21,10 @@ pub struct PollRecord {
     pub desc: String,
     pub options: Vec<String>,
     pub max_choices: u32,
+    /// When ballots start to count (`None`: from creation). Polls stored before scheduled openings
+    /// existed have none.
+    #[serde(default)]
+    pub opens_at: Option<DateTime<Utc>>,
     pub closes_at: Option<DateTime<Utc>>,
     pub closed_at: Option<DateTime<Utc>>,
     pub results: ResultsVisibility,
@@ -41,15 +45,28 @@ pub struct PollRecord {
 impl PollRecord {
     /// The poll's status at `now`.
     pub fn status_at(&self, now: DateTime<Utc>) -> PollStatus {
-        status_at(self.closes_at, self.closed_at, now)
+        self.schedule().status_at(now)
     }
 
-    /// This poll with `update` applied and checked, at `now`: a closed poll cannot change, and
-    /// every field problem is listed. (Whether options and dedupe may still change depends on the
-    /// ballots, which the caller asks the vote service about.)
+    pub fn schedule(&self) -> Schedule {
+        Schedule {
+            opens_at: self.opens_at,
+            closes_at: self.closes_at,
+            closed_at: self.closed_at,
+        }
+    }
+
+    /// This poll with `update` applied and checked, at `now`: a closed poll cannot change, the
+    /// opening time of a poll that has opened cannot change, and every field problem is listed.
+    /// (Whether options and dedupe may still change depends on the ballots, which the caller asks
+    /// the vote service about.)
     pub fn apply(&self, update: &PollUpdate, now: DateTime<Utc>) -> Result<PollRecord, UpdateRefused> {
-        if self.status_at(now) == PollStatus::Closed {
+        let status = self.status_at(now);
+        if status == PollStatus::Closed {
             return Err(UpdateRefused::Closed);
+        }
+        if update.opens_at.is_some_and(|t| t != self.opens_at) && status != PollStatus::Scheduled {
+            return Err(UpdateRefused::AlreadyOpen);
         }
         let mut errors = Vec::new();
         let mut next = self.clone();
@@ -74,6 +91,12 @@ impl PollRecord {
             }
             next.closes_at = closes_at;
         }
+        if let Some(opens_at) = update.opens_at {
+            next.opens_at = opens_at;
+        }
+        if update.opens_at.is_some() || update.closes_at.is_some() {
+            check_order(next.opens_at, next.closes_at, &mut errors);
+        }
         if let Some(r) = update.results {
             next.results = r;
         }
@@ -87,13 +110,15 @@ impl PollRecord {
     }
 }
 
-/// A change to a poll: each field present is set (`closes_at: Some(None)` removes the close time).
+/// A change to a poll: each field present is set (`closes_at: Some(None)` removes the close time,
+/// `opens_at: Some(None)` opens a scheduled poll now).
 #[derive(Debug, Clone, Default)]
 pub struct PollUpdate {
     pub name: Option<String>,
     pub desc: Option<String>,
     pub options: Option<Vec<String>>,
     pub max_choices: Option<u32>,
+    pub opens_at: Option<Option<DateTime<Utc>>>,
     pub closes_at: Option<Option<DateTime<Utc>>>,
     pub results: Option<ResultsVisibility>,
     pub dedupe: Option<DedupePolicy>,
@@ -104,6 +129,8 @@ pub struct PollUpdate {
 pub enum UpdateRefused {
     /// The poll is closed and can no longer change.
     Closed,
+    /// The poll has opened: its opening time can no longer change.
+    AlreadyOpen,
     /// These fields break the rules.
     Invalid(Vec<FieldError>),
 }
@@ -112,6 +139,7 @@ pub enum UpdateRefused {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StatusFilter {
+    Scheduled,
     Open,
     Closed,
 }
@@ -209,6 +237,15 @@ pub fn check_closes_at(t: DateTime<Utc>, now: DateTime<Utc>, errors: &mut Vec<Fi
     }
 }
 
+/// A poll closes after it opens.
+pub fn check_order(opens_at: Option<DateTime<Utc>>, closes_at: Option<DateTime<Utc>>, errors: &mut Vec<FieldError>) {
+    if let (Some(opens), Some(closes)) = (opens_at, closes_at)
+        && closes <= opens
+    {
+        errors.push(FieldError::new("closes_at", "must be after opens_at"));
+    }
+}
+
 impl From<&PollRecord> for PollDefinition {
     fn from(p: &PollRecord) -> Self {
         Self {
@@ -217,6 +254,7 @@ impl From<&PollRecord> for PollDefinition {
             max_choices: p.max_choices,
             dedupe: p.dedupe,
             results: p.results,
+            opens_at: p.opens_at,
             closes_at: p.closes_at,
             closed_at: p.closed_at,
         }
@@ -278,6 +316,7 @@ mod tests {
             desc: "d".into(),
             options: opts(&["a", "b"]),
             max_choices: 1,
+            opens_at: None,
             closes_at: None,
             closed_at: None,
             results: ResultsVisibility::Always,
@@ -312,5 +351,69 @@ mod tests {
             ..poll
         };
         assert_eq!(closed.apply(&update, now), Err(UpdateRefused::Closed));
+    }
+
+    #[test]
+    fn the_opening_time_changes_only_before_the_poll_opens_and_stays_before_the_close() {
+        let now = Utc::now();
+        let secs = chrono::Duration::seconds;
+        let scheduled = PollRecord {
+            id: shared::contract::new_poll_id(now),
+            name: "n".into(),
+            desc: String::new(),
+            options: opts(&["a", "b"]),
+            max_choices: 1,
+            opens_at: Some(now + secs(60)),
+            closes_at: Some(now + secs(120)),
+            closed_at: None,
+            results: ResultsVisibility::Always,
+            dedupe: DedupePolicy::Ip,
+            created_at: now,
+            updated_at: now,
+            admin_token_hash: None,
+            legacy_votes: 0,
+            revision: 1,
+        };
+        let later = PollUpdate {
+            opens_at: Some(Some(now + secs(90))),
+            ..PollUpdate::default()
+        };
+        assert_eq!(
+            scheduled.apply(&later, now).expect("moves").opens_at,
+            Some(now + secs(90))
+        );
+        let open_now = PollUpdate {
+            opens_at: Some(None),
+            ..PollUpdate::default()
+        };
+        let opened = scheduled.apply(&open_now, now).expect("opens now");
+        assert_eq!(opened.status_at(now), PollStatus::Open);
+
+        let after_close = PollUpdate {
+            opens_at: Some(Some(now + secs(120))),
+            ..PollUpdate::default()
+        };
+        match scheduled.apply(&after_close, now) {
+            Err(UpdateRefused::Invalid(e)) => assert_eq!(e[0].field, "closes_at", "{e:?}"),
+            other => panic!("{other:?}"),
+        }
+        let close_before_opening = PollUpdate {
+            closes_at: Some(Some(now + secs(30))),
+            ..PollUpdate::default()
+        };
+        assert!(matches!(
+            scheduled.apply(&close_before_opening, now),
+            Err(UpdateRefused::Invalid(_))
+        ));
+
+        // Once open, the opening time is history: changing it is refused, restating it is not.
+        let at_opening = now + secs(60);
+        assert_eq!(scheduled.apply(&later, at_opening), Err(UpdateRefused::AlreadyOpen));
+        let same = PollUpdate {
+            opens_at: Some(scheduled.opens_at),
+            name: Some("renamed".into()),
+            ..PollUpdate::default()
+        };
+        assert_eq!(scheduled.apply(&same, at_opening).expect("no change").name, "renamed");
     }
 }

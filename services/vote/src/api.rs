@@ -231,7 +231,7 @@ impl From<Refused> for Problem {
     (status = 201, description = "Stored durably and counted (or, with a repeated Idempotency-Key, the first answer again)", body = Ballot),
     (status = 400, description = "Malformed JSON or invalid fields, each named", body = ProblemBody, content_type = "application/problem+json"),
     (status = 404, description = "No such poll", body = ProblemBody, content_type = "application/problem+json"),
-    (status = 409, description = "Already voted (per the poll's dedupe) or poll closed", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 409, description = "Already voted (per the poll's dedupe), poll closed, or poll not open yet (`opens_at`)", body = ProblemBody, content_type = "application/problem+json"),
     (status = 413, description = "Body too large", body = ProblemBody, content_type = "application/problem+json"),
     (status = 415, description = "Body is not JSON", body = ProblemBody, content_type = "application/problem+json"),
     (status = 422, description = "Unknown option, too many choices, or an Idempotency-Key reused for another ballot", body = ProblemBody, content_type = "application/problem+json"),
@@ -251,6 +251,7 @@ async fn cast_vote(
         Err(p) => match p.kind {
             ProblemKind::AlreadyVoted => "duplicate",
             ProblemKind::PollClosed => "closed",
+            ProblemKind::PollNotOpen => "not_open",
             ProblemKind::Unavailable => "unavailable",
             _ => "rejected",
         },
@@ -359,8 +360,16 @@ async fn cast(
         .get(&poll_id)
         .await?
         .ok_or_else(|| Problem::not_found(format!("there is no poll {poll_id}")))?;
-    if def.status_at(Utc::now()) == PollStatus::Closed {
-        return Err(Problem::new(ProblemKind::PollClosed, "the poll is closed"));
+    match def.status_at(Utc::now()) {
+        PollStatus::Closed => return Err(Problem::new(ProblemKind::PollClosed, "the poll is closed")),
+        PollStatus::Scheduled => {
+            let opens = def.opens_at.map(|t| t.to_rfc3339()).unwrap_or_default();
+            return Err(Problem::new(
+                ProblemKind::PollNotOpen,
+                format!("the poll opens at {opens}; ballots count from then on"),
+            ));
+        }
+        PollStatus::Open => {}
     }
     let choices = match_choices(&def.options, def.max_choices, &chosen)?;
     let (key, voter) = identity(def.dedupe, addr, voter_id.as_deref(), idem.as_deref())?;

@@ -83,6 +83,7 @@ mod tests {
                             max_choices: 1,
                             dedupe: DedupePolicy::None,
                             results: ResultsVisibility::Always,
+                            opens_at: None,
                             closes_at: None,
                             closed_at: None,
                         })

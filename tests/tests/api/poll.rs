@@ -2326,3 +2326,145 @@ async fn a_poll_read_or_a_list_page_is_one_call_to_the_vote_service() {
     expected.sort();
     assert_eq!(listed, expected, "both pages, counts shown as on the poll");
 }
+
+/// Issue 12: a poll with `opens_at` is `scheduled` until then: listed under `status=scheduled`
+/// and not under `status=open`, its ballots refused with 409 `poll-not-open` and nothing stored;
+/// at `opens_at` it opens by itself, in both services, without any change to it.
+#[tokio::test]
+async fn a_scheduled_poll_refuses_ballots_until_it_opens_by_itself() {
+    let s = Stack::start().await;
+    let opens = chrono::Utc::now() + chrono::Duration::milliseconds(1500);
+    let closes = opens + chrono::Duration::hours(1);
+    let (created, _) = s
+        .create_poll(json!({
+            "name": "Later", "options": ["red", "blue"], "dedupe": "none",
+            "opens_at": opens.to_rfc3339(), "closes_at": closes.to_rfc3339(),
+        }))
+        .await;
+    let id = created["id"].as_str().expect("id").to_owned();
+    assert_eq!(created["status"], "scheduled", "{created}");
+    let stated: chrono::DateTime<chrono::Utc> = created["opens_at"].as_str().expect("opens_at").parse().expect("time");
+    assert_eq!(stated, opens);
+
+    let early = expect_problem(s.vote(json!({"poll_id": id, "option": "red"})).await, 409).await;
+    assert!(
+        early["type"].as_str().is_some_and(|t| t.ends_with("poll-not-open")),
+        "{early}"
+    );
+    assert!(
+        early["detail"].as_str().is_some_and(|d| d.contains("opens at")),
+        "{early}"
+    );
+    let listed = |status: &'static str| {
+        let (http, url) = (
+            s.http.clone(),
+            format!("{}/api/polls?status={status}&limit=100", s.poll),
+        );
+        async move {
+            let page: Value = http.get(url).send().await.expect("list").json().await.expect("json");
+            page.as_array()
+                .expect("a list")
+                .iter()
+                .map(|p| p["id"].as_str().expect("id").to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert!(listed("scheduled").await.contains(&id), "listed as scheduled");
+    assert!(
+        !listed("open").await.contains(&id),
+        "not listed as open before opens_at"
+    );
+    let poll = s.get_poll(&id).await;
+    assert_eq!(
+        (poll["status"].as_str(), poll["votes"]["count"].as_u64()),
+        (Some("scheduled"), Some(0))
+    );
+
+    // At opens_at the same ballot is accepted: nobody changed the poll.
+    eventually(Duration::from_secs(10), Duration::from_millis(100), || async {
+        match s.vote(json!({"poll_id": id, "option": "red"})).await.status().as_u16() {
+            201 => Ok(()),
+            409 if chrono::Utc::now() < opens => Err("not open yet".to_owned()),
+            other => Err(format!("ballot after opens_at: {other}")),
+        }
+    })
+    .await;
+    assert!(chrono::Utc::now() >= opens, "accepted only from opens_at on");
+    let poll = s.get_poll(&id).await;
+    assert_eq!(
+        (poll["status"].as_str(), poll["votes"]["count"].as_u64()),
+        (Some("open"), Some(1)),
+        "{poll}"
+    );
+    assert!(listed("open").await.contains(&id), "listed as open from opens_at on");
+    assert!(!listed("scheduled").await.contains(&id));
+}
+
+/// Issue 12: `closes_at` must come after `opens_at` (400 naming `closes_at`, nothing stored);
+/// `opens_at` moves while the poll is scheduled, `null` opens it now, and once it has opened a
+/// different `opens_at` is 409 `poll-already-open` (restating the one it has is not a change).
+#[tokio::test]
+async fn the_opening_time_comes_before_the_close_and_changes_only_before_it_passes() {
+    let s = Stack::start().await;
+    let now = chrono::Utc::now();
+    let at = |mins: i64| (now + chrono::Duration::minutes(mins)).to_rfc3339();
+    let res = s
+        .http
+        .post(format!("{}/api/polls", s.poll))
+        .json(&json!({"name": "Backwards", "options": ["a", "b"], "opens_at": at(60), "closes_at": at(30)}))
+        .send()
+        .await
+        .expect("create");
+    let problem = expect_problem(res, 400).await;
+    assert!(names_field(&problem, "closes_at"), "{problem}");
+    let all: Value = s
+        .http
+        .get(format!("{}/api/polls", s.poll))
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(all.as_array().map(Vec::len), Some(0), "nothing stored: {all}");
+
+    let (id, token) = s.simple_poll(json!({"opens_at": at(60), "closes_at": at(120)})).await;
+    let patch = |body: Value| {
+        let req = s
+            .http
+            .patch(format!("{}/api/polls/{id}", s.poll))
+            .bearer_auth(&token)
+            .json(&body);
+        async move { req.send().await.expect("patch") }
+    };
+    let moved = patch(json!({"opens_at": at(90)})).await;
+    assert_eq!(moved.status(), 200);
+    let moved: Value = moved.json().await.expect("json");
+    assert_eq!(moved["status"], "scheduled");
+    let problem = expect_problem(patch(json!({"opens_at": at(150)})).await, 400).await;
+    assert!(
+        names_field(&problem, "closes_at"),
+        "an opening after the close: {problem}"
+    );
+
+    let opened = patch(json!({"opens_at": null})).await;
+    assert_eq!(opened.status(), 200);
+    let opened: Value = opened.json().await.expect("json");
+    assert_eq!(
+        (opened["status"].as_str(), &opened["opens_at"]),
+        (Some("open"), &Value::Null),
+        "{opened}"
+    );
+    assert_eq!(s.vote(json!({"poll_id": id, "option": "red"})).await.status(), 201);
+
+    let problem = expect_problem(patch(json!({"opens_at": at(5)})).await, 409).await;
+    assert!(
+        problem["type"]
+            .as_str()
+            .is_some_and(|t| t.ends_with("poll-already-open")),
+        "{problem}"
+    );
+    assert_eq!(s.get_poll(&id).await["opens_at"], Value::Null, "nothing changed");
+    let restated = patch(json!({"opens_at": null, "desc": "restated"})).await;
+    assert_eq!(restated.status(), 200, "restating the opening time is not a change");
+}

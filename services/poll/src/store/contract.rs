@@ -23,6 +23,7 @@ pub fn sample_poll(name: &str, age_secs: i64) -> PollRecord {
         desc: format!("about {name}"),
         options: vec!["red".into(), "green".into(), "blue".into()],
         max_choices: 2,
+        opens_at: None,
         closes_at: None,
         closed_at: None,
         results: ResultsVisibility::Always,
@@ -45,7 +46,17 @@ pub async fn poll_store_contract(store: DynPollStore) {
 
     let mut polls = Vec::new();
     for i in 0..7 {
-        let p = sample_poll(&format!("poll {i}"), 100 - i);
+        let mut p = sample_poll(&format!("poll {i}"), 100 - i);
+        match i {
+            // Scheduled: opens tomorrow, closes the day after.
+            3 => {
+                p.opens_at = Some(Utc::now() + Duration::days(1));
+                p.closes_at = Some(Utc::now() + Duration::days(2));
+            }
+            // Opened a minute ago.
+            4 => p.opens_at = Some(Utc::now() - Duration::seconds(60)),
+            _ => {}
+        }
         store.create(&p).await.expect("create");
         polls.push(p);
     }
@@ -122,7 +133,24 @@ pub async fn poll_store_contract(store: DynPollStore) {
         })
         .await
         .expect("list open");
-    assert_eq!(open.len(), 5, "open filter");
+    assert_eq!(
+        open.iter().map(|p| p.id.as_str()).collect::<HashSet<_>>(),
+        HashSet::from([0, 4, 5, 6].map(|i| polls[i].id.as_str())),
+        "open filter: not closed, not before its opening"
+    );
+    let scheduled: Vec<_> = store
+        .list(&PollQuery {
+            limit: 100,
+            after: None,
+            status: Some(StatusFilter::Scheduled),
+            now,
+        })
+        .await
+        .expect("list scheduled")
+        .into_iter()
+        .map(|p| p.id)
+        .collect();
+    assert_eq!(scheduled, vec![polls[3].id.clone()], "scheduled filter");
     assert_eq!(
         store.get(&closed.id).await.expect("get"),
         Some(closed.clone()),

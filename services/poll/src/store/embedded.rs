@@ -49,6 +49,7 @@ fn matches(p: &PollRecord, filter: Option<StatusFilter>, now: DateTime<Utc>) -> 
     use shared::contract::PollStatus;
     match filter {
         None => true,
+        Some(StatusFilter::Scheduled) => p.status_at(now) == PollStatus::Scheduled,
         Some(StatusFilter::Open) => p.status_at(now) == PollStatus::Open,
         Some(StatusFilter::Closed) => p.status_at(now) == PollStatus::Closed,
     }

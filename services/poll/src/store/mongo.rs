@@ -45,6 +45,7 @@ fn poll_to_doc(p: &PollRecord) -> StoreResult<Document> {
         "desc": &p.desc,
         "options": &p.options,
         "max_choices": i64::from(p.max_choices),
+        "opens_at": opt_bson(p.opens_at.map(fmt_time)),
         "closes_at": opt_bson(p.closes_at.map(fmt_time)),
         "closed_at": opt_bson(p.closed_at.map(fmt_time)),
         "results": enum_str(&p.results),
@@ -72,6 +73,7 @@ fn doc_to_poll(d: &Document) -> StoreResult<PollRecord> {
             .and_then(uint_of)
             .and_then(|v| u32::try_from(v).ok())
             .ok_or_else(|| bad("max_choices"))?,
+        opens_at: opt_time(d, "opens_at")?,
         closes_at: opt_time(d, "closes_at")?,
         closed_at: opt_time(d, "closed_at")?,
         results: enum_of::<ResultsVisibility>(d, "results")?,
@@ -111,6 +113,7 @@ fn legacy_poll(oid: ObjectId, d: &Document) -> PollRecord {
             .map(|a| a.iter().map(text).collect())
             .unwrap_or_default(),
         max_choices: 1,
+        opens_at: None,
         closes_at: None,
         closed_at: None,
         results: ResultsVisibility::Always,
@@ -186,12 +189,21 @@ fn after_filter(created_at: DateTime<Utc>, oid: ObjectId, cursor_is_legacy: bool
     ] }
 }
 
+/// [`shared::contract::Schedule::status_at`] as a query (a missing `opens_at`, as in polls stored
+/// before scheduled openings, matches `null`).
 fn status_filter(status: StatusFilter, now: DateTime<Utc>) -> Document {
     let now = fmt_time(now);
+    let not_closing_yet = doc! { "$or": [ { "closes_at": Bson::Null }, { "closes_at": { "$gt": &now } } ] };
+    let opened = doc! { "$or": [ { "opens_at": Bson::Null }, { "opens_at": { "$lte": &now } } ] };
     match status {
+        StatusFilter::Scheduled => doc! {
+            "closed_at": Bson::Null,
+            "opens_at": { "$gt": &now },
+            "$and": [ not_closing_yet ],
+        },
         StatusFilter::Open => doc! {
             "closed_at": Bson::Null,
-            "$or": [ { "closes_at": Bson::Null }, { "closes_at": { "$gt": &now } } ],
+            "$and": [ not_closing_yet, opened ],
         },
         StatusFilter::Closed => doc! {
             "$or": [ { "closed_at": { "$ne": Bson::Null } }, { "closes_at": { "$lte": &now } } ],
