@@ -126,6 +126,17 @@ pub struct TalliesResponse {
     pub tallies: Vec<TallyView>,
 }
 
+/// One line of `GET /internal/polls/{id}/ballots` on the vote service (newline-delimited JSON,
+/// streamed): a stored ballot as an export shows it. Never its voter key, voter hash or
+/// idempotency key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BallotLine {
+    pub id: String,
+    pub created_at: DateTime<Utc>,
+    /// Chosen option indices, ascending.
+    pub choices: Vec<u32>,
+}
+
 /// How long callers should wait before retrying when the other service is unreachable.
 pub const PEER_RETRY_AFTER: Duration = Duration::from_secs(1);
 

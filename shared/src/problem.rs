@@ -74,6 +74,8 @@ pub enum ProblemKind {
     VotesExist,
     /// 409: the poll changed meanwhile.
     ConcurrentChange,
+    /// 406: none of the representations `Accept` allows can be produced.
+    NotAcceptable,
     /// 413.
     BodyTooLarge,
     /// 415: the body is not JSON.
@@ -113,6 +115,7 @@ impl ProblemKind {
             Self::AlreadyVoted => "already-voted",
             Self::VotesExist => "votes-exist",
             Self::ConcurrentChange => "concurrent-change",
+            Self::NotAcceptable => "not-acceptable",
             Self::BodyTooLarge => "body-too-large",
             Self::UnsupportedMediaType => "unsupported-media-type",
             Self::UnknownOption => "unknown-option",
@@ -144,6 +147,7 @@ impl ProblemKind {
             | Self::AlreadyVoted
             | Self::VotesExist
             | Self::ConcurrentChange => StatusCode::CONFLICT,
+            Self::NotAcceptable => StatusCode::NOT_ACCEPTABLE,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::UnknownOption | Self::DuplicateOption | Self::TooManyChoices | Self::IdempotencyKeyReused => {

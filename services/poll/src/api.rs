@@ -35,6 +35,8 @@ pub fn router(state: Arc<AppState>) -> OpenApiRouter {
         .routes(routes!(get_poll, update_poll, delete_poll))
         .routes(routes!(close_poll))
         .routes(routes!(stream::results_stream))
+        .routes(routes!(crate::export::results_csv))
+        .routes(routes!(crate::export::export_ballots))
         .route("/internal/polls/{id}", axum::routing::get(poll_definition))
         .with_state(state)
 }
@@ -49,7 +51,7 @@ pub async fn load(store: &DynPollStore, id: &str) -> Result<PollRecord, Problem>
 
 /// The views of a page of polls: one call to the vote service for all their counts (and, with a
 /// `viewer`, whether they voted on each).
-async fn views(
+pub(crate) async fn views(
     s: &AppState,
     polls: &[PollRecord],
     viewer: Option<&Viewer>,

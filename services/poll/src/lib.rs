@@ -2,6 +2,7 @@
 
 pub mod access;
 pub mod api;
+pub mod export;
 pub mod hub;
 pub mod model;
 pub mod record;

@@ -31,6 +31,9 @@ impl Viewer {
     }
 }
 
+/// The longest a ballot export may take.
+const EXPORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
 #[derive(Clone)]
 pub struct VoteClient {
     pub peer: PeerClient,
@@ -95,6 +98,32 @@ impl VoteClient {
             .pop()
             .map(|(t, _)| t)
             .unwrap_or_default())
+    }
+
+    /// Every stored ballot of the poll, as the vote service streams it (newline-delimited
+    /// [`shared::internal::BallotLine`]s), read as it is consumed. A failure after the answer began
+    /// ends the stream with an error.
+    pub async fn ballots(
+        &self,
+        poll_id: &str,
+    ) -> Result<impl futures_util::Stream<Item = Result<axum::body::Bytes, std::io::Error>> + Send + 'static, Problem>
+    {
+        use futures_util::TryStreamExt as _;
+        let url = self.peer.url(&format!("/internal/polls/{poll_id}/ballots"));
+        // The client's timeout bounds a whole request, body included: an export of a million
+        // ballots takes longer than any call, so it gets a bound of its own.
+        let req = self.peer.http().get(url).timeout(EXPORT_TIMEOUT);
+        let res = self
+            .peer
+            .send("/internal/polls/{id}/ballots", req)
+            .await
+            .map_err(|e| self.peer.unavailable(e))?;
+        if !res.status().is_success() {
+            return Err(self
+                .peer
+                .unavailable(format!("the ballot export answered {}", res.status())));
+        }
+        Ok(res.bytes_stream().map_err(std::io::Error::other))
     }
 
     /// Deletes the ballots of a deleted poll. Best effort: a failure is logged (the vote service

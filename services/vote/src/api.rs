@@ -46,7 +46,10 @@ pub fn router(state: Arc<AppState>) -> OpenApiRouter {
     OpenApiRouter::new()
         .routes(routes!(cast_vote))
         .route("/internal/tallies", axum::routing::get(tallies))
-        .route("/internal/polls/{id}/ballots", axum::routing::delete(purge))
+        .route(
+            "/internal/polls/{id}/ballots",
+            axum::routing::delete(purge).get(export_ballots),
+        )
         .route("/internal/polls/{id}/audit", axum::routing::get(audit))
         .route("/internal/audit", axum::routing::get(audit_many))
         .route("/internal/polls/{id}/repair", axum::routing::post(repair))
@@ -426,6 +429,43 @@ async fn tallies(State(s): St, AppQuery(q): AppQuery<TalliesQuery>) -> Result<Js
         .collect();
     Ok(Json(TalliesResponse { tallies }))
 }
+
+/// Internal: every stored ballot of the poll, as newline-delimited JSON ([`BallotLine`]) streamed
+/// while the store reads them (the poll service's export). A failure midway aborts the body, so a
+/// reader never takes a cut-off export for a whole one.
+async fn export_ballots(State(s): St, Path(id): Path<String>) -> Result<Response, Problem> {
+    use futures_util::StreamExt as _;
+    let id = normalise_poll_id(&id).ok_or_else(|| Problem::invalid("id", "must be a poll id"))?;
+    let ballots = s.store.ballots(&id).await?;
+    let poll_id = id.clone();
+    // Lines already read go out together, one chunk per batch rather than per ballot.
+    let body = ballots.ready_chunks(EXPORT_CHUNK).map(move |lines| {
+        let mut buf = Vec::with_capacity(lines.len() * 96);
+        for line in lines {
+            match line {
+                Ok(line) => {
+                    serde_json::to_writer(&mut buf, &line).map_err(std::io::Error::other)?;
+                    buf.push(b'\n');
+                }
+                Err(e) => {
+                    tracing::warn!(poll_id = %poll_id, error = %shared::error::Chain(&e), "ballot export failed midway");
+                    return Err(std::io::Error::other(e));
+                }
+            }
+        }
+        Ok::<_, std::io::Error>(axum::body::Bytes::from(buf))
+    });
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, HeaderValue::from_static(NDJSON))],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response())
+}
+
+/// Ballots of an export written as one chunk, at most.
+const EXPORT_CHUNK: usize = 512;
+/// The media type of newline-delimited JSON.
+pub const NDJSON: &str = "application/x-ndjson";
 
 /// Internal: deletes a deleted poll's ballots.
 async fn purge(State(s): St, Path(id): Path<String>) -> Result<StatusCode, Problem> {

@@ -2468,3 +2468,177 @@ async fn the_opening_time_comes_before_the_close_and_changes_only_before_it_pass
     let restated = patch(json!({"opens_at": null, "desc": "restated"})).await;
     assert_eq!(restated.status(), 200, "restating the opening time is not a change");
 }
+
+/// Issue 12: `GET /api/polls/{id}/results.csv` has the numbers of the poll's JSON, one row per
+/// option, under the same visibility rules (403 while hidden from the caller, the admin always).
+#[tokio::test]
+async fn the_results_csv_has_the_numbers_of_the_json_under_the_same_rules() {
+    let s = Stack::start().await;
+    let (id, _) = s.simple_poll(json!({"dedupe": "none", "max_choices": 2})).await;
+    for options in [json!(["red"]), json!(["red", "blue"]), json!(["green"])] {
+        assert_eq!(s.vote(json!({"poll_id": id, "options": options})).await.status(), 201);
+    }
+    let url = format!("{}/api/polls/{id}/results.csv", s.poll);
+    let csv = eventually(Duration::from_secs(3), Duration::from_millis(100), || async {
+        let res = s.http.get(&url).send().await.expect("csv");
+        assert_eq!(res.status(), 200);
+        assert!(
+            header(&res, "content-type").starts_with("text/csv"),
+            "{}",
+            header(&res, "content-type")
+        );
+        let body = res.text().await.expect("text");
+        if body.ends_with(",3\n") {
+            Ok(body)
+        } else {
+            Err(format!("not all ballots yet: {body}"))
+        }
+    })
+    .await;
+    assert_eq!(csv, "option,count,ballots\nred,2,3\ngreen,1,3\nblue,1,3\n");
+    let json = s.get_poll(&id).await;
+    assert_eq!(json["votes"]["count"], 3);
+    let from_json: Vec<(String, u64)> = json["votes"]["by_option"]
+        .as_array()
+        .expect("by_option")
+        .iter()
+        .map(|o| {
+            (
+                o["option"].as_str().expect("option").to_owned(),
+                o["count"].as_u64().expect("count"),
+            )
+        })
+        .collect();
+    let from_csv: Vec<(String, u64)> = csv
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f[0].to_owned(), f[1].parse().expect("count"))
+        })
+        .collect();
+    assert_eq!(from_csv, from_json, "the same numbers as the JSON");
+
+    let (hidden, token) = s.simple_poll(json!({"results": "after_close"})).await;
+    let url = format!("{}/api/polls/{hidden}/results.csv", s.poll);
+    let problem = expect_problem(s.http.get(&url).send().await.expect("csv"), 403).await;
+    assert!(
+        problem["detail"].as_str().is_some_and(|d| d.contains("after_close")),
+        "{problem}"
+    );
+    let admin = s.http.get(&url).bearer_auth(&token).send().await.expect("csv");
+    assert_eq!(admin.status(), 200, "the admin always sees the counts");
+    let nobody = format!("{}/api/polls/0123456789abcdef01234567/results.csv", s.poll);
+    expect_problem(s.http.get(&nobody).send().await.expect("csv"), 404).await;
+}
+
+/// Issue 12: `GET /api/polls/{id}/ballots` streams every ballot to the poll's admin, as
+/// newline-delimited JSON (the default) or CSV (a column per option) by `Accept`: each ballot
+/// once, with its id, time and choices, never a voter's identity; 401 without the admin token, 406
+/// for a format it cannot give. More ballots than one batch of the store's reads.
+#[tokio::test]
+async fn the_admin_exports_every_ballot_as_ndjson_or_csv_and_nothing_of_the_voters() {
+    const BALLOTS: usize = 2_500;
+    let s = Stack::start().await;
+    let options = ["red", "with, comma", "say \"hi\""];
+    let (created, token) = s
+        .create_poll(json!({"name": "Export", "options": options, "dedupe": "none", "max_choices": 2}))
+        .await;
+    let id = created["id"].as_str().expect("id").to_owned();
+    let mut cast = std::collections::HashMap::new();
+    let mut pending = futures_util::stream::FuturesUnordered::new();
+    for i in 0..BALLOTS {
+        let chosen: Vec<&str> = match i % 3 {
+            0 => vec![options[0]],
+            1 => vec![options[1], options[2]],
+            _ => vec![options[2]],
+        };
+        let req = s
+            .http
+            .post(format!("{}/api/votes", s.vote))
+            .header("x-voter-id", format!("secret-voter-{i}"))
+            .json(&json!({"poll_id": id, "options": chosen}));
+        pending.push(async move {
+            let res = req.send().await.expect("vote");
+            assert_eq!(res.status(), 201);
+            let b: Value = res.json().await.expect("json");
+            (b["id"].as_str().expect("ballot id").to_owned(), chosen)
+        });
+        if pending.len() >= 64 {
+            let (bid, chosen) = pending.next().await.expect("a ballot");
+            cast.insert(bid, chosen);
+        }
+    }
+    while let Some((bid, chosen)) = pending.next().await {
+        cast.insert(bid, chosen);
+    }
+    assert_eq!(cast.len(), BALLOTS);
+
+    let url = format!("{}/api/polls/{id}/ballots", s.poll);
+    expect_problem(s.http.get(&url).send().await.expect("export"), 401).await;
+    let refused = s
+        .http
+        .get(&url)
+        .bearer_auth(&token)
+        .header("accept", "application/xml")
+        .send()
+        .await
+        .expect("export");
+    let problem = expect_problem(refused, 406).await;
+    assert!(
+        problem["detail"].as_str().is_some_and(|d| d.contains("text/csv")),
+        "{problem}"
+    );
+
+    let res = s.http.get(&url).bearer_auth(&token).send().await.expect("export");
+    assert_eq!(res.status(), 200);
+    assert_eq!(header(&res, "content-type"), "application/x-ndjson");
+    let body = res.text().await.expect("body");
+    assert!(!body.contains("secret-voter") && !body.contains("voter") && !body.contains("key"));
+    let mut seen = std::collections::HashMap::new();
+    for line in body.lines() {
+        let b: Value = serde_json::from_str(line).expect("a JSON line");
+        let mut fields: Vec<&str> = b.as_object().expect("object").keys().map(String::as_str).collect();
+        fields.sort_unstable();
+        assert_eq!(fields, ["choices", "created_at", "id"], "nothing else: {line}");
+        let chosen: Vec<String> = serde_json::from_value(b["choices"].clone()).expect("texts");
+        assert!(
+            seen.insert(b["id"].as_str().expect("id").to_owned(), chosen).is_none(),
+            "each ballot once"
+        );
+    }
+    assert_eq!(seen.len(), BALLOTS, "every ballot");
+    for (bid, chosen) in &cast {
+        assert_eq!(
+            seen.get(bid).map(|c| c.iter().map(String::as_str).collect::<Vec<_>>()),
+            Some(chosen.clone())
+        );
+    }
+
+    let res = s
+        .http
+        .get(&url)
+        .bearer_auth(&token)
+        .header("accept", "text/csv")
+        .send()
+        .await
+        .expect("export");
+    assert_eq!(res.status(), 200);
+    assert!(header(&res, "content-type").starts_with("text/csv"));
+    let body = res.text().await.expect("body");
+    let mut lines = body.lines();
+    assert_eq!(lines.next(), Some(r#"id,created_at,red,"with, comma","say ""hi""""#));
+    let mut rows = 0;
+    for line in lines {
+        let f: Vec<&str> = line.split(',').collect();
+        assert_eq!(f.len(), 5, "{line}");
+        let marks: Vec<&str> = options
+            .iter()
+            .map(|o| if cast[f[0]].contains(o) { "1" } else { "0" })
+            .collect();
+        assert_eq!(&f[2..], marks.as_slice(), "{line}");
+        assert!(f[1].parse::<chrono::DateTime<chrono::Utc>>().is_ok(), "{line}");
+        rows += 1;
+    }
+    assert_eq!(rows, BALLOTS);
+}

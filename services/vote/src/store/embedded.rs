@@ -17,6 +17,7 @@ use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use shared::contract::Tally;
 use shared::embedded::{blocking, open};
+use shared::internal::BallotLine;
 use shared::storage::{StoreError, StoreResult};
 use tokio::sync::{mpsc, oneshot};
 
@@ -25,6 +26,8 @@ use crate::ballot::{BallotRecord, CastOutcome};
 
 /// (poll id, ballot key) → ballot JSON. The key is the ballot's identity: unique per poll.
 const BALLOTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("ballots");
+/// Ballots read ahead of an export's consumer.
+const EXPORT_BUFFER: usize = 1024;
 /// (poll id, voter key) → (), answers "has this voter voted" for ballots whose key is not the voter
 /// key (`none` dedupe); the other ballots are found in `BALLOTS` by the voter key itself. (Files
 /// written before this held a row for every ballot; both are read.)
@@ -286,6 +289,40 @@ impl BallotStore for EmbeddedBallotStore {
 
     async fn repair_since(&self, _since: Option<chrono::DateTime<chrono::Utc>>) -> StoreResult<Vec<super::Repair>> {
         Ok(Vec::new())
+    }
+
+    /// A read transaction walks the poll's ballots on a blocking thread, handing them over through
+    /// a bounded channel: memory stays bounded, and writers go on meanwhile (redb reads see the
+    /// snapshot they began with). Stops early when the stream is dropped.
+    async fn ballots(&self, poll_id: &str) -> StoreResult<super::BallotStream> {
+        let (tx, rx) = mpsc::channel::<StoreResult<BallotLine>>(EXPORT_BUFFER);
+        let db = self.db.clone();
+        let poll_id = poll_id.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let walk = || -> StoreResult<()> {
+                let read = db.begin_read()?;
+                let ballots = read.open_table(BALLOTS)?;
+                for entry in ballots.range(poll_range(&poll_id))? {
+                    let (_, v) = entry?;
+                    let b: BallotRecord = serde_json::from_slice(v.value())?;
+                    let line = BallotLine {
+                        id: b.id,
+                        created_at: b.created_at,
+                        choices: b.choices,
+                    };
+                    if tx.blocking_send(Ok(line)).is_err() {
+                        break; // nobody reads any more
+                    }
+                }
+                Ok(())
+            };
+            if let Err(e) = walk() {
+                let _ = tx.blocking_send(Err(e));
+            }
+        });
+        Ok(Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        })))
     }
 
     async fn purge(&self, poll_id: &str) -> StoreResult<u64> {

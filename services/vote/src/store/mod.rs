@@ -11,6 +11,7 @@ use shared::config::Backend;
 use shared::contract::Tally;
 use shared::health::Readiness;
 use shared::instrumented::Observed;
+use shared::internal::BallotLine;
 use shared::keyvault::ConnectionSource;
 use shared::metrics::Metrics;
 use shared::slot::Slot;
@@ -21,6 +22,10 @@ use crate::ballot::{BallotRecord, CastOutcome};
 pub mod contract;
 pub mod embedded;
 pub mod mongo;
+
+/// Every stored ballot of a poll, read as it is consumed (bounded memory for any number of
+/// ballots), in the store's order. An error ends it.
+pub type BallotStream = futures_util::stream::BoxStream<'static, StoreResult<BallotLine>>;
 
 /// Ballots and tallies, owned by the vote service.
 #[async_trait]
@@ -51,6 +56,8 @@ pub trait BallotStore: Send + Sync + 'static {
         }
         Ok(out)
     }
+    /// Every stored ballot of the poll, streamed (the export).
+    async fn ballots(&self, poll_id: &str) -> StoreResult<BallotStream>;
     /// Deletes every ballot and the tally of the poll; returns how many ballots were deleted.
     async fn purge(&self, poll_id: &str) -> StoreResult<u64>;
     async fn ping(&self) -> StoreResult<()>;
@@ -134,6 +141,9 @@ impl BallotStore for Slot<dyn BallotStore> {
     async fn recount_many(&self, poll_ids: &[String]) -> StoreResult<Vec<Tally>> {
         self.call(|s| async move { s.recount_many(poll_ids).await }).await
     }
+    async fn ballots(&self, poll_id: &str) -> StoreResult<BallotStream> {
+        self.call(|s| async move { s.ballots(poll_id).await }).await
+    }
     async fn purge(&self, poll_id: &str) -> StoreResult<u64> {
         self.call(|s| async move { s.purge(poll_id).await }).await
     }
@@ -174,6 +184,11 @@ impl BallotStore for ObservedBallots {
         self.o
             .call("ballots", "recount_many", self.inner.recount_many(poll_ids))
             .await
+    }
+    /// Observed until the stream is open (its first batch read); the reading of the rest is the
+    /// export's, measured by its HTTP request.
+    async fn ballots(&self, poll_id: &str) -> StoreResult<BallotStream> {
+        self.o.call("ballots", "export", self.inner.ballots(poll_id)).await
     }
     async fn purge(&self, poll_id: &str) -> StoreResult<u64> {
         self.o.call("ballots", "purge", self.inner.purge(poll_id)).await

@@ -65,6 +65,7 @@ use mongodb::bson::{Document, doc};
 use mongodb::error::Error as MongoError;
 use mongodb::{Client, Collection, Database};
 use shared::contract::Tally;
+use shared::internal::BallotLine;
 use shared::mongo::{
     Decision, RetryPolicy, bad, classify, database, ensure_collection, fmt_time, index, opt_bson, opt_str, req_str,
     req_time, uint_of,
@@ -297,10 +298,7 @@ impl MongoBallotStore {
     /// for each.)
     async fn recount_streamed(&self, poll_id: &str) -> StoreResult<Tally> {
         let filter = doc! { "poll_id": poll_id };
-        let failed = |e: MongoError| match self.retry.decide(classify(&e), u32::MAX, Duration::MAX) {
-            Decision::GiveUp(e) => e,
-            Decision::Retry(_) => StoreError::unavailable("the database failed during a recount"),
-        };
+        let failed = |e: MongoError| pass_failed(&self.retry, e, "a recount");
         let first_batch = RetryPolicy {
             deadline: RECOUNT_BATCH_DEADLINE,
             ..self.retry.clone()
@@ -444,6 +442,51 @@ impl BallotStore for MongoBallotStore {
         Ok(out)
     }
 
+    /// One cursor over the poll's ballots (only the exported fields), read batch by batch as the
+    /// stream is consumed, each batch bounded by [`RECOUNT_BATCH_DEADLINE`] like a recount's.
+    async fn ballots(&self, poll_id: &str) -> StoreResult<super::BallotStream> {
+        let first_batch = RetryPolicy {
+            deadline: RECOUNT_BATCH_DEADLINE,
+            ..self.retry.clone()
+        };
+        let cursor = first_batch
+            .run(|| {
+                self.ballots
+                    .find(doc! { "poll_id": poll_id })
+                    .projection(doc! { "ballot_id": 1, "created_at": 1, "choices": 1 })
+                    .batch_size(EXPORT_BATCH)
+            })
+            .await?;
+        let retry = self.retry.clone();
+        Ok(Box::pin(futures_util::stream::unfold(Some(cursor), move |cursor| {
+            let retry = retry.clone();
+            async move {
+                let mut cursor = cursor?;
+                let item = match tokio::time::timeout(RECOUNT_BATCH_DEADLINE, cursor.advance()).await {
+                    Ok(Ok(true)) => cursor
+                        .deserialize_current()
+                        .map_err(|e| pass_failed(&retry, e, "an export"))
+                        .and_then(|d| {
+                            Ok(BallotLine {
+                                id: req_str(&d, "ballot_id")?,
+                                created_at: req_time(&d, "created_at")?,
+                                choices: choices_of(&d)?,
+                            })
+                        }),
+                    Ok(Ok(false)) => return None,
+                    Ok(Err(e)) => Err(pass_failed(&retry, e, "an export")),
+                    Err(_) => Err(StoreError::unavailable(format!(
+                        "a batch of the export took longer than {} s",
+                        RECOUNT_BATCH_DEADLINE.as_secs()
+                    ))),
+                };
+                // An error ends the stream.
+                let next = item.is_ok().then_some(cursor);
+                Some((item, next))
+            }
+        })))
+    }
+
     async fn purge(&self, poll_id: &str) -> StoreResult<u64> {
         let res = self
             .retry
@@ -493,6 +536,17 @@ const MAX_BATCH: usize = 1000;
 /// Bound of one batch of a recount (an audit reads every ballot of a poll; some servers compute a
 /// whole result before its first batch: SecantusDB takes about 4 s for a million ballots).
 const RECOUNT_BATCH_DEADLINE: Duration = Duration::from_secs(60);
+/// Ballots per batch of an export's cursor.
+const EXPORT_BATCH: u32 = 1000;
+
+/// The error of a pass over many ballots (a recount, an export) whose cursor failed midway: it
+/// cannot be resumed where it stopped, so a transient failure is reported as unavailability.
+fn pass_failed(retry: &RetryPolicy, e: MongoError, pass: &str) -> StoreError {
+    match retry.decide(classify(&e), u32::MAX, Duration::MAX) {
+        Decision::GiveUp(e) => e,
+        Decision::Retry(_) => StoreError::unavailable(format!("the database failed during {pass}")),
+    }
+}
 /// Counter updates sent at once by the applier.
 const UPDATES_AT_ONCE: usize = 16;
 /// The applier's rounds start at most this often; the tail a refresh aggregates is about this

@@ -1,0 +1,342 @@
+//! Exports: a poll's results as CSV (`GET /api/polls/{id}/results.csv`, the numbers of its JSON
+//! under the same visibility rules), and every ballot for the admin (`GET /api/polls/{id}/ballots`,
+//! CSV or newline-delimited JSON by `Accept`), streamed from the vote service line by line so that
+//! memory stays bounded for any number of ballots.
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use futures_util::{Stream, StreamExt, TryStreamExt};
+use serde::Serialize;
+use shared::Problem;
+use shared::http::ClientAddr;
+use shared::internal::BallotLine;
+use shared::problem::{ProblemBody, ProblemKind};
+use utoipa::ToSchema;
+
+use crate::access::{authorize, parse_id, results_visible};
+use crate::api::{load, views};
+use crate::model::{PollIdPath, PollView, Votes};
+use crate::state::St;
+use crate::votes::Viewer;
+
+/// `text/csv` with a header row (RFC 4180, RFC 7111's `header` parameter).
+const CSV: &str = "text/csv; charset=utf-8; header=present";
+/// Newline-delimited JSON: one JSON object per line.
+const NDJSON: &str = "application/x-ndjson";
+/// Longest line of the vote service's export read (a ballot line is ~100 bytes plus its choices).
+const MAX_LINE: usize = 64 * 1024;
+
+/// The poll's results as CSV: one row per option, in option order, with the poll's ballots.
+#[utoipa::path(get, path = "/api/polls/{id}/results.csv", tag = "polls", params(PollIdPath), responses(
+    (status = 200, description = "`option,count,ballots`: one row per option in option order (`count` as in the JSON's `votes.by_option`, `ballots` its `votes.count`)",
+        content_type = "text/csv", body = String),
+    (status = 400, description = "Malformed id", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 403, description = "The poll's `results` setting hides its counts from this caller", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 404, description = "No such poll", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 503, description = "Database or vote service unavailable", body = ProblemBody, content_type = "application/problem+json"),
+))]
+pub async fn results_csv(
+    State(s): St,
+    Path(id): Path<String>,
+    ClientAddr(addr): ClientAddr,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    let id = parse_id(&id)?;
+    let snap = s
+        .snapshots
+        .get(&id)
+        .await?
+        .ok_or_else(|| Problem::not_found(format!("there is no poll {id}")))?;
+    let admin = crate::access::is_admin(&snap.poll, &headers);
+    let now = Utc::now();
+    let view = match &snap.tally {
+        Some(tally) if results_visible(&snap.poll, now, false, admin) => PollView::new(&snap.poll, Some(tally), now),
+        _ => {
+            let viewer = (!admin).then(|| Viewer::new(addr, &headers, None));
+            views(&s, std::slice::from_ref(&*snap.poll), viewer.as_ref(), admin)
+                .await?
+                .pop()
+                .ok_or_else(|| Problem::internal("no view of the poll was made"))?
+        }
+    };
+    let Some(votes) = view.votes else {
+        return Err(Problem::new(
+            ProblemKind::Forbidden,
+            format!(
+                "the counts of this poll are hidden from you (its results setting is `{}`)",
+                serde_json::to_value(snap.poll.results)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default()
+            ),
+        ));
+    };
+    let body = results_table(&votes).map_err(Problem::internal)?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static(CSV)),
+            (header::CACHE_CONTROL, HeaderValue::from_static("private, no-store")),
+            (
+                header::CONTENT_DISPOSITION,
+                attachment(&format!("poll-{id}-results.csv")),
+            ),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+fn results_table(votes: &Votes) -> Result<Vec<u8>, csv::Error> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(["option", "count", "ballots"])?;
+    let ballots = votes.count.to_string();
+    for o in &votes.by_option {
+        w.write_record([o.option.as_str(), &o.count.to_string(), &ballots])?;
+    }
+    w.into_inner().map_err(|e| csv::Error::from(e.into_error()))
+}
+
+fn attachment(filename: &str) -> HeaderValue {
+    HeaderValue::from_str(&format!("attachment; filename=\"{filename}\""))
+        .unwrap_or(HeaderValue::from_static("attachment"))
+}
+
+/// One ballot of the NDJSON export.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ExportedBallot {
+    pub id: String,
+    pub created_at: DateTime<Utc>,
+    /// The chosen options' texts, in option order.
+    pub choices: Vec<String>,
+}
+
+/// Every ballot of the poll, for its admin: `id`, `created_at` and the choices — never a voter's
+/// identity, key or address. CSV (`Accept: text/csv`: a column per option, `1` where chosen) or
+/// newline-delimited JSON (`application/x-ndjson`, the default), streamed while it is read.
+#[utoipa::path(get, path = "/api/polls/{id}/ballots", tag = "polls", params(PollIdPath),
+    security(("admin_token" = [])),
+    responses(
+    (status = 200, description = "Every ballot, streamed: one line each. CSV: `id,created_at,<option 1>,…,<option n>` with `1` in the columns chosen, `0` elsewhere. NDJSON: one `ExportedBallot` object per line. A failure midway aborts the response, so a cut-off export is never mistaken for a whole one",
+        content(
+            (String = "text/csv"),
+            (ExportedBallot = "application/x-ndjson"),
+        )),
+    (status = 400, description = "Malformed id", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 401, description = "Missing or wrong admin token", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 403, description = "The poll has no admin token", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 404, description = "No such poll", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 406, description = "`Accept` allows neither `text/csv` nor `application/x-ndjson`", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 503, description = "Database or vote service unavailable", body = ProblemBody, content_type = "application/problem+json"),
+))]
+pub async fn export_ballots(State(s): St, Path(id): Path<String>, headers: HeaderMap) -> Result<Response, Problem> {
+    let id = parse_id(&id)?;
+    let poll = load(&s.store, &id).await?;
+    authorize(&poll, &headers)?;
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = negotiate(accept).ok_or_else(|| {
+        Problem::new(
+            ProblemKind::NotAcceptable,
+            "header.Accept: the export is text/csv or application/x-ndjson",
+        )
+    })?;
+    let lines = s.votes.ballots(&poll.id).await?;
+    let options = poll.options.clone();
+    let (content_type, extension) = match format {
+        Format::Csv => (CSV, "csv"),
+        Format::Ndjson => (NDJSON, "ndjson"),
+    };
+    let header_row = match format {
+        Format::Csv => csv_row(
+            ["id", "created_at"]
+                .into_iter()
+                .chain(options.iter().map(String::as_str)),
+        ),
+        Format::Ndjson => Ok(Vec::new()),
+    }
+    .map_err(Problem::internal)?;
+    let poll_id = poll.id.clone();
+    let rows = frames(lines).map(move |line| {
+        let line = line?;
+        let ballot: BallotLine = serde_json::from_str(&line).map_err(std::io::Error::other)?;
+        render(format, &ballot, &options).map_err(std::io::Error::other)
+    });
+    let body = futures_util::stream::once(async move { Ok(Bytes::from(header_row)) })
+        .chain(rows.ready_chunks(256).map(|chunk| {
+            let mut buf = Vec::new();
+            for row in chunk {
+                buf.extend_from_slice(&row?);
+            }
+            Ok::<_, std::io::Error>(Bytes::from(buf))
+        }))
+        .inspect_err(move |e| tracing::warn!(poll_id = %poll_id, error = %e, "ballot export failed midway"));
+    Ok((
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
+            (header::CACHE_CONTROL, HeaderValue::from_static("private, no-store")),
+            (
+                header::CONTENT_DISPOSITION,
+                attachment(&format!("poll-{id}-ballots.{extension}")),
+            ),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Csv,
+    Ndjson,
+}
+
+/// The export format `Accept` prefers (RFC 9110 §12.5.1: the highest `q`, then the most specific
+/// range, then the order given); NDJSON when any is acceptable or `Accept` is absent; `None` when
+/// neither is acceptable.
+fn negotiate(accept: Option<&str>) -> Option<Format> {
+    let Some(accept) = accept.filter(|a| !a.trim().is_empty()) else {
+        return Some(Format::Ndjson);
+    };
+    // For each format, the quality of the most specific range that matches it.
+    let mut best: [(Format, f32, u8); 2] = [(Format::Ndjson, -1.0, 0), (Format::Csv, -1.0, 0)];
+    for range in accept.split(',') {
+        let mut parts = range.split(';').map(str::trim);
+        let media = parts.next().unwrap_or("").to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+            .and_then(|(_, v)| v.trim().parse::<f32>().ok())
+            .unwrap_or(1.0);
+        for (format, quality, specificity) in &mut best {
+            let (kind, sub) = match format {
+                Format::Csv => ("text", "csv"),
+                Format::Ndjson => ("application", "x-ndjson"),
+            };
+            let s = match media.split_once('/') {
+                Some((k, s)) if k == kind && (s == sub || (*format == Format::Ndjson && s == "ndjson")) => 3,
+                Some((k, "*")) if k == kind => 2,
+                Some(("*", "*")) => 1,
+                _ => 0,
+            };
+            if s > *specificity {
+                (*quality, *specificity) = (q, s);
+            }
+        }
+    }
+    // Ties go to the range given first... which, for one range matching both (`*/*`), is NDJSON.
+    best.into_iter()
+        .filter(|(_, q, s)| *s > 0 && *q > 0.0)
+        .fold(None, |acc: Option<(Format, f32)>, (f, q, _)| match acc {
+            Some((_, best_q)) if best_q >= q => acc,
+            _ => Some((f, q)),
+        })
+        .map(|(f, _)| f)
+}
+
+fn csv_row<'a>(fields: impl IntoIterator<Item = &'a str>) -> Result<Vec<u8>, csv::Error> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(fields)?;
+    w.into_inner().map_err(|e| csv::Error::from(e.into_error()))
+}
+
+/// One ballot as a line of the export.
+fn render(format: Format, b: &BallotLine, options: &[String]) -> Result<Vec<u8>, String> {
+    if let Some(bad) = b.choices.iter().find(|&&c| c as usize >= options.len()) {
+        return Err(format!(
+            "ballot {} chooses option {bad}, which the poll does not have",
+            b.id
+        ));
+    }
+    match format {
+        Format::Ndjson => {
+            let line = ExportedBallot {
+                id: b.id.clone(),
+                created_at: b.created_at,
+                choices: b.choices.iter().map(|&c| options[c as usize].clone()).collect(),
+            };
+            let mut buf = serde_json::to_vec(&line).map_err(|e| e.to_string())?;
+            buf.push(b'\n');
+            Ok(buf)
+        }
+        Format::Csv => {
+            let mut marks = vec!["0"; options.len()];
+            for &c in &b.choices {
+                marks[c as usize] = "1";
+            }
+            let created = b.created_at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+            csv_row([b.id.as_str(), created.as_str()].into_iter().chain(marks)).map_err(|e| e.to_string())
+        }
+    }
+}
+
+/// The lines of a newline-delimited body, without their ends; an error (or a line too long) ends
+/// the stream with that error.
+fn frames(
+    body: impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
+) -> impl Stream<Item = Result<String, std::io::Error>> + Send + 'static {
+    use tokio_util::codec::{FramedRead, LinesCodec};
+    FramedRead::new(
+        tokio_util::io::StreamReader::new(body),
+        LinesCodec::new_with_max_length(MAX_LINE),
+    )
+    .map_err(std::io::Error::other)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_picks_the_format_by_quality_then_specificity() {
+        assert_eq!(negotiate(None), Some(Format::Ndjson));
+        assert_eq!(negotiate(Some("*/*")), Some(Format::Ndjson));
+        assert_eq!(negotiate(Some("text/csv")), Some(Format::Csv));
+        assert_eq!(negotiate(Some("text/*")), Some(Format::Csv));
+        assert_eq!(negotiate(Some("application/x-ndjson")), Some(Format::Ndjson));
+        assert_eq!(negotiate(Some("application/ndjson")), Some(Format::Ndjson));
+        assert_eq!(
+            negotiate(Some("application/x-ndjson;q=0.5, text/csv")),
+            Some(Format::Csv)
+        );
+        assert_eq!(negotiate(Some("text/csv;q=0.2, */*;q=0.9")), Some(Format::Ndjson));
+        assert_eq!(
+            negotiate(Some("*/*, text/csv;q=0")),
+            Some(Format::Ndjson),
+            "csv refused"
+        );
+        assert_eq!(negotiate(Some("text/html, application/xml")), None);
+        assert_eq!(negotiate(Some("application/json")), None);
+    }
+
+    #[test]
+    fn a_csv_row_marks_the_chosen_options_and_escapes_their_texts() {
+        let options = vec!["plain".to_owned(), "with, comma".to_owned(), "say \"hi\"".to_owned()];
+        let header = csv_row(
+            ["id", "created_at"]
+                .into_iter()
+                .chain(options.iter().map(String::as_str)),
+        )
+        .expect("csv");
+        assert_eq!(
+            String::from_utf8(header).expect("utf-8"),
+            "id,created_at,plain,\"with, comma\",\"say \"\"hi\"\"\"\n"
+        );
+        let b = BallotLine {
+            id: "b1".into(),
+            created_at: "2026-11-30T06:00:00.5Z".parse().expect("time"),
+            choices: vec![0, 2],
+        };
+        let row = render(Format::Csv, &b, &options).expect("row");
+        assert_eq!(
+            String::from_utf8(row).expect("utf-8"),
+            "b1,2026-11-30T06:00:00.500Z,1,0,1\n"
+        );
+        let line = render(Format::Ndjson, &b, &options).expect("line");
+        let v: serde_json::Value = serde_json::from_slice(&line).expect("json");
+        assert_eq!(v["choices"], serde_json::json!(["plain", "say \"hi\""]));
+        assert!(render(Format::Csv, &BallotLine { choices: vec![3], ..b }, &options).is_err());
+    }
+}
