@@ -44,6 +44,16 @@ impl<'de> Deserialize<'de> for Secret {
     }
 }
 
+/// A new bearer secret (an admin token, a ballot receipt): 32 random bytes (256 bits) as base64url
+/// without padding, 43 characters. Shown once to whoever it is for; stored only as a hash.
+pub fn new_token() -> String {
+    use base64::Engine as _;
+    use rand::RngCore as _;
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -55,5 +65,16 @@ mod tests {
         assert_eq!(format!("{s}"), "[redacted]");
         assert_eq!(serde_json::to_string(&s).unwrap_or_default(), "\"[redacted]\"");
         assert_eq!(s.expose(), "mongodb://user:hunter2@db/");
+    }
+
+    #[test]
+    fn tokens_are_256_random_bits_in_base64url() {
+        let (a, b) = (new_token(), new_token());
+        assert_eq!(a.len(), 43);
+        assert!(
+            a.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'),
+            "{a}"
+        );
+        assert_ne!(a, b);
     }
 }

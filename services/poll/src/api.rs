@@ -9,7 +9,6 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
-use rand::RngCore;
 use shared::contract::{ResultsVisibility, Tally, new_poll_id};
 use shared::http::{AppJson, AppQuery, ClientAddr};
 use shared::internal::PollDefinition;
@@ -70,12 +69,6 @@ pub(crate) async fn views(
         .collect())
 }
 
-fn new_admin_token() -> String {
-    let mut bytes = [0u8; 32];
-    rand::rng().fill_bytes(&mut bytes);
-    URL_SAFE_NO_PAD.encode(bytes)
-}
-
 /// Create a poll.
 #[utoipa::path(post, path = "/api/polls", tag = "polls", request_body = CreatePoll, responses(
     (status = 201, description = "Created; the admin token is in the body, only this once", body = CreatedPoll,
@@ -101,7 +94,7 @@ async fn create_poll(State(s): St, AppJson(body): AppJson<CreatePoll>) -> Result
     if !errors.is_empty() {
         return Err(Problem::validation(errors));
     }
-    let token = new_admin_token();
+    let token = shared::secret::new_token();
     let poll = PollRecord {
         id: new_poll_id(now),
         name,

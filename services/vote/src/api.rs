@@ -45,6 +45,7 @@ type St = State<Arc<AppState>>;
 pub fn router(state: Arc<AppState>) -> OpenApiRouter {
     OpenApiRouter::new()
         .routes(routes!(cast_vote))
+        .routes(routes!(get_vote))
         .route("/internal/tallies", axum::routing::get(tallies))
         .route(
             "/internal/polls/{id}/ballots",
@@ -156,17 +157,24 @@ impl ToSchema for CastBallot {}
 
 const VOTER_ID_PATTERN: &str = "^[!-~]+$";
 
-/// An accepted ballot.
+/// A ballot as counted.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Ballot {
     pub id: String,
     pub poll_id: String,
     pub options: Vec<String>,
     pub created_at: DateTime<Utc>,
+    /// The ballot's receipt, only in the answer that stored it, never later: its voter sends it
+    /// as `Authorization: Bearer <receipt>` to `GET /api/votes/{id}` to see the ballot as counted.
+    /// Stored only as a hash. An idempotent retry (same `Idempotency-Key`, same ballot) gets a new
+    /// receipt, which replaces the first: the retrying client may never have received it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub receipt: Option<String>,
 }
 
 fn ballot_view(b: &BallotRecord, def: &PollDefinition) -> Ballot {
     Ballot {
+        receipt: None,
         id: b.id.clone(),
         poll_id: b.poll_id.clone(),
         options: b
@@ -376,11 +384,30 @@ async fn cast(
     }
     let choices = match_choices(&def.options, def.max_choices, &chosen)?;
     let (key, voter) = identity(def.dedupe, addr, voter_id.as_deref(), idem.as_deref())?;
-    let ballot = BallotRecord::new(poll_id, key, voter, choices, idem.clone());
+    let mut ballot = BallotRecord::new(poll_id, key, voter, choices, idem.clone());
+    let receipt = ballot.issue_receipt();
     match s.store.cast(ballot.clone()).await? {
-        CastOutcome::Accepted(b) => Ok((ballot_view(&b, &def), false)),
+        CastOutcome::Accepted(b) => Ok((
+            Ballot {
+                receipt: Some(receipt),
+                ..ballot_view(&b, &def)
+            },
+            false,
+        )),
         CastOutcome::Duplicate(existing) => match duplicate(&existing, &ballot) {
-            Duplicate::Retry => Ok((ballot_view(&existing, &def), true)),
+            // The first answer again, with a new receipt in place of the first one: the client
+            // retrying may never have received it.
+            Duplicate::Retry => {
+                let hash = BallotRecord::hash_receipt(&receipt);
+                let reissued = s.store.reissue_receipt(&existing, &hash).await?;
+                Ok((
+                    Ballot {
+                        receipt: reissued.then_some(receipt),
+                        ..ballot_view(&existing, &def)
+                    },
+                    true,
+                ))
+            }
             Duplicate::KeyReused => Err(Problem::unprocessable(
                 ProblemKind::IdempotencyKeyReused,
                 "header.Idempotency-Key",
@@ -392,6 +419,42 @@ async fn cast(
             )),
         },
     }
+}
+
+/// A ballot as counted, for its voter.
+///
+/// With the ballot's receipt as `Authorization: Bearer <receipt>`: the ballot's choices as they
+/// are stored and counted. A wrong receipt and a ballot that does not exist get the same 404, so
+/// that nobody learns which ballot ids exist.
+#[utoipa::path(get, path = "/api/votes/{id}", tag = "votes",
+    params(("id" = String, Path, description = "The ballot's id, as the answer that stored it gave it")),
+    security(("receipt" = [])),
+    responses(
+    (status = 200, description = "The ballot as counted", body = Ballot),
+    (status = 401, description = "No receipt (`Authorization: Bearer <receipt>`)", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 404, description = "No ballot with this id and this receipt", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 503, description = "Database or poll service unavailable", body = ProblemBody, content_type = "application/problem+json"),
+))]
+async fn get_vote(State(s): St, Path(id): Path<String>, headers: HeaderMap) -> Result<Json<Ballot>, Problem> {
+    let Some(receipt) = shared::http::bearer_token(&headers) else {
+        return Err(Problem::unauthorized(
+            "send the ballot's receipt as `Authorization: Bearer <receipt>`",
+        ));
+    };
+    let not_found = || Problem::not_found("there is no ballot with this id and this receipt");
+    // Ballot ids are UUIDs; anything else cannot exist (and is not looked up).
+    if id.len() > 64 {
+        return Err(not_found());
+    }
+    let ballot = s
+        .store
+        .ballot(&id)
+        .await?
+        .filter(|b| b.has_receipt(receipt))
+        .ok_or_else(not_found)?;
+    // The poll is gone (its ballots are being purged): so is the ballot.
+    let def = s.catalog.get(&ballot.poll_id).await?.ok_or_else(not_found)?;
+    Ok(Json(ballot_view(&ballot, &def)))
 }
 
 /// `?ids=a,b,…` of the internal endpoints: at most 200 poll ids.

@@ -28,6 +28,11 @@ pub struct BallotRecord {
     /// different request.
     pub fingerprint: String,
     pub created_at: DateTime<Utc>,
+    /// SHA-256 (hex) of the ballot's receipt, the secret its voter got in the answer that stored
+    /// it (or in the latest idempotent retry of it). `None` for ballots stored before receipts
+    /// existed: nobody can show them.
+    #[serde(default)]
+    pub receipt_hash: Option<String>,
 }
 
 /// What happened to a ballot handed to the store.
@@ -59,8 +64,33 @@ impl BallotRecord {
             idempotency_key,
             fingerprint,
             created_at: Utc::now(),
+            receipt_hash: None,
         }
     }
+
+    /// Gives the ballot a new receipt: returns the receipt, keeps only its hash.
+    pub fn issue_receipt(&mut self) -> String {
+        let receipt = shared::secret::new_token();
+        self.receipt_hash = Some(receipt_hash(&receipt));
+        receipt
+    }
+
+    /// The hash a receipt is stored as.
+    pub fn hash_receipt(receipt: &str) -> String {
+        receipt_hash(receipt)
+    }
+
+    /// Whether `receipt` is this ballot's (a constant-time comparison of hashes).
+    pub fn has_receipt(&self, receipt: &str) -> bool {
+        use subtle::ConstantTimeEq as _;
+        self.receipt_hash
+            .as_deref()
+            .is_some_and(|hash| bool::from(receipt_hash(receipt).as_bytes().ct_eq(hash.as_bytes())))
+    }
+}
+
+fn receipt_hash(receipt: &str) -> String {
+    sha256_hex(&[b"ballot-receipt", receipt.as_bytes()])
 }
 
 /// Why a ballot cannot be made from a request.

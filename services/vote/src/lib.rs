@@ -20,6 +20,7 @@ use shared::service::{ServiceParts, StartError, bind_service, describe_service};
 use shared::storage::StoreHealth;
 use tokio_util::sync::CancellationToken;
 use utoipa::openapi::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
 pub const SERVICE: &str = "vote";
 pub const DEFAULT_PORT: u16 = 5000;
@@ -45,7 +46,7 @@ pub async fn build(
     let outcomes = Family::<api::OutcomeLabels, Counter>::default();
     metrics.register(
         "pollvote_ballots",
-        "Ballots by outcome (accepted, replayed, duplicate, closed, rejected, unavailable)",
+        "Ballots by outcome (accepted, replayed, duplicate, closed, not_open, rejected, unavailable)",
         outcomes.clone(),
     );
     let catalog = catalog::Catalog::new(peer.clone(), Duration::from_millis(config.services.poll_cache_ttl_ms))
@@ -76,6 +77,17 @@ pub fn describe(doc: &mut OpenApi) {
         doc,
         "Vote service",
         "Ballots. One ballot per voter per poll (by client address, voter id, or none, as the poll says), \
-         enforced by a unique key in the database. Errors are application/problem+json (RFC 9457).",
+         enforced by a unique key in the database. Errors are application/problem+json (RFC 9457). \
+         A ballot's voter sees it as counted with the receipt returned once when it was stored.",
+    );
+    let components = doc.components.get_or_insert_with(Default::default);
+    components.add_security_scheme(
+        "receipt",
+        SecurityScheme::Http(
+            HttpBuilder::new()
+                .scheme(HttpAuthScheme::Bearer)
+                .description(Some("The ballot's receipt"))
+                .build(),
+        ),
     );
 }

@@ -1439,8 +1439,17 @@ async fn one_access_log_line_per_request_and_the_request_context_reaches_the_oth
         .await
         .expect("vote");
     assert_eq!(res.status(), 201);
-    let receipt: Value = res.json().await.expect("json");
-    let receipt = receipt["id"].as_str().expect("ballot id").to_owned();
+    let stored: Value = res.json().await.expect("json");
+    let ballot_id = stored["id"].as_str().expect("ballot id").to_owned();
+    let receipt = stored["receipt"].as_str().expect("receipt").to_owned();
+    // The voter checks the ballot with its receipt: neither may reach the logs either.
+    let res = http
+        .get(format!("{}/api/votes/{ballot_id}", vote.url))
+        .bearer_auth(&receipt)
+        .send()
+        .await
+        .expect("check");
+    assert_eq!(res.status(), 200);
     let res = http
         .get(format!("{}/api/polls/{poll_id}", poll.url))
         .header("x-request-id", &read)
@@ -1599,7 +1608,14 @@ async fn one_access_log_line_per_request_and_the_request_context_reaches_the_oth
         std::fs::read_to_string(&poll.log).expect("log"),
         std::fs::read_to_string(&vote.log).expect("log")
     );
-    let mut secrets = vec![token.as_str(), receipt.as_str(), "mongodb://", "password", "voter-1"];
+    let mut secrets = vec![
+        token.as_str(),
+        ballot_id.as_str(),
+        receipt.as_str(),
+        "mongodb://",
+        "password",
+        "voter-1",
+    ];
     if let Some(uri) = mongo.as_deref() {
         secrets.push(uri);
     }

@@ -245,16 +245,20 @@ async fn idempotent_retries_return_the_first_answer_and_count_once() {
         let first = send("k-1", "red").await.expect("vote");
         assert_eq!(first.status(), 201);
         assert!(first.headers().get("idempotent-replayed").is_none());
-        let first: Value = first.json().await.expect("json");
+        let mut first: Value = first.json().await.expect("json");
+        let mut receipt = first["receipt"].take();
         for _ in 0..3 {
             let again = send("k-1", "red").await.expect("vote");
             assert_eq!(again.status(), 201, "{dedupe}: a retry gets the first answer");
             assert_eq!(again.headers()["idempotent-replayed"], "true");
-            assert_eq!(
-                again.json::<Value>().await.expect("json"),
-                first,
-                "{dedupe}: same ballot"
+            let mut again: Value = again.json().await.expect("json");
+            let new_receipt = again["receipt"].take();
+            assert!(
+                new_receipt.is_string() && new_receipt != receipt,
+                "{dedupe}: a new receipt"
             );
+            receipt = new_receipt;
+            assert_eq!(again, first, "{dedupe}: same ballot");
         }
         let p = expect_problem(send("k-1", "blue").await.expect("vote"), 422).await;
         assert_eq!(p["type"], "urn:pollvote:problem:idempotency-key-reused");
@@ -1286,4 +1290,102 @@ async fn replicas_killed_mid_batch_24_times_store_each_acknowledged_ballot_once(
         replays.len(),
         began.elapsed()
     );
+}
+
+/// Issue 12: the answer that stores a ballot carries its receipt; with it, `GET /api/votes/{id}`
+/// shows the ballot as counted. Without a receipt 401; a wrong receipt, another ballot's receipt
+/// and an unknown ballot id all get the same 404; an idempotent retry gets a new receipt that
+/// replaces the first (whose answer the client may have lost); a deleted poll's ballots are gone.
+#[tokio::test]
+async fn a_receipt_shows_its_ballot_as_counted_and_reveals_nothing_else() {
+    let s = Stack::start().await;
+    let (id, token) = s.simple_poll(json!({"dedupe": "none", "max_choices": 2})).await;
+    let cast = |options: Value, key: &'static str| {
+        let req = s
+            .http
+            .post(format!("{}/api/votes", s.vote))
+            .header("idempotency-key", key)
+            .json(&json!({"poll_id": id, "options": options}));
+        async move { req.send().await.expect("vote") }
+    };
+    let res = cast(json!(["red", "blue"]), "first").await;
+    assert_eq!(res.status(), 201);
+    let first: Value = res.json().await.expect("json");
+    let receipt = first["receipt"].as_str().expect("a receipt").to_owned();
+    assert_eq!(receipt.len(), 43, "256 bits, base64url: {receipt}");
+    assert!(
+        receipt
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    );
+    let res = cast(json!(["green"]), "second").await;
+    let second: Value = res.json().await.expect("json");
+    let other_receipt = second["receipt"].as_str().expect("a receipt").to_owned();
+    assert_ne!(receipt, other_receipt);
+
+    let check = |ballot: String, receipt: Option<String>| {
+        let mut req = s.http.get(format!("{}/api/votes/{ballot}", s.vote));
+        if let Some(r) = receipt {
+            req = req.bearer_auth(r);
+        }
+        async move { req.send().await.expect("check") }
+    };
+    let ballot = first["id"].as_str().expect("id").to_owned();
+    let res = check(ballot.clone(), Some(receipt.clone())).await;
+    assert_eq!(res.status(), 200);
+    let counted: Value = res.json().await.expect("json");
+    let mut expected = first.clone();
+    expected.as_object_mut().expect("object").remove("receipt");
+    assert_eq!(counted, expected, "the ballot as stored, without its receipt");
+
+    let missing = expect_problem(check(ballot.clone(), None).await, 401).await;
+    assert!(
+        missing["detail"].as_str().is_some_and(|d| d.contains("receipt")),
+        "{missing}"
+    );
+    let wrong = expect_problem(check(ballot.clone(), Some("x".repeat(43))).await, 404).await;
+    let crossed = expect_problem(check(ballot.clone(), Some(other_receipt.clone())).await, 404).await;
+    let unknown = expect_problem(
+        check(uuid::Uuid::new_v4().to_string(), Some(receipt.clone())).await,
+        404,
+    )
+    .await;
+    assert_eq!(
+        (&wrong, &crossed),
+        (&unknown, &unknown),
+        "one answer for all three: nothing revealed"
+    );
+
+    let replay = cast(json!(["red", "blue"]), "first").await;
+    assert_eq!(replay.status(), 201);
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    let replayed: Value = replay.json().await.expect("json");
+    assert_eq!(replayed["id"], first["id"]);
+    let receipt = {
+        let reissued = replayed["receipt"].as_str().expect("a new receipt").to_owned();
+        assert_ne!(reissued, receipt);
+        assert_eq!(
+            check(ballot.clone(), Some(receipt.clone())).await.status(),
+            404,
+            "the first receipt is replaced"
+        );
+        reissued
+    };
+    assert_eq!(check(ballot.clone(), Some(receipt.clone())).await.status(), 200);
+
+    let res = s
+        .http
+        .delete(format!("{}/api/polls/{id}", s.poll))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(res.status(), 204);
+    eventually(Duration::from_secs(5), Duration::from_millis(100), || async {
+        match check(ballot.clone(), Some(receipt.clone())).await.status().as_u16() {
+            404 => Ok(()),
+            other => Err(format!("a deleted poll's ballot answered {other}")),
+        }
+    })
+    .await;
 }

@@ -24,6 +24,7 @@ pub fn sample_ballot(poll_id: &str, key: &str, choices: &[u32]) -> BallotRecord 
         idempotency_key: None,
         fingerprint: format!("fp-{key}"),
         created_at: Utc::now(),
+        receipt_hash: None,
     }
 }
 
@@ -205,7 +206,42 @@ pub async fn ballot_store_contract(store: DynBallotStore) {
         "no polls: an empty answer"
     );
 
-    assert_eq!(store.purge(&other).await.expect("purge"), 100);
+    // A ballot with a receipt is found by its id, receipt hash included; an unknown id is not.
+    let mut with_receipt = sample_ballot(&other, "id:receipt-holder", &[1]);
+    let receipt = with_receipt.issue_receipt();
+    assert!(matches!(
+        store.cast(with_receipt.clone()).await.expect("cast"),
+        CastOutcome::Accepted(_)
+    ));
+    let found = store
+        .ballot(&with_receipt.id)
+        .await
+        .expect("ballot")
+        .expect("found by its id");
+    assert_eq!(found, with_receipt);
+    assert!(found.has_receipt(&receipt) && !found.has_receipt("not-it"));
+    assert_eq!(store.ballot("no-such-ballot").await.expect("ballot"), None);
+    // A new receipt replaces the old one; only the stored ballot (same id) gets one.
+    let new_hash = BallotRecord::hash_receipt("the new receipt");
+    assert!(store.reissue_receipt(&with_receipt, &new_hash).await.expect("reissue"));
+    let found = store
+        .ballot(&with_receipt.id)
+        .await
+        .expect("ballot")
+        .expect("found by its id");
+    assert!(found.has_receipt("the new receipt") && !found.has_receipt(&receipt));
+    let impostor = BallotRecord {
+        id: "another ballot id".into(),
+        ..with_receipt.clone()
+    };
+    assert!(!store.reissue_receipt(&impostor, &new_hash).await.expect("reissue"));
+
+    assert_eq!(store.purge(&other).await.expect("purge"), 101);
+    assert_eq!(
+        store.ballot(&with_receipt.id).await.expect("ballot"),
+        None,
+        "a purged ballot is not found by its id"
+    );
     assert_eq!(
         store.tally(&other).await.expect("tally"),
         Tally::default(),

@@ -32,6 +32,9 @@ const EXPORT_BUFFER: usize = 1024;
 /// key (`none` dedupe); the other ballots are found in `BALLOTS` by the voter key itself. (Files
 /// written before this held a row for every ballot; both are read.)
 const VOTERS: TableDefinition<(&str, &str), ()> = TableDefinition::new("voters");
+/// ballot id → (poll id, ballot key): finds a ballot by the id its voter knows. (Ballots stored
+/// before receipts existed have no row: nobody holds a receipt for them.)
+const BALLOT_IDS: TableDefinition<&str, (&str, &str)> = TableDefinition::new("ballot_ids");
 /// poll id → tally JSON, updated in the same transaction as the ballot it counts.
 const TALLIES: TableDefinition<&str, &[u8]> = TableDefinition::new("tallies");
 
@@ -78,6 +81,7 @@ impl EmbeddedBallotStore {
         let tx = db.begin_write()?;
         tx.open_table(BALLOTS)?;
         tx.open_table(VOTERS)?;
+        tx.open_table(BALLOT_IDS)?;
         tx.open_table(TALLIES)?;
         tx.commit()?;
         let (jobs, rx) = mpsc::channel(MAX_BATCH * 4);
@@ -144,6 +148,7 @@ fn apply_batch(db: &Database, batch: &[CastJob]) -> StoreResult<Vec<Applied>> {
     {
         let mut ballots = tx.open_table(BALLOTS)?;
         let mut voters = tx.open_table(VOTERS)?;
+        let mut ids = tx.open_table(BALLOT_IDS)?;
         let mut tallies = tx.open_table(TALLIES)?;
         let mut counted: HashMap<&str, Tally> = HashMap::new();
         for job in batch {
@@ -164,6 +169,9 @@ fn apply_batch(db: &Database, batch: &[CastJob]) -> StoreResult<Vec<Applied>> {
                 }),
             };
             ballots.insert(key, job.doc.as_slice())?;
+            if b.receipt_hash.is_some() {
+                ids.insert(b.id.as_str(), key)?;
+            }
             if let Some(voter) = b.voter.as_deref().filter(|v| *v != b.key) {
                 voters.insert((b.poll_id.as_str(), voter), ())?;
             }
@@ -291,6 +299,51 @@ impl BallotStore for EmbeddedBallotStore {
         Ok(Vec::new())
     }
 
+    /// One write transaction of its own (it waits for the writer thread's current commit).
+    async fn reissue_receipt(&self, ballot: &BallotRecord, receipt_hash: &str) -> StoreResult<bool> {
+        let db = self.db.clone();
+        let (poll_id, key, id) = (ballot.poll_id.clone(), ballot.key.clone(), ballot.id.clone());
+        let receipt_hash = receipt_hash.to_owned();
+        blocking(move || {
+            let tx = db.begin_write()?;
+            let reissued = {
+                let mut ballots = tx.open_table(BALLOTS)?;
+                let stored = match ballots.get((poll_id.as_str(), key.as_str()))? {
+                    Some(v) => Some(serde_json::from_slice::<BallotRecord>(v.value())?),
+                    None => None,
+                };
+                match stored {
+                    Some(mut b) if b.id == id => {
+                        b.receipt_hash = Some(receipt_hash);
+                        let doc = serde_json::to_vec(&b)?;
+                        ballots.insert((poll_id.as_str(), key.as_str()), doc.as_slice())?;
+                        let mut ids = tx.open_table(BALLOT_IDS)?;
+                        ids.insert(id.as_str(), (poll_id.as_str(), key.as_str()))?;
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            tx.commit()?;
+            Ok(reissued)
+        })
+        .await
+    }
+
+    async fn ballot(&self, ballot_id: &str) -> StoreResult<Option<BallotRecord>> {
+        let tx = self.db.begin_read()?;
+        let ids = tx.open_table(BALLOT_IDS)?;
+        let Some(at) = ids.get(ballot_id)? else {
+            return Ok(None);
+        };
+        let (poll_id, key) = at.value();
+        let ballots = tx.open_table(BALLOTS)?;
+        match ballots.get((poll_id, key))? {
+            Some(v) => Ok(Some(serde_json::from_slice(v.value())?)),
+            None => Ok(None),
+        }
+    }
+
     /// A read transaction walks the poll's ballots on a blocking thread, handing them over through
     /// a bounded channel: memory stays bounded, and writers go on meanwhile (redb reads see the
     /// snapshot they began with). Stops early when the stream is dropped.
@@ -332,6 +385,12 @@ impl BallotStore for EmbeddedBallotStore {
             let tx = db.begin_write()?;
             let removed = {
                 let mut ballots = tx.open_table(BALLOTS)?;
+                let mut ids = tx.open_table(BALLOT_IDS)?;
+                for entry in ballots.range(poll_range(&poll_id))? {
+                    let (_, v) = entry?;
+                    let b: BallotRecord = serde_json::from_slice(v.value())?;
+                    ids.remove(b.id.as_str())?;
+                }
                 let mut n = 0u64;
                 ballots.retain_in(poll_range(&poll_id), |_, _| {
                     n += 1;

@@ -56,6 +56,12 @@ pub trait BallotStore: Send + Sync + 'static {
         }
         Ok(out)
     }
+    /// Gives the stored ballot `ballot` (the same `(poll_id, key)` and ballot id) a new receipt,
+    /// replacing its earlier one: an idempotent retry whose first answer was lost gets a working
+    /// receipt. `false` when no such ballot is stored (any more).
+    async fn reissue_receipt(&self, ballot: &BallotRecord, receipt_hash: &str) -> StoreResult<bool>;
+    /// The stored ballot with this ballot id, if any (a voter checking a receipt).
+    async fn ballot(&self, ballot_id: &str) -> StoreResult<Option<BallotRecord>>;
     /// Every stored ballot of the poll, streamed (the export).
     async fn ballots(&self, poll_id: &str) -> StoreResult<BallotStream>;
     /// Deletes every ballot and the tally of the poll; returns how many ballots were deleted.
@@ -141,6 +147,13 @@ impl BallotStore for Slot<dyn BallotStore> {
     async fn recount_many(&self, poll_ids: &[String]) -> StoreResult<Vec<Tally>> {
         self.call(|s| async move { s.recount_many(poll_ids).await }).await
     }
+    async fn reissue_receipt(&self, ballot: &BallotRecord, receipt_hash: &str) -> StoreResult<bool> {
+        self.call(|s| async move { s.reissue_receipt(ballot, receipt_hash).await })
+            .await
+    }
+    async fn ballot(&self, ballot_id: &str) -> StoreResult<Option<BallotRecord>> {
+        self.call(|s| async move { s.ballot(ballot_id).await }).await
+    }
     async fn ballots(&self, poll_id: &str) -> StoreResult<BallotStream> {
         self.call(|s| async move { s.ballots(poll_id).await }).await
     }
@@ -184,6 +197,18 @@ impl BallotStore for ObservedBallots {
         self.o
             .call("ballots", "recount_many", self.inner.recount_many(poll_ids))
             .await
+    }
+    async fn reissue_receipt(&self, ballot: &BallotRecord, receipt_hash: &str) -> StoreResult<bool> {
+        self.o
+            .call(
+                "ballots",
+                "reissue_receipt",
+                self.inner.reissue_receipt(ballot, receipt_hash),
+            )
+            .await
+    }
+    async fn ballot(&self, ballot_id: &str) -> StoreResult<Option<BallotRecord>> {
+        self.o.call("ballots", "get", self.inner.ballot(ballot_id)).await
     }
     /// Observed until the stream is open (its first batch read); the reading of the rest is the
     /// export's, measured by its HTTP request.

@@ -123,6 +123,7 @@ pub fn ballot_to_doc(b: &BallotRecord) -> Document {
         "idempotency_key": opt_bson(b.idempotency_key.clone()),
         "fingerprint": &b.fingerprint,
         "created_at": fmt_time(b.created_at),
+        "receipt_hash": opt_bson(b.receipt_hash.clone()),
     }
 }
 
@@ -147,6 +148,7 @@ fn doc_to_ballot(d: &Document) -> StoreResult<BallotRecord> {
         idempotency_key: opt_str(d, "idempotency_key")?,
         fingerprint: req_str(d, "fingerprint")?,
         created_at: req_time(d, "created_at")?,
+        receipt_hash: opt_str(d, "receipt_hash")?,
     })
 }
 
@@ -211,7 +213,16 @@ impl MongoBallotStore {
         let db = database(&client, database_name, &retry);
         let poll_voter = index("poll_voter", doc! { "poll_id": 1, "voter": 1 });
         let poll_writer_seq = index("poll_writer_seq", doc! { "poll_id": 1, "w": 1, "s": 1 });
-        ensure_collection(&db, BALLOTS_COLLECTION, vec![poll_voter, poll_writer_seq], &retry).await?;
+        // A voter checking a receipt names only the ballot id (on a sharded cluster this one read
+        // goes to every shard).
+        let ballot_id = index("ballot_id", doc! { "ballot_id": 1 });
+        ensure_collection(
+            &db,
+            BALLOTS_COLLECTION,
+            vec![poll_voter, poll_writer_seq, ballot_id],
+            &retry,
+        )
+        .await?;
         let ballots: Collection<Document> = db.collection(BALLOTS_COLLECTION);
         let me = rand::random::<i64>();
         let (counters, existed) = Counters::open(&db, &ballots, &retry, me).await?;
@@ -440,6 +451,28 @@ impl BallotStore for MongoBallotStore {
             out.push(self.recount_streamed(id).await?);
         }
         Ok(out)
+    }
+
+    /// One single-document update, matched on the ballot's `_id` and ballot id (a retry of it sets
+    /// the same hash again).
+    async fn reissue_receipt(&self, ballot: &BallotRecord, receipt_hash: &str) -> StoreResult<bool> {
+        let filter = doc! { "_id": ballot_id(&ballot.poll_id, &ballot.key), "ballot_id": &ballot.id };
+        let res = self
+            .retry
+            .run(|| {
+                self.ballots
+                    .update_one(filter.clone(), doc! { "$set": { "receipt_hash": receipt_hash } })
+            })
+            .await?;
+        Ok(res.matched_count == 1)
+    }
+
+    async fn ballot(&self, ballot_id: &str) -> StoreResult<Option<BallotRecord>> {
+        let found = self
+            .retry
+            .run(|| self.ballots.find_one(doc! { "ballot_id": ballot_id }))
+            .await?;
+        found.as_ref().map(doc_to_ballot).transpose()
     }
 
     /// One cursor over the poll's ballots (only the exported fields), read batch by batch as the
