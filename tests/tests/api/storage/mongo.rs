@@ -261,7 +261,10 @@ async fn opening_twice_is_idempotent_and_keeps_data() {
         let poll_indexes = index_names(&client, &s, POLLS_COLLECTION).await;
         let ballot_indexes = index_names(&client, &s, BALLOTS_COLLECTION).await;
         assert_eq!(poll_indexes, vec!["_id_", "newest_first"]);
-        assert_eq!(ballot_indexes, vec!["_id_", "ballot_id", "poll_voter", "poll_writer_seq"]);
+        assert_eq!(
+            ballot_indexes,
+            vec!["_id_", "ballot_id", "poll_voter", "poll_writer_seq"]
+        );
 
         // A second process starting (or a restart) against the same, non-empty database.
         let polls_again = poll_store(&client, &s).await;
