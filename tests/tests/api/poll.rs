@@ -2433,16 +2433,8 @@ async fn the_opening_time_comes_before_the_close_and_changes_only_before_it_pass
         .expect("create");
     let problem = expect_problem(res, 400).await;
     assert!(names_field(&problem, "closes_at"), "{problem}");
-    let all: Value = s
-        .http
-        .get(format!("{}/api/polls", s.poll))
-        .send()
-        .await
-        .expect("list")
-        .json()
-        .await
-        .expect("json");
-    assert_eq!(all.as_array().map(Vec::len), Some(0), "nothing stored: {all}");
+    let all = api_tests::get_json(&s.http, &format!("{}/api/polls", s.poll)).await;
+    assert_eq!(all, json!([]), "nothing stored");
 
     let (id, token) = s.simple_poll(json!({"opens_at": at(60), "closes_at": at(120)})).await;
     let patch = |body: Value| {
