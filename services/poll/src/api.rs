@@ -22,7 +22,7 @@ use crate::record::{
     PollCursor, PollQuery, PollRecord, UpdateRefused, check_closes_at, check_desc, check_max_choices, check_name,
     check_options, check_order,
 };
-use crate::snapshots::Rendered;
+use crate::snapshots::{Rendered, Snapshot};
 use crate::state::{AppState, St};
 use crate::store::DynPollStore;
 use crate::stream;
@@ -46,6 +46,40 @@ pub async fn load(store: &DynPollStore, id: &str) -> Result<PollRecord, Problem>
         .get(&id)
         .await?
         .ok_or_else(|| Problem::not_found(format!("there is no poll {id}")))
+}
+
+/// The snapshot of the poll `id` names (400 for a malformed id, 404 for no such poll).
+pub(crate) async fn snapshot(s: &AppState, id: &str) -> Result<Arc<Snapshot>, Problem> {
+    let id = parse_id(id)?;
+    s.snapshots
+        .get(&id)
+        .await?
+        .ok_or_else(|| Problem::not_found(format!("there is no poll {id}")))
+}
+
+/// The poll as this caller may see it: from the snapshot's tally when its counts show to anyone
+/// (or to the admin), else with one call to the vote service, which also tells whether the caller
+/// (`viewer`, asked only for a caller who is not the admin) voted. A snapshot without a tally
+/// (`after_vote`) was loaded without one.
+pub(crate) async fn caller_view(
+    s: &AppState,
+    snap: &Snapshot,
+    admin: bool,
+    viewer: impl FnOnce() -> Viewer,
+) -> Result<PollView, Problem> {
+    let now = Utc::now();
+    match &snap.tally {
+        Some(tally) if results_visible(&snap.poll, now, false, admin) => {
+            Ok(PollView::new(&snap.poll, Some(tally), now))
+        }
+        _ => {
+            let viewer = (!admin).then(viewer);
+            views(s, std::slice::from_ref(&*snap.poll), viewer.as_ref(), admin)
+                .await?
+                .pop()
+                .ok_or_else(|| Problem::internal("no view of the poll was made"))
+        }
+    }
 }
 
 /// The views of a page of polls: one call to the vote service for all their counts (and, with a
@@ -254,29 +288,13 @@ async fn get_poll(
     AppQuery(v): AppQuery<ViewerParams>,
 ) -> Result<Response, Problem> {
     let voter_id = v.voter_id()?;
-    let id = parse_id(&id)?;
-    let snap = s
-        .snapshots
-        .get(&id)
-        .await?
-        .ok_or_else(|| Problem::not_found(format!("there is no poll {id}")))?;
+    let snap = snapshot(&s, &id).await?;
     let admin = is_admin(&snap.poll, &headers);
     if let Some(public) = snap.public.as_ref().filter(|p| p.shared || !admin) {
         return Ok(conditional(&headers, public));
     }
-    // Caller-dependent: the admin's view (from the snapshot's tally when it has one), or a poll
-    // that shows its counts only to voters. Either way at most one call to the vote service for
-    // the read: a snapshot without a tally (`after_vote`) was loaded without one.
-    let view = match (&snap.tally, admin) {
-        (Some(tally), true) => PollView::new(&snap.poll, Some(tally), Utc::now()),
-        _ => {
-            let viewer = (!admin).then(|| Viewer::new(addr, &headers, voter_id));
-            let mut views = views(&s, std::slice::from_ref(&*snap.poll), viewer.as_ref(), admin).await?;
-            views
-                .pop()
-                .ok_or_else(|| Problem::internal("no view of the poll was made"))?
-        }
-    };
+    // Caller-dependent: the admin's view, or a poll that shows its counts only to voters.
+    let view = caller_view(&s, &snap, admin, || Viewer::new(addr, &headers, voter_id)).await?;
     let body = serde_json::to_vec(&view).map_err(Problem::internal)?;
     Ok(conditional(&headers, &Rendered::new(body, false)))
 }

@@ -16,9 +16,9 @@ use shared::internal::BallotLine;
 use shared::problem::{ProblemBody, ProblemKind};
 use utoipa::ToSchema;
 
-use crate::access::{authorize, parse_id, results_visible};
-use crate::api::{load, views};
-use crate::model::{PollIdPath, PollView, Votes};
+use crate::access::{authorize, parse_id};
+use crate::api::{caller_view, load, snapshot};
+use crate::model::{PollIdPath, Votes};
 use crate::state::St;
 use crate::votes::Viewer;
 
@@ -44,24 +44,9 @@ pub async fn results_csv(
     ClientAddr(addr): ClientAddr,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
-    let id = parse_id(&id)?;
-    let snap = s
-        .snapshots
-        .get(&id)
-        .await?
-        .ok_or_else(|| Problem::not_found(format!("there is no poll {id}")))?;
+    let snap = snapshot(&s, &id).await?;
     let admin = crate::access::is_admin(&snap.poll, &headers);
-    let now = Utc::now();
-    let view = match &snap.tally {
-        Some(tally) if results_visible(&snap.poll, now, false, admin) => PollView::new(&snap.poll, Some(tally), now),
-        _ => {
-            let viewer = (!admin).then(|| Viewer::new(addr, &headers, None));
-            views(&s, std::slice::from_ref(&*snap.poll), viewer.as_ref(), admin)
-                .await?
-                .pop()
-                .ok_or_else(|| Problem::internal("no view of the poll was made"))?
-        }
-    };
+    let view = caller_view(&s, &snap, admin, || Viewer::new(addr, &headers, None)).await?;
     let Some(votes) = view.votes else {
         return Err(Problem::new(
             ProblemKind::Forbidden,
@@ -81,7 +66,7 @@ pub async fn results_csv(
             (header::CACHE_CONTROL, HeaderValue::from_static("private, no-store")),
             (
                 header::CONTENT_DISPOSITION,
-                attachment(&format!("poll-{id}-results.csv")),
+                attachment(&format!("poll-{}-results.csv", snap.poll.id)),
             ),
         ],
         body,

@@ -269,6 +269,27 @@ mod tests {
         v.iter().map(|s| (*s).to_owned()).collect()
     }
 
+    /// An open poll of options a and b, created `now`.
+    fn sample(now: DateTime<Utc>) -> PollRecord {
+        PollRecord {
+            id: shared::contract::new_poll_id(now),
+            name: "n".into(),
+            desc: "d".into(),
+            options: opts(&["a", "b"]),
+            max_choices: 1,
+            opens_at: None,
+            closes_at: None,
+            closed_at: None,
+            results: ResultsVisibility::Always,
+            dedupe: DedupePolicy::Ip,
+            created_at: now,
+            updated_at: now,
+            admin_token_hash: None,
+            legacy_votes: 0,
+            revision: 1,
+        }
+    }
+
     #[test]
     fn options_are_trimmed_and_distinct_case_insensitively() {
         let mut e = Vec::new();
@@ -310,23 +331,7 @@ mod tests {
     #[test]
     fn a_patch_changes_only_what_it_names_and_never_a_closed_poll() {
         let now = Utc::now();
-        let poll = PollRecord {
-            id: shared::contract::new_poll_id(now),
-            name: "n".into(),
-            desc: "d".into(),
-            options: opts(&["a", "b"]),
-            max_choices: 1,
-            opens_at: None,
-            closes_at: None,
-            closed_at: None,
-            results: ResultsVisibility::Always,
-            dedupe: DedupePolicy::Ip,
-            created_at: now,
-            updated_at: now,
-            admin_token_hash: None,
-            legacy_votes: 0,
-            revision: 1,
-        };
+        let poll = sample(now);
         let update = PollUpdate {
             desc: Some(" new ".into()),
             max_choices: Some(2),
@@ -358,21 +363,9 @@ mod tests {
         let now = Utc::now();
         let secs = chrono::Duration::seconds;
         let scheduled = PollRecord {
-            id: shared::contract::new_poll_id(now),
-            name: "n".into(),
-            desc: String::new(),
-            options: opts(&["a", "b"]),
-            max_choices: 1,
             opens_at: Some(now + secs(60)),
             closes_at: Some(now + secs(120)),
-            closed_at: None,
-            results: ResultsVisibility::Always,
-            dedupe: DedupePolicy::Ip,
-            created_at: now,
-            updated_at: now,
-            admin_token_hash: None,
-            legacy_votes: 0,
-            revision: 1,
+            ..sample(now)
         };
         let later = PollUpdate {
             opens_at: Some(Some(now + secs(90))),
