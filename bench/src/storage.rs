@@ -93,6 +93,8 @@ fn ballot(poll_id: &str, client: usize, n: u64) -> BallotRecord {
         voter: Some(key.clone()),
         key,
         choices: vec![(n % 3) as u32],
+        ranking: None,
+        scores: None,
         idempotency_key: None,
         fingerprint: "0".repeat(64),
         created_at: chrono::Utc::now(),

@@ -2,6 +2,8 @@
 //! ids, the poll settings the vote service acts on, the status rule, tallies, and the voter-key
 //! derivation both services must agree on.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -99,48 +101,167 @@ impl Schedule {
     }
 }
 
-/// The counts for one poll: `total` ballots, and per option index how many ballots chose it.
+/// How a poll's ballots mark its options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum VotingMethod {
+    /// Pick `min_choices` to `max_choices` options (approval voting when several).
+    #[default]
+    Choice,
+    /// Rank 1 to `max_choices` distinct options, best first (instant runoff, Condorcet).
+    Ranked,
+    /// Give every option an integer score from 0 to `max_score` (omitted options score 0).
+    Score,
+}
+
+/// A score poll's `max_score` when none is given.
+pub const DEFAULT_MAX_SCORE: u32 = 5;
+/// The highest `max_score` a score poll may have.
+pub const MAX_SCORE: u32 = 10;
+/// The most distinct rankings a ranked poll may allow (its options and `max_choices` decide how
+/// many): the ranked tally keeps a count per distinct ranking, and this bounds its size (a few
+/// MiB at most, within one MongoDB document) and the time to compute the results from it.
+pub const MAX_RANKINGS: u64 = 150_000;
+
+/// How many distinct rankings of 1 to `max_len` of `n` options exist: the sum over `k` of
+/// `n! / (n - k)!` (saturating).
+pub fn possible_rankings(n: usize, max_len: u32) -> u64 {
+    let mut total = 0u64;
+    let mut arrangements = 1u64;
+    for k in 0..(max_len as usize).min(n) {
+        arrangements = arrangements.saturating_mul((n - k) as u64);
+        total = total.saturating_add(arrangements);
+    }
+    total
+}
+
+/// What one ballot marks, borrowed from wherever it is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Marks<'a> {
+    /// The options the ballot counts for in `by_option`: the chosen ones (`choice`), the first
+    /// preference (`ranked`), the ones scored above 0 (`score`); ascending except for `ranked`.
+    pub choices: &'a [u32],
+    /// `ranked`: the ranking, best first.
+    pub ranking: Option<&'a [u32]>,
+    /// `score`: every option's score, in option order.
+    pub scores: Option<&'a [u32]>,
+}
+
+impl<'a> Marks<'a> {
+    /// A `choice` ballot's marks.
+    pub fn choices(choices: &'a [u32]) -> Self {
+        Self {
+            choices,
+            ranking: None,
+            scores: None,
+        }
+    }
+}
+
+/// The counts for one poll: `total` ballots, per option index how many ballots count for it (see
+/// [`Marks::choices`]), and what the poll's method needs besides: the score sums of a `score`
+/// poll, the ballots per distinct ranking of a `ranked` poll (keyed by [`ranking_key`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Tally {
     pub total: u64,
     pub by_option: Vec<u64>,
+    /// `score` polls: per option index, the sum of its scores.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sums: Vec<u64>,
+    /// `ranked` polls: ballots per distinct ranking.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rankings: BTreeMap<String, u64>,
+}
+
+/// A ranking as a tally keys it: the option indices, best first, joined by `-` (no `.` or `$`, so
+/// it is a MongoDB field name as it is).
+pub fn ranking_key(ranking: &[u32]) -> String {
+    let parts: Vec<String> = ranking.iter().map(u32::to_string).collect();
+    parts.join("-")
+}
+
+/// The ranking a [`ranking_key`] stands for (`None` if it is not one).
+pub fn parse_ranking_key(key: &str) -> Option<Vec<u32>> {
+    key.split('-').map(|p| p.parse().ok()).collect()
+}
+
+fn add_at(v: &mut Vec<u64>, i: usize, n: u64) {
+    if v.len() <= i {
+        v.resize(i + 1, 0);
+    }
+    v[i] += n;
 }
 
 impl Tally {
-    /// Counts for exactly `n` options (missing trailing counts are zero).
+    /// Counts for exactly `n` options (missing trailing counts are zero; score sums too when the
+    /// tally has any).
     pub fn padded(mut self, n: usize) -> Self {
         if self.by_option.len() < n {
             self.by_option.resize(n, 0);
         }
+        if !self.sums.is_empty() && self.sums.len() < n {
+            self.sums.resize(n, 0);
+        }
         self
     }
 
-    /// Adds one ballot choosing `choices`.
-    pub fn add(&mut self, choices: &[u32]) {
-        self.add_n(choices, 1);
+    /// Adds one ballot.
+    pub fn add(&mut self, marks: Marks<'_>) {
+        self.add_n(marks, 1);
     }
 
-    /// Adds `n` ballots each choosing `choices`.
-    pub fn add_n(&mut self, choices: &[u32], n: u64) {
+    /// Adds `n` ballots marked alike.
+    pub fn add_n(&mut self, marks: Marks<'_>, n: u64) {
         self.total += n;
-        for &c in choices {
-            let i = c as usize;
-            if self.by_option.len() <= i {
-                self.by_option.resize(i + 1, 0);
+        for &c in marks.choices {
+            add_at(&mut self.by_option, c as usize, n);
+        }
+        if let Some(scores) = marks.scores {
+            if self.sums.len() < scores.len() {
+                self.sums.resize(scores.len(), 0);
             }
-            self.by_option[i] += n;
+            for (i, &s) in scores.iter().enumerate() {
+                add_at(&mut self.sums, i, u64::from(s) * n);
+            }
+        }
+        if let Some(ranking) = marks.ranking {
+            *self.rankings.entry(ranking_key(ranking)).or_default() += n;
         }
     }
 
     /// Adds another tally's counts.
     pub fn merge(&mut self, other: &Tally) {
         self.total += other.total;
-        if self.by_option.len() < other.by_option.len() {
-            self.by_option.resize(other.by_option.len(), 0);
+        for (i, &n) in other.by_option.iter().enumerate() {
+            add_at(&mut self.by_option, i, n);
         }
-        for (a, b) in self.by_option.iter_mut().zip(&other.by_option) {
-            *a += b;
+        for (i, &n) in other.sums.iter().enumerate() {
+            add_at(&mut self.sums, i, n);
         }
+        for (k, &n) in &other.rankings {
+            *self.rankings.entry(k.clone()).or_default() += n;
+        }
+    }
+
+    /// The same counts without trailing zero per-option counts or sums and without zero ranking
+    /// counts: two tallies of the same ballots are equal once trimmed, however they were kept.
+    pub fn trimmed(mut self) -> Self {
+        while self.by_option.last() == Some(&0) {
+            self.by_option.pop();
+        }
+        while self.sums.last() == Some(&0) {
+            self.sums.pop();
+        }
+        self.rankings.retain(|_, n| *n > 0);
+        self
+    }
+
+    /// The distinct rankings and their counts (keys that are not rankings are skipped).
+    pub fn ranking_counts(&self) -> Vec<(Vec<u32>, u64)> {
+        self.rankings
+            .iter()
+            .filter_map(|(k, &n)| parse_ranking_key(k).map(|r| (r, n)))
+            .collect()
     }
 }
 
@@ -255,9 +376,85 @@ mod tests {
     #[test]
     fn tally_adds_and_pads() {
         let mut t = Tally::default();
-        t.add(&[0, 2]);
-        t.add(&[2]);
+        t.add(Marks::choices(&[0, 2]));
+        t.add(Marks::choices(&[2]));
         assert_eq!(t.total, 2);
         assert_eq!(t.clone().padded(4).by_option, vec![1, 0, 2, 0]);
+        assert!(t.sums.is_empty() && t.rankings.is_empty(), "a choice tally has neither");
+    }
+
+    #[test]
+    fn tally_keeps_score_sums_and_rankings() {
+        let mut t = Tally::default();
+        t.add(Marks {
+            choices: &[0, 2],
+            ranking: None,
+            scores: Some(&[3, 0, 5]),
+        });
+        t.add_n(
+            Marks {
+                choices: &[2],
+                ranking: None,
+                scores: Some(&[0, 0, 1]),
+            },
+            2,
+        );
+        assert_eq!(
+            (t.total, t.by_option.clone(), t.sums.clone()),
+            (3, vec![1, 0, 3], vec![3, 0, 7])
+        );
+
+        let mut r = Tally::default();
+        r.add(Marks {
+            choices: &[2],
+            ranking: Some(&[2, 0]),
+            scores: None,
+        });
+        r.add_n(
+            Marks {
+                choices: &[2],
+                ranking: Some(&[2, 0]),
+                scores: None,
+            },
+            4,
+        );
+        r.add(Marks {
+            choices: &[1],
+            ranking: Some(&[1]),
+            scores: None,
+        });
+        assert_eq!(r.ranking_counts(), vec![(vec![1], 1), (vec![2, 0], 5)]);
+        assert_eq!(ranking_key(&[12, 0, 3]), "12-0-3");
+        assert_eq!(parse_ranking_key("12-0-3"), Some(vec![12, 0, 3]));
+        assert_eq!(parse_ranking_key("1.2"), None);
+
+        let mut merged = t.clone();
+        merged.merge(&r);
+        assert_eq!(merged.total, 9);
+        assert_eq!(merged.by_option, vec![1, 1, 8]);
+        assert_eq!(merged.rankings.len(), 2);
+        let padded = Tally {
+            by_option: vec![1, 0, 0],
+            sums: vec![2, 0],
+            ..Tally::default()
+        };
+        assert_eq!(
+            padded.trimmed(),
+            Tally {
+                by_option: vec![1],
+                sums: vec![2],
+                ..Tally::default()
+            }
+        );
+    }
+
+    #[test]
+    fn possible_rankings_count_every_partial_ranking() {
+        assert_eq!(possible_rankings(3, 3), 3 + 6 + 6);
+        assert_eq!(possible_rankings(4, 2), 4 + 12);
+        assert_eq!(possible_rankings(8, 8), 109_600);
+        assert!(possible_rankings(9, 9) > MAX_RANKINGS);
+        assert!(possible_rankings(20, 20) > 6 * 10u64.pow(18));
+        assert_eq!(possible_rankings(2, 0), 0);
     }
 }

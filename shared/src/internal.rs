@@ -8,7 +8,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::contract::{DedupePolicy, PollStatus, ResultsVisibility, Schedule};
+use std::collections::BTreeMap;
+
+use crate::contract::{DEFAULT_MAX_SCORE, DedupePolicy, PollStatus, ResultsVisibility, Schedule, Tally, VotingMethod};
 use crate::health::{Dependency, Unhealthy};
 use crate::metrics::{Metrics, PeerLabels};
 use crate::problem::Problem;
@@ -18,7 +20,16 @@ use crate::problem::Problem;
 pub struct PollDefinition {
     pub id: String,
     pub options: Vec<String>,
+    /// Absent from a poll service that predates voting methods: `choice`.
+    #[serde(default)]
+    pub method: VotingMethod,
+    /// Fewest options a `choice` or `ranked` ballot marks (absent: 1).
+    #[serde(default = "one")]
+    pub min_choices: u32,
     pub max_choices: u32,
+    /// Highest score of a `score` poll (absent: the default).
+    #[serde(default = "default_max_score")]
+    pub max_score: u32,
     pub dedupe: DedupePolicy,
     pub results: ResultsVisibility,
     /// Absent from a poll service that predates scheduled openings: open at once.
@@ -26,6 +37,14 @@ pub struct PollDefinition {
     pub opens_at: Option<DateTime<Utc>>,
     pub closes_at: Option<DateTime<Utc>>,
     pub closed_at: Option<DateTime<Utc>>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn default_max_score() -> u32 {
+    DEFAULT_MAX_SCORE
 }
 
 impl PollDefinition {
@@ -117,8 +136,37 @@ pub struct TallyView {
     pub poll_id: String,
     pub total: u64,
     pub by_option: Vec<u64>,
+    /// `score` polls: the score sums per option (absent otherwise).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sums: Vec<u64>,
+    /// `ranked` polls: ballots per distinct ranking (absent otherwise).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rankings: BTreeMap<String, u64>,
     /// Whether any of the given voter keys has a ballot on this poll.
     pub voted: bool,
+}
+
+impl TallyView {
+    pub fn new(poll_id: String, t: Tally, voted: bool) -> Self {
+        Self {
+            poll_id,
+            total: t.total,
+            by_option: t.by_option,
+            sums: t.sums,
+            rankings: t.rankings,
+            voted,
+        }
+    }
+
+    /// The counts without the poll id and `voted`.
+    pub fn tally(self) -> Tally {
+        Tally {
+            total: self.total,
+            by_option: self.by_option,
+            sums: self.sums,
+            rankings: self.rankings,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -133,8 +181,15 @@ pub struct TalliesResponse {
 pub struct BallotLine {
     pub id: String,
     pub created_at: DateTime<Utc>,
-    /// Chosen option indices, ascending.
+    /// Chosen option indices, ascending (`ranked`: the first preference; `score`: the options
+    /// scored above 0).
     pub choices: Vec<u32>,
+    /// `ranked` polls: the ranking, best first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranking: Option<Vec<u32>>,
+    /// `score` polls: every option's score, in option order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scores: Option<Vec<u32>>,
 }
 
 /// How long callers should wait before retrying when the other service is unreachable.

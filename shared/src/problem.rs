@@ -86,6 +86,12 @@ pub enum ProblemKind {
     DuplicateOption,
     /// 422: more choices than the poll allows.
     TooManyChoices,
+    /// 422: fewer choices than the poll's `min_choices`.
+    TooFewChoices,
+    /// 422: a score outside the poll's 0 to `max_score`.
+    ScoreOutOfRange,
+    /// 422: the ballot's shape (`option`/`options`, `ranking`, `scores`) is not the poll's method's.
+    WrongBallotShape,
     /// 422: an `Idempotency-Key` reused for a different ballot.
     IdempotencyKeyReused,
     /// 429 (with `Retry-After`).
@@ -121,6 +127,9 @@ impl ProblemKind {
             Self::UnknownOption => "unknown-option",
             Self::DuplicateOption => "duplicate-option",
             Self::TooManyChoices => "too-many-choices",
+            Self::TooFewChoices => "too-few-choices",
+            Self::ScoreOutOfRange => "score-out-of-range",
+            Self::WrongBallotShape => "wrong-ballot-shape",
             Self::IdempotencyKeyReused => "idempotency-key-reused",
             Self::RateLimited => "rate-limited",
             Self::Internal => "internal",
@@ -150,9 +159,13 @@ impl ProblemKind {
             Self::NotAcceptable => StatusCode::NOT_ACCEPTABLE,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::UnknownOption | Self::DuplicateOption | Self::TooManyChoices | Self::IdempotencyKeyReused => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            Self::UnknownOption
+            | Self::DuplicateOption
+            | Self::TooManyChoices
+            | Self::TooFewChoices
+            | Self::ScoreOutOfRange
+            | Self::WrongBallotShape
+            | Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
-use shared::contract::{ResultsVisibility, Tally, new_poll_id};
+use shared::contract::{DEFAULT_MAX_SCORE, ResultsVisibility, Tally, VotingMethod, new_poll_id};
 use shared::http::{AppJson, AppQuery, ClientAddr};
 use shared::internal::PollDefinition;
 use shared::problem::{FieldError, Problem, ProblemBody, ProblemKind};
@@ -19,7 +19,7 @@ use utoipa_axum::routes;
 use crate::access::{authorize, hash_token, is_admin, parse_id, results_visible};
 use crate::model::*;
 use crate::record::{
-    PollCursor, PollQuery, PollRecord, UpdateRefused, check_closes_at, check_desc, check_max_choices, check_name,
+    PollCursor, PollQuery, PollRecord, UpdateRefused, check_ballot_rules, check_closes_at, check_desc, check_name,
     check_options, check_order,
 };
 use crate::snapshots::{Rendered, Snapshot};
@@ -119,22 +119,44 @@ async fn create_poll(State(s): St, AppJson(body): AppJson<CreatePoll>) -> Result
     let name = check_name(&body.name, &mut errors);
     let desc = check_desc(body.desc.as_deref().unwrap_or(""), &mut errors);
     let options = check_options(&body.options.0, &mut errors);
-    let max_choices = body.max_choices.map_or(1, |m| m.0);
-    check_max_choices(max_choices, options.len(), &mut errors);
+    let method = body.method.unwrap_or_default();
+    let n = options.len() as u32;
+    let (min_choices, max_choices, max_score) = (
+        body.min_choices.map(|m| m.0),
+        body.max_choices.map(|m| m.0),
+        body.max_score.map(|m| m.0),
+    );
+    let not_for = |field: &str, what: &str| FieldError::new(field, format!("does not apply to a {what} poll"));
+    if method == VotingMethod::Score {
+        errors.extend(min_choices.map(|_| not_for("min_choices", "score")));
+        errors.extend(max_choices.map(|_| not_for("max_choices", "score")));
+    } else {
+        let name = if method == VotingMethod::Ranked {
+            "ranked"
+        } else {
+            "choice"
+        };
+        errors.extend(max_score.map(|_| not_for("max_score", name)));
+    }
+    let max_choices = match method {
+        VotingMethod::Choice => max_choices.unwrap_or(1),
+        VotingMethod::Ranked => max_choices.unwrap_or(n),
+        VotingMethod::Score => n,
+    };
     if let Some(t) = body.closes_at {
         check_closes_at(t, now, &mut errors);
     }
     check_order(body.opens_at, body.closes_at, &mut errors);
-    if !errors.is_empty() {
-        return Err(Problem::validation(errors));
-    }
     let token = shared::secret::new_token();
     let poll = PollRecord {
         id: new_poll_id(now),
         name,
         desc,
         options,
+        method,
+        min_choices: min_choices.unwrap_or(1),
         max_choices,
+        max_score: max_score.unwrap_or(DEFAULT_MAX_SCORE),
         opens_at: body.opens_at,
         closes_at: body.closes_at,
         closed_at: None,
@@ -146,6 +168,10 @@ async fn create_poll(State(s): St, AppJson(body): AppJson<CreatePoll>) -> Result
         legacy_votes: 0,
         revision: 1,
     };
+    check_ballot_rules(&poll, &mut errors);
+    if !errors.is_empty() {
+        return Err(Problem::validation(errors));
+    }
     s.store.create(&poll).await?;
     s.snapshots.invalidate(&poll.id).await;
     tracing::info!(poll_id = %poll.id, "poll created");

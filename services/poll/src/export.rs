@@ -7,6 +7,8 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use futures_util::{Stream, StreamExt, TryStreamExt};
 use serde::Serialize;
@@ -31,7 +33,7 @@ const MAX_LINE: usize = 64 * 1024;
 
 /// The poll's results as CSV: one row per option, in option order, with the poll's ballots.
 #[utoipa::path(get, path = "/api/polls/{id}/results.csv", tag = "polls", params(PollIdPath), responses(
-    (status = 200, description = "`option,count,ballots`: one row per option in option order (`count` as in the JSON's `votes.by_option`, `ballots` its `votes.count`)",
+    (status = 200, description = "The JSON's numbers. `choice` polls: `option,count,ballots`, one row per option in option order (`count` as in `votes.by_option`, `ballots` is `votes.count`). `score` polls: `option,count,sum,mean,ballots`. `ranked` polls: `round,option,votes,exhausted,outcome,ballots`, a row per instant-runoff round and option in the running (`outcome`: `eliminated` or `elected` in the round that decided it)",
         content_type = "text/csv", body = String),
     (status = 400, description = "Malformed id", body = ProblemBody, content_type = "application/problem+json"),
     (status = 403, description = "The poll's `results` setting hides its counts from this caller", body = ProblemBody, content_type = "application/problem+json"),
@@ -74,12 +76,49 @@ pub async fn results_csv(
         .into_response())
 }
 
+/// The results as CSV, by the poll's method: `option,count,ballots` (`choice`),
+/// `option,count,sum,mean,ballots` (`score`), or per instant-runoff round and option in the
+/// running `round,option,votes,exhausted,outcome,ballots` (`ranked`; `outcome` is `eliminated`
+/// or `elected` on the option's row of the round that decided it).
 fn results_table(votes: &Votes) -> Result<Vec<u8>, csv::Error> {
     let mut w = csv::Writer::from_writer(Vec::new());
-    w.write_record(["option", "count", "ballots"])?;
     let ballots = votes.count.to_string();
-    for o in &votes.by_option {
-        w.write_record([o.option.as_str(), &o.count.to_string(), &ballots])?;
+    let score = votes.by_option.iter().any(|o| o.sum.is_some());
+    if let Some(ranked) = &votes.ranked {
+        w.write_record(["round", "option", "votes", "exhausted", "outcome", "ballots"])?;
+        let last = ranked.rounds.len();
+        for (i, r) in ranked.rounds.iter().enumerate() {
+            let (round, exhausted) = (r.round.to_string(), r.exhausted.to_string());
+            for c in &r.counts {
+                let outcome = if r.eliminated.as_deref() == Some(c.option.as_str()) {
+                    "eliminated"
+                } else if i + 1 == last && ranked.winner.as_deref() == Some(c.option.as_str()) {
+                    "elected"
+                } else {
+                    ""
+                };
+                w.write_record([
+                    &round,
+                    c.option.as_str(),
+                    &c.votes.to_string(),
+                    &exhausted,
+                    outcome,
+                    &ballots,
+                ])?;
+            }
+        }
+    } else if score {
+        w.write_record(["option", "count", "sum", "mean", "ballots"])?;
+        for o in &votes.by_option {
+            let sum = o.sum.unwrap_or(0).to_string();
+            let mean = o.mean.unwrap_or(0.0).to_string();
+            w.write_record([o.option.as_str(), &o.count.to_string(), &sum, &mean, &ballots])?;
+        }
+    } else {
+        w.write_record(["option", "count", "ballots"])?;
+        for o in &votes.by_option {
+            w.write_record([o.option.as_str(), &o.count.to_string(), &ballots])?;
+        }
     }
     w.into_inner().map_err(|e| csv::Error::from(e.into_error()))
 }
@@ -94,8 +133,15 @@ fn attachment(filename: &str) -> HeaderValue {
 pub struct ExportedBallot {
     pub id: String,
     pub created_at: DateTime<Utc>,
-    /// The chosen options' texts, in option order.
+    /// The options' texts the ballot counts for, in option order: the chosen ones (`choice`
+    /// polls), the first preference (`ranked`), the ones scored above 0 (`score`).
     pub choices: Vec<String>,
+    /// `ranked` polls: the ranking, best first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ranking: Option<Vec<String>>,
+    /// `score` polls: every option's score.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scores: Option<BTreeMap<String, u32>>,
 }
 
 /// Every ballot of the poll, for its admin: `id`, `created_at` and the choices — never a voter's
@@ -104,7 +150,7 @@ pub struct ExportedBallot {
 #[utoipa::path(get, path = "/api/polls/{id}/ballots", tag = "polls", params(PollIdPath),
     security(("admin_token" = [])),
     responses(
-    (status = 200, description = "Every ballot, streamed: one line each. CSV: `id,created_at,<option 1>,…,<option n>` with `1` in the columns chosen, `0` elsewhere. NDJSON: one `ExportedBallot` object per line. A failure midway aborts the response, so a cut-off export is never mistaken for a whole one",
+    (status = 200, description = "Every ballot, streamed: one line each. CSV: `id,created_at,<option 1>,…,<option n>` with, per option, `1`/`0` chosen or not (`choice` polls), the rank (1 = best; empty: unranked; `ranked`), the score (`score`). NDJSON: one `ExportedBallot` object per line. A failure midway aborts the response, so a cut-off export is never mistaken for a whole one",
         content(
             (String = "text/csv"),
             (ExportedBallot = "application/x-ndjson"),
@@ -229,30 +275,62 @@ fn csv_row<'a>(fields: impl IntoIterator<Item = &'a str>) -> Result<Vec<u8>, csv
 
 /// One ballot as a line of the export.
 fn render(format: Format, b: &BallotLine, options: &[String]) -> Result<Vec<u8>, String> {
-    if let Some(bad) = b.choices.iter().find(|&&c| c as usize >= options.len()) {
+    let indices = b.choices.iter().chain(b.ranking.iter().flatten());
+    if let Some(bad) = indices.clone().find(|&&c| c as usize >= options.len()) {
         return Err(format!(
-            "ballot {} chooses option {bad}, which the poll does not have",
+            "ballot {} marks option {bad}, which the poll does not have",
             b.id
         ));
     }
+    if b.scores.as_ref().is_some_and(|s| s.len() > options.len()) {
+        return Err(format!("ballot {} scores more options than the poll has", b.id));
+    }
+    let texts = |v: &[u32]| -> Vec<String> { v.iter().map(|&c| options[c as usize].clone()).collect() };
     match format {
         Format::Ndjson => {
             let line = ExportedBallot {
                 id: b.id.clone(),
                 created_at: b.created_at,
-                choices: b.choices.iter().map(|&c| options[c as usize].clone()).collect(),
+                choices: texts(&b.choices),
+                ranking: b.ranking.as_deref().map(texts),
+                scores: b
+                    .scores
+                    .as_ref()
+                    .map(|s| options.iter().cloned().zip(s.iter().copied()).collect()),
             };
             let mut buf = serde_json::to_vec(&line).map_err(|e| e.to_string())?;
             buf.push(b'\n');
             Ok(buf)
         }
         Format::Csv => {
-            let mut marks = vec!["0"; options.len()];
-            for &c in &b.choices {
-                marks[c as usize] = "1";
-            }
+            // A column per option: `1`/`0` chosen or not; the rank (1 = best, empty = unranked);
+            // the score.
+            let marks: Vec<String> = if let Some(ranking) = &b.ranking {
+                let mut m = vec![String::new(); options.len()];
+                for (rank, &c) in (1u32..).zip(ranking) {
+                    m[c as usize] = rank.to_string();
+                }
+                m
+            } else if let Some(scores) = &b.scores {
+                let mut m = vec!["0".to_owned(); options.len()];
+                for (i, s) in scores.iter().enumerate() {
+                    m[i] = s.to_string();
+                }
+                m
+            } else {
+                let mut m = vec!["0".to_owned(); options.len()];
+                for &c in &b.choices {
+                    m[c as usize] = "1".to_owned();
+                }
+                m
+            };
             let created = b.created_at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
-            csv_row([b.id.as_str(), created.as_str()].into_iter().chain(marks)).map_err(|e| e.to_string())
+            csv_row(
+                [b.id.as_str(), created.as_str()]
+                    .into_iter()
+                    .chain(marks.iter().map(String::as_str)),
+            )
+            .map_err(|e| e.to_string())
         }
     }
 }
@@ -313,6 +391,8 @@ mod tests {
             id: "b1".into(),
             created_at: "2026-11-30T06:00:00.5Z".parse().expect("time"),
             choices: vec![0, 2],
+            ranking: None,
+            scores: None,
         };
         let row = render(Format::Csv, &b, &options).expect("row");
         assert_eq!(
@@ -322,6 +402,53 @@ mod tests {
         let line = render(Format::Ndjson, &b, &options).expect("line");
         let v: serde_json::Value = serde_json::from_slice(&line).expect("json");
         assert_eq!(v["choices"], serde_json::json!(["plain", "say \"hi\""]));
-        assert!(render(Format::Csv, &BallotLine { choices: vec![3], ..b }, &options).is_err());
+        assert!(
+            render(
+                Format::Csv,
+                &BallotLine {
+                    choices: vec![3],
+                    ..b.clone()
+                },
+                &options
+            )
+            .is_err()
+        );
+
+        let ranked = BallotLine {
+            choices: vec![2],
+            ranking: Some(vec![2, 0]),
+            ..b.clone()
+        };
+        let row = String::from_utf8(render(Format::Csv, &ranked, &options).expect("row")).expect("utf-8");
+        assert_eq!(row, "b1,2026-11-30T06:00:00.500Z,2,,1\n", "ranks, empty where unranked");
+        let v: serde_json::Value =
+            serde_json::from_slice(&render(Format::Ndjson, &ranked, &options).expect("line")).expect("json");
+        assert_eq!(v["ranking"], serde_json::json!(["say \"hi\"", "plain"]));
+        assert!(
+            render(
+                Format::Csv,
+                &BallotLine {
+                    ranking: Some(vec![0, 7]),
+                    ..ranked
+                },
+                &options
+            )
+            .is_err(),
+            "a ranking beyond the options"
+        );
+
+        let scored = BallotLine {
+            choices: vec![1],
+            scores: Some(vec![0, 4, 0]),
+            ..b
+        };
+        let row = String::from_utf8(render(Format::Csv, &scored, &options).expect("row")).expect("utf-8");
+        assert_eq!(row, "b1,2026-11-30T06:00:00.500Z,0,4,0\n");
+        let v: serde_json::Value =
+            serde_json::from_slice(&render(Format::Ndjson, &scored, &options).expect("line")).expect("json");
+        assert_eq!(
+            v["scores"],
+            serde_json::json!({"plain": 0, "with, comma": 4, "say \"hi\"": 0})
+        );
     }
 }

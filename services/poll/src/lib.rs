@@ -4,6 +4,7 @@ pub mod access;
 pub mod api;
 pub mod export;
 pub mod hub;
+pub mod methods;
 pub mod model;
 pub mod record;
 pub mod snapshots;

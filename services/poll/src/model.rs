@@ -3,7 +3,9 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
-use shared::contract::{DedupePolicy, PollStatus, ResultsVisibility, Tally};
+use shared::contract::{DedupePolicy, PollStatus, ResultsVisibility, Tally, VotingMethod};
+
+use crate::methods;
 
 use crate::record::{MIN_OPTIONS, PollRecord, PollUpdate};
 use shared::contract::MAX_OPTIONS;
@@ -37,10 +39,27 @@ pub struct CreatePoll {
     pub desc: Option<String>,
     /// 2–20 distinct non-empty options (distinct after trimming, case-insensitively).
     pub options: OptionList,
-    /// How many options one ballot may choose: 1 to the number of options (default 1).
+    /// How ballots mark the options (default `choice`): `choice` picks `min_choices` to
+    /// `max_choices` options; `ranked` ranks `min_choices` to `max_choices` options, best first
+    /// (results by instant runoff, with the Condorcet winner and the pairwise matrix); `score`
+    /// gives every option a whole number from 0 to `max_score`.
+    #[serde(default)]
+    pub method: Option<VotingMethod>,
+    /// Fewest options a `choice` ballot picks or a `ranked` ballot ranks: 1 (the default) to
+    /// `max_choices`. Not for `score` polls.
+    #[serde(default)]
+    #[schema(value_type = Option<u32>, minimum = 1, maximum = 20)]
+    pub min_choices: Option<WholeNumber>,
+    /// Most options a `choice` ballot picks (default 1) or a `ranked` ballot ranks (default: all
+    /// of them), at most the number of options. A ranked poll allows at most 150,000 distinct
+    /// rankings (e.g. all 8 of 8 options, or 4 of 15). Not for `score` polls.
     #[serde(default)]
     #[schema(value_type = Option<u32>, minimum = 1, maximum = 20)]
     pub max_choices: Option<WholeNumber>,
+    /// A `score` poll's highest score: 1 to 10 (default 5). Only for `score` polls.
+    #[serde(default)]
+    #[schema(value_type = Option<u32>, minimum = 1, maximum = 10)]
+    pub max_score: Option<WholeNumber>,
     /// When voting starts (RFC 3339; default: at once). Until then the poll is `scheduled` and
     /// ballots are refused with 409 `poll-not-open`.
     #[serde(default)]
@@ -144,6 +163,11 @@ pub struct UpdatePoll {
     #[serde(default)]
     #[schema(value_type = Option<OptionList>)]
     pub options: Option<OptionList>,
+    /// Not for `score` polls.
+    #[serde(default)]
+    #[schema(value_type = Option<u32>, minimum = 1, maximum = 20)]
+    pub min_choices: Option<WholeNumber>,
+    /// Not for `score` polls.
     #[serde(default)]
     #[schema(value_type = Option<u32>, minimum = 1, maximum = 20)]
     pub max_choices: Option<WholeNumber>,
@@ -169,6 +193,7 @@ impl UpdatePoll {
             name: self.name.clone(),
             desc: self.desc.clone(),
             options: self.options.as_ref().map(|o| o.0.iter().map(|t| t.0.clone()).collect()),
+            min_choices: self.min_choices.as_ref().map(|m| m.0),
             max_choices: self.max_choices.as_ref().map(|m| m.0),
             opens_at: self.opens_at,
             closes_at: self.closes_at,
@@ -231,14 +256,66 @@ impl ViewerParams {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct OptionCount {
     pub option: String,
+    /// Ballots counting for the option: that chose it (`choice`), ranked it first (`ranked`),
+    /// scored it above 0 (`score`).
     pub count: u64,
+    /// `score` polls: the sum of its scores.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sum: Option<u64>,
+    /// `score` polls: its mean score over every ballot (an option a ballot leaves out scores 0
+    /// on it); 0 without ballots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mean: Option<f64>,
 }
 
-/// Counts: ballots in total and per option, in option order.
+/// Counts: ballots in total and per option, in option order; for `ranked` polls the results of
+/// the ranking methods too.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Votes {
     pub count: u64,
     pub by_option: Vec<OptionCount>,
+    /// `ranked` polls only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ranked: Option<RankedResults>,
+}
+
+/// A `ranked` poll's results.
+///
+/// Instant runoff: each round every ballot counts for its highest-ranked option still in the
+/// running; an option with more than half of the round's counted ballots wins, else the option
+/// with the fewest votes is eliminated. Ties for fewest are broken by the earlier rounds' counts,
+/// latest round first (the option with fewer votes there goes), and then by option order (the
+/// option listed last goes). A ballot whose ranked options are all eliminated is exhausted.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct RankedResults {
+    /// The instant-runoff winner (`null` without ballots).
+    pub winner: Option<String>,
+    /// Every round, first preferences first.
+    pub rounds: Vec<RunoffRound>,
+    /// The option more voters rank above each other option than the reverse, if there is one.
+    pub condorcet_winner: Option<String>,
+    /// `pairwise[a][b]`: ballots ranking `options[a]` above `options[b]` (an unranked option is
+    /// below every ranked one), in option order.
+    pub pairwise: Vec<Vec<u64>>,
+}
+
+/// One round of an instant runoff.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct RunoffRound {
+    /// 1, 2, …
+    pub round: u32,
+    /// Votes of the options still in the running, in option order.
+    pub counts: Vec<OptionVotes>,
+    /// Ballots with no option left in the running.
+    pub exhausted: u64,
+    /// The option eliminated after this round (`null` in the last one).
+    pub eliminated: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct OptionVotes {
+    pub option: String,
+    pub votes: u64,
 }
 
 /// A poll as clients see it.
@@ -249,7 +326,12 @@ pub struct PollView {
     pub name: String,
     pub desc: String,
     pub options: Vec<String>,
+    pub method: VotingMethod,
+    pub min_choices: u32,
     pub max_choices: u32,
+    /// `score` polls only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_score: Option<u32>,
     pub status: PollStatus,
     pub opens_at: Option<DateTime<Utc>>,
     pub closes_at: Option<DateTime<Utc>>,
@@ -273,24 +355,16 @@ pub struct CreatedPoll {
 
 impl PollView {
     pub fn new(p: &PollRecord, tally: Option<&Tally>, now: DateTime<Utc>) -> Self {
-        let votes = tally.map(|t| Votes {
-            count: t.total + p.legacy_votes,
-            by_option: p
-                .options
-                .iter()
-                .enumerate()
-                .map(|(i, o)| OptionCount {
-                    option: o.clone(),
-                    count: t.by_option.get(i).copied().unwrap_or(0),
-                })
-                .collect(),
-        });
+        let votes = tally.map(|t| votes(p, t));
         Self {
             id: p.id.clone(),
             name: p.name.clone(),
             desc: p.desc.clone(),
             options: p.options.clone(),
+            method: p.method,
+            min_choices: p.min_choices,
             max_choices: p.max_choices,
+            max_score: (p.method == VotingMethod::Score).then_some(p.max_score),
             status: p.status_at(now),
             opens_at: p.opens_at,
             closes_at: p.closes_at,
@@ -301,6 +375,49 @@ impl PollView {
             updated_at: p.updated_at,
             votes,
         }
+    }
+}
+
+/// A poll's counts as clients see them.
+pub fn votes(p: &PollRecord, t: &Tally) -> Votes {
+    let score = p.method == VotingMethod::Score;
+    let text = |i: u32| p.options.get(i as usize).cloned().unwrap_or_default();
+    Votes {
+        count: t.total + p.legacy_votes,
+        by_option: p
+            .options
+            .iter()
+            .enumerate()
+            .map(|(i, o)| {
+                let sum = score.then(|| t.sums.get(i).copied().unwrap_or(0));
+                OptionCount {
+                    option: o.clone(),
+                    count: t.by_option.get(i).copied().unwrap_or(0),
+                    sum,
+                    mean: sum.map(|s| if t.total == 0 { 0.0 } else { s as f64 / t.total as f64 }),
+                }
+            })
+            .collect(),
+        ranked: (p.method == VotingMethod::Ranked).then(|| {
+            let r = methods::ranked(p.options.len(), &t.ranking_counts());
+            RankedResults {
+                winner: r.winner.map(text),
+                rounds: (1u32..)
+                    .zip(r.rounds)
+                    .map(|(round, x)| RunoffRound {
+                        round,
+                        counts: (0u32..)
+                            .zip(x.counts)
+                            .filter_map(|(i, c)| c.map(|votes| OptionVotes { option: text(i), votes }))
+                            .collect(),
+                        exhausted: x.exhausted,
+                        eliminated: x.eliminated.map(text),
+                    })
+                    .collect(),
+                condorcet_winner: r.condorcet_winner.map(text),
+                pairwise: r.pairwise,
+            }
+        }),
     }
 }
 

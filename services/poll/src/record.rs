@@ -4,7 +4,10 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use shared::FieldError;
-use shared::contract::{DedupePolicy, MAX_OPTION_LEN, MAX_OPTIONS, PollStatus, ResultsVisibility, Schedule};
+use shared::contract::{
+    DEFAULT_MAX_SCORE, DedupePolicy, MAX_OPTION_LEN, MAX_OPTIONS, MAX_RANKINGS, MAX_SCORE, PollStatus,
+    ResultsVisibility, Schedule, VotingMethod, possible_rankings,
+};
 use shared::internal::PollDefinition;
 use utoipa::ToSchema;
 
@@ -20,7 +23,18 @@ pub struct PollRecord {
     #[serde(default)]
     pub desc: String,
     pub options: Vec<String>,
+    /// How ballots mark the options (polls stored before methods existed: `choice`).
+    #[serde(default)]
+    pub method: VotingMethod,
+    /// Fewest options a `choice` ballot picks or a `ranked` ballot ranks.
+    #[serde(default = "one")]
+    pub min_choices: u32,
+    /// Most options a `choice` ballot picks or a `ranked` ballot ranks (a `score` poll's is its
+    /// number of options).
     pub max_choices: u32,
+    /// A `score` poll's highest score (kept at the default for other methods).
+    #[serde(default = "default_max_score")]
+    pub max_score: u32,
     /// When ballots start to count (`None`: from creation). Polls stored before scheduled openings
     /// existed have none.
     #[serde(default)]
@@ -40,6 +54,14 @@ pub struct PollRecord {
     pub legacy_votes: u64,
     /// Incremented on every change; used for optimistic concurrency on updates.
     pub revision: u64,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn default_max_score() -> u32 {
+    DEFAULT_MAX_SCORE
 }
 
 impl PollRecord {
@@ -78,12 +100,23 @@ impl PollRecord {
         }
         if let Some(options) = &update.options {
             next.options = check_options(options, &mut errors);
+            if next.method == VotingMethod::Score {
+                next.max_choices = next.options.len() as u32;
+            }
         }
-        if let Some(m) = update.max_choices {
-            next.max_choices = m;
+        for (field, value, to) in [
+            ("min_choices", update.min_choices, &mut next.min_choices),
+            ("max_choices", update.max_choices, &mut next.max_choices),
+        ] {
+            if let Some(v) = value {
+                if self.method == VotingMethod::Score {
+                    errors.push(FieldError::new(field, "does not apply to a score poll"));
+                }
+                *to = v;
+            }
         }
-        if update.max_choices.is_some() || update.options.is_some() {
-            check_max_choices(next.max_choices, next.options.len(), &mut errors);
+        if update.min_choices.is_some() || update.max_choices.is_some() || update.options.is_some() {
+            check_ballot_rules(&next, &mut errors);
         }
         if let Some(closes_at) = update.closes_at {
             if let Some(t) = closes_at {
@@ -117,6 +150,7 @@ pub struct PollUpdate {
     pub name: Option<String>,
     pub desc: Option<String>,
     pub options: Option<Vec<String>>,
+    pub min_choices: Option<u32>,
     pub max_choices: Option<u32>,
     pub opens_at: Option<Option<DateTime<Utc>>>,
     pub closes_at: Option<Option<DateTime<Utc>>>,
@@ -237,6 +271,42 @@ pub fn check_closes_at(t: DateTime<Utc>, now: DateTime<Utc>, errors: &mut Vec<Fi
     }
 }
 
+/// The ballot rules of a poll: 1 ≤ `min_choices` ≤ `max_choices` ≤ its options; a ranked poll
+/// allows at most [`MAX_RANKINGS`] distinct rankings; a score poll's `max_score` is 1 to
+/// [`MAX_SCORE`].
+pub fn check_ballot_rules(p: &PollRecord, errors: &mut Vec<FieldError>) {
+    let n = p.options.len();
+    check_max_choices(p.max_choices, n, errors);
+    if p.min_choices == 0 || p.min_choices > p.max_choices {
+        errors.push(FieldError::new(
+            "min_choices",
+            format!("must be between 1 and max_choices ({})", p.max_choices),
+        ));
+    }
+    match p.method {
+        VotingMethod::Ranked => {
+            let rankings = possible_rankings(n, p.max_choices);
+            if rankings > MAX_RANKINGS {
+                errors.push(FieldError::new(
+                    "max_choices",
+                    format!(
+                        "ranking up to {} of {n} options allows {rankings} distinct rankings; a ranked poll allows at \
+                         most {MAX_RANKINGS}: lower max_choices",
+                        p.max_choices
+                    ),
+                ));
+            }
+        }
+        VotingMethod::Score if p.max_score == 0 || p.max_score > MAX_SCORE => {
+            errors.push(FieldError::new(
+                "max_score",
+                format!("must be between 1 and {MAX_SCORE}"),
+            ));
+        }
+        _ => {}
+    }
+}
+
 /// A poll closes after it opens.
 pub fn check_order(opens_at: Option<DateTime<Utc>>, closes_at: Option<DateTime<Utc>>, errors: &mut Vec<FieldError>) {
     if let (Some(opens), Some(closes)) = (opens_at, closes_at)
@@ -251,7 +321,10 @@ impl From<&PollRecord> for PollDefinition {
         Self {
             id: p.id.clone(),
             options: p.options.clone(),
+            method: p.method,
+            min_choices: p.min_choices,
             max_choices: p.max_choices,
+            max_score: p.max_score,
             dedupe: p.dedupe,
             results: p.results,
             opens_at: p.opens_at,
@@ -276,7 +349,10 @@ mod tests {
             name: "n".into(),
             desc: "d".into(),
             options: opts(&["a", "b"]),
+            method: VotingMethod::Choice,
+            min_choices: 1,
             max_choices: 1,
+            max_score: DEFAULT_MAX_SCORE,
             opens_at: None,
             closes_at: None,
             closed_at: None,

@@ -79,13 +79,8 @@ impl VoteClient {
             .tallies
             .into_iter()
             .map(|t| {
-                (
-                    Tally {
-                        total: t.total,
-                        by_option: t.by_option,
-                    },
-                    t.voted,
-                )
+                let voted = t.voted;
+                (t.tally(), voted)
             })
             .collect())
     }

@@ -11,7 +11,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use serde::{Deserialize, Serialize};
 use shared::contract::{
-    MAX_OPTION_LEN, MAX_OPTIONS, POLL_ID_PATTERN, PollStatus, Tally, normalise_poll_id, validate_voter_id,
+    MAX_OPTION_LEN, MAX_OPTIONS, MAX_SCORE, POLL_ID_PATTERN, PollStatus, Tally, VotingMethod, normalise_poll_id,
+    validate_voter_id,
 };
 use shared::http::{AppJson, AppQuery, ClientAddr};
 use shared::internal::{MAX_TALLIES, PollDefinition, TalliesQuery, TalliesResponse, TallyView};
@@ -25,7 +26,7 @@ use utoipa::{PartialSchema, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::ballot::{BallotRecord, CastOutcome, Duplicate, Refused, duplicate, identity, match_choices};
+use crate::ballot::{BallotRecord, CastOutcome, Duplicate, Marking, Refused, Rules, duplicate, identity, mark};
 use crate::catalog::Catalog;
 use crate::store::DynBallotStore;
 
@@ -76,10 +77,44 @@ pub struct CastBallot {
     /// Several options' texts, up to the poll's `max_choices`.
     #[serde(default, deserialize_with = "present")]
     pub options: Option<Vec<String>>,
+    /// A `ranked` poll's ballot: options' texts, best first.
+    #[serde(default, deserialize_with = "present")]
+    pub ranking: Option<Vec<String>>,
+    /// A `score` poll's ballot: option text → score (0 to the poll's `max_score`; omitted
+    /// options score 0).
+    #[serde(default, deserialize_with = "present")]
+    pub scores: Option<Scores>,
     /// The voter's opaque id (1–128 visible ASCII characters), for polls with `dedupe: voter`.
     /// The `X-Voter-Id` header works too.
     #[serde(default, deserialize_with = "present")]
     pub voter_id: Option<String>,
+}
+
+/// A `scores` object, its entries in the order given.
+#[derive(Debug, Default)]
+pub struct Scores(pub Vec<(String, i64)>);
+
+impl<'de> Deserialize<'de> for Scores {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Scores;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object of option texts to integer scores")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Scores, A::Error> {
+                let mut out = Vec::new();
+                while let Some((k, v)) = map.next_entry::<String, i64>()? {
+                    if out.len() >= MAX_OPTIONS {
+                        return Err(serde::de::Error::custom(format!("at most {MAX_OPTIONS} scores")));
+                    }
+                    out.push((k, v));
+                }
+                Ok(Scores(out))
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
 }
 
 /// A field that may be absent but, when present, is not `null`.
@@ -120,7 +155,37 @@ impl PartialSchema for CastBallot {
                     .min_items(Some(1))
                     .max_items(Some(MAX_OPTIONS))
                     .unique_items(true)
-                    .description(Some("Several options' texts, up to the poll's `max_choices`.")),
+                    .description(Some(
+                        "Several options' texts, `min_choices` to `max_choices` of them (a `choice` poll).",
+                    )),
+            )
+            .property(
+                "ranking",
+                ArrayBuilder::new()
+                    .items(text())
+                    .min_items(Some(1))
+                    .max_items(Some(MAX_OPTIONS))
+                    .unique_items(true)
+                    .description(Some(
+                        "A `ranked` poll's ballot: `min_choices` to `max_choices` distinct options' texts, best first.",
+                    )),
+            )
+            .property(
+                "scores",
+                ObjectBuilder::new()
+                    .schema_type(Type::Object)
+                    .property_names(Some(text()))
+                    .additional_properties(Some(
+                        ObjectBuilder::new()
+                            .schema_type(Type::Integer)
+                            .minimum(Some(0))
+                            .maximum(Some(MAX_SCORE)),
+                    ))
+                    .max_properties(Some(MAX_OPTIONS))
+                    .description(Some(
+                        "A `score` poll's ballot: option text → score, a whole number from 0 to the poll's `max_score` \
+                         (omitted options score 0).",
+                    )),
             )
             .property(
                 "voter_id",
@@ -135,19 +200,20 @@ impl PartialSchema for CastBallot {
                     )),
             )
             .additional_properties(Some(AdditionalProperties::FreeForm(false)));
-        let one_of = |a: &str, b: &str| {
-            OneOfBuilder::new()
-                .item(ObjectBuilder::new().schema_type(Type::Object).required(a))
-                .item(ObjectBuilder::new().schema_type(Type::Object).required(b))
+        let one_of = |names: &[&str]| {
+            names.iter().fold(OneOfBuilder::new(), |b, name| {
+                b.item(ObjectBuilder::new().schema_type(Type::Object).required(*name))
+            })
         };
         AllOfBuilder::new()
             .description(Some(
-                "A ballot: the poll (`poll_id`, or its old spelling `pool_id`) and either `option` (one choice, as \
-                 the predecessor's clients send it) or `options`.",
+                "A ballot: the poll (`poll_id`, or its old spelling `pool_id`) and, by the poll's method, `option` \
+                 (one choice, as the predecessor's clients send it) or `options` (`choice`), `ranking` (`ranked`) \
+                 or `scores` (`score`).",
             ))
             .item(fields)
-            .item(one_of("poll_id", "pool_id"))
-            .item(one_of("option", "options"))
+            .item(one_of(&["poll_id", "pool_id"]))
+            .item(one_of(&["option", "options", "ranking", "scores"]))
             .examples([serde_json::json!({"poll_id": "6740a0c3f1e2d3c4b5a69788", "option": "red"})])
             .into()
     }
@@ -162,7 +228,15 @@ const VOTER_ID_PATTERN: &str = "^[!-~]+$";
 pub struct Ballot {
     pub id: String,
     pub poll_id: String,
+    /// The options the ballot counts for: the chosen ones (`choice` polls), the first preference
+    /// (`ranked`), the ones scored above 0 (`score`).
     pub options: Vec<String>,
+    /// `ranked` polls: the ranking, best first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ranking: Option<Vec<String>>,
+    /// `score` polls: every option's score.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scores: Option<std::collections::BTreeMap<String, u32>>,
     pub created_at: DateTime<Utc>,
     /// The ballot's receipt, only in the answer that stored it, never later: its voter sends it
     /// as `Authorization: Bearer <receipt>` to `GET /api/votes/{id}` to see the ballot as counted.
@@ -173,15 +247,17 @@ pub struct Ballot {
 }
 
 fn ballot_view(b: &BallotRecord, def: &PollDefinition) -> Ballot {
+    let texts = |v: &[u32]| -> Vec<String> { v.iter().filter_map(|&i| def.options.get(i as usize).cloned()).collect() };
     Ballot {
         receipt: None,
         id: b.id.clone(),
         poll_id: b.poll_id.clone(),
-        options: b
-            .choices
-            .iter()
-            .filter_map(|&i| def.options.get(i as usize).cloned())
-            .collect(),
+        options: texts(&b.choices),
+        ranking: b.ranking.as_deref().map(texts),
+        scores: b
+            .scores
+            .as_ref()
+            .map(|s| def.options.iter().cloned().zip(s.iter().copied()).collect()),
         created_at: b.created_at,
     }
 }
@@ -217,16 +293,46 @@ impl From<Refused> for Problem {
                 &field,
                 format!("`{text}` is chosen twice"),
             ),
-            Refused::TooManyChoices { max, got } => Problem::unprocessable(
+            Refused::TooManyChoices { field, max, got } => Problem::unprocessable(
                 ProblemKind::TooManyChoices,
-                "options",
+                field,
                 format!("this poll allows at most {max} choice(s); got {got}"),
             ),
+            Refused::TooFewChoices { field, min, got } => Problem::unprocessable(
+                ProblemKind::TooFewChoices,
+                field,
+                format!("this poll needs at least {min} choice(s); got {got}"),
+            ),
+            Refused::ScoreOutOfRange { field, max, got } => Problem::unprocessable(
+                ProblemKind::ScoreOutOfRange,
+                &field,
+                format!("scores are whole numbers from 0 to {max}; got {got}"),
+            ),
+            Refused::WrongShape { field, method } => {
+                let wanted = match method {
+                    VotingMethod::Choice => "`option` or `options`",
+                    VotingMethod::Ranked => "`ranking` (options' texts, best first)",
+                    VotingMethod::Score => "`scores` (option text → score)",
+                };
+                Problem::unprocessable(
+                    ProblemKind::WrongBallotShape,
+                    field,
+                    format!("this is a `{}` poll: give {wanted}", method_name(method)),
+                )
+            }
             Refused::VoterIdRequired => Problem::invalid(
                 "voter_id",
                 "this poll needs a voter id (body `voter_id` or header X-Voter-Id)",
             ),
         }
+    }
+}
+
+fn method_name(m: VotingMethod) -> &'static str {
+    match m {
+        VotingMethod::Choice => "choice",
+        VotingMethod::Ranked => "ranked",
+        VotingMethod::Score => "score",
     }
 }
 
@@ -245,7 +351,7 @@ impl From<Refused> for Problem {
     (status = 409, description = "Already voted (per the poll's dedupe), poll closed, or poll not open yet (`opens_at`)", body = ProblemBody, content_type = "application/problem+json"),
     (status = 413, description = "Body too large", body = ProblemBody, content_type = "application/problem+json"),
     (status = 415, description = "Body is not JSON", body = ProblemBody, content_type = "application/problem+json"),
-    (status = 422, description = "Unknown option, too many choices, or an Idempotency-Key reused for another ballot", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 422, description = "The ballot breaks the poll's rules, named by field: an unknown option, an option marked twice, too many or too few choices, a score out of range, a ballot in another method's shape; or an Idempotency-Key reused for another ballot", body = ProblemBody, content_type = "application/problem+json"),
     (status = 429, description = "Too many writes from this client", body = ProblemBody, content_type = "application/problem+json"),
     (status = 503, description = "Database or poll service unavailable", body = ProblemBody, content_type = "application/problem+json"),
 ))]
@@ -307,36 +413,7 @@ async fn cast(
             None
         }
     };
-    let chosen = match (body.option, body.options) {
-        (Some(o), None) => vec![o],
-        (None, Some(os)) if !os.is_empty() => os,
-        (None, Some(_)) => {
-            errors.push(FieldError::new("options", "must name at least one option"));
-            Vec::new()
-        }
-        (None, None) => {
-            errors.push(FieldError::new("option", "give `option` or `options`"));
-            Vec::new()
-        }
-        (Some(_), Some(_)) => {
-            errors.push(FieldError::new("options", "give `option` or `options`, not both"));
-            Vec::new()
-        }
-    };
-    for (i, text) in chosen.iter().enumerate() {
-        let n = text.chars().count();
-        if n == 0 || n > MAX_OPTION_LEN {
-            let field = if chosen.len() == 1 {
-                "option".to_owned()
-            } else {
-                format!("options[{i}]")
-            };
-            errors.push(FieldError::new(
-                field,
-                format!("must be 1 to {MAX_OPTION_LEN} characters"),
-            ));
-        }
-    }
+    let marking = marking(body.option, body.options, body.ranking, body.scores, &mut errors);
     let header_voter = headers.get("x-voter-id").map(|v| v.to_str().map(str::trim));
     let voter_id = match (body.voter_id.as_deref(), header_voter) {
         (_, Some(Err(_))) => {
@@ -362,7 +439,7 @@ async fn cast(
             None
         }
     };
-    let (Some(poll_id), true) = (poll_id, errors.is_empty()) else {
+    let (Some(poll_id), Some(marking), true) = (poll_id, marking, errors.is_empty()) else {
         return Err(Problem::validation(errors));
     };
 
@@ -382,9 +459,9 @@ async fn cast(
         }
         PollStatus::Open => {}
     }
-    let choices = match_choices(&def.options, def.max_choices, &chosen)?;
+    let marked = mark(&Rules::from(&*def), &marking)?;
     let (key, voter) = identity(def.dedupe, addr, voter_id.as_deref(), idem.as_deref())?;
-    let mut ballot = BallotRecord::new(poll_id, key, voter, choices, idem.clone());
+    let mut ballot = BallotRecord::new(poll_id, key, voter, marked, idem.clone());
     let receipt = ballot.issue_receipt();
     match s.store.cast(ballot.clone()).await? {
         CastOutcome::Accepted(b) => Ok((
@@ -469,6 +546,93 @@ fn poll_ids(list: &str) -> Result<Vec<String>, Problem> {
     Ok(ids)
 }
 
+/// The one marking shape a ballot gives (`None`, with the problem in `errors`, when it gives none,
+/// several, or texts that cannot be options).
+fn marking(
+    option: Option<String>,
+    options: Option<Vec<String>>,
+    ranking: Option<Vec<String>>,
+    scores: Option<Scores>,
+    errors: &mut Vec<FieldError>,
+) -> Option<Marking> {
+    let given: Vec<&str> = [
+        option.as_ref().map(|_| "option"),
+        options.as_ref().map(|_| "options"),
+        ranking.as_ref().map(|_| "ranking"),
+        scores.as_ref().map(|_| "scores"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let marking = match (option, options, ranking, scores) {
+        _ if given.len() > 1 => {
+            let message = if given == ["option", "options"] {
+                "give `option` or `options`, not both".to_owned()
+            } else {
+                format!("give one of `{}`, not several", given.join("`, `"))
+            };
+            errors.push(FieldError::new(given[1], message));
+            return None;
+        }
+        (Some(o), ..) => Marking::Choice {
+            texts: vec![o],
+            single: true,
+        },
+        (_, Some(os), ..) if os.is_empty() => {
+            errors.push(FieldError::new("options", "must name at least one option"));
+            return None;
+        }
+        (_, Some(os), ..) => Marking::Choice {
+            texts: os,
+            single: false,
+        },
+        (_, _, Some(r), _) if r.is_empty() => {
+            errors.push(FieldError::new("ranking", "must rank at least one option"));
+            return None;
+        }
+        (_, _, Some(r), _) => Marking::Ranking(r),
+        (.., Some(Scores(s))) => Marking::Scores(s),
+        (None, None, None, None) => {
+            errors.push(FieldError::new(
+                "option",
+                "give `option` or `options` (`ranking` for a ranked poll, `scores` for a score poll)",
+            ));
+            return None;
+        }
+    };
+    let before = errors.len();
+    let texts: Vec<(String, &str)> = match &marking {
+        Marking::Choice { texts, single: true } => vec![("option".to_owned(), texts[0].as_str())],
+        Marking::Choice { texts, single: false } => texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (format!("options[{i}]"), t.as_str()))
+            .collect(),
+        Marking::Ranking(texts) => texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (format!("ranking[{i}]"), t.as_str()))
+            .collect(),
+        Marking::Scores(given) => given.iter().map(|(t, _)| (format!("scores.{t}"), t.as_str())).collect(),
+    };
+    if texts.len() > MAX_OPTIONS {
+        errors.push(FieldError::new(
+            marking.field(),
+            format!("at most {MAX_OPTIONS} options"),
+        ));
+    }
+    for (field, text) in texts {
+        let n = text.chars().count();
+        if n == 0 || n > MAX_OPTION_LEN {
+            errors.push(FieldError::new(
+                field,
+                format!("must be 1 to {MAX_OPTION_LEN} characters"),
+            ));
+        }
+    }
+    (errors.len() == before).then_some(marking)
+}
+
 /// Internal: tallies of several polls, and whether any of the given voter keys voted on each.
 /// Answered from this service's store alone, in one read of the tallies and one of the ballots:
 /// the query says which polls' ballots are keyed by voter (see [`TalliesQuery`]).
@@ -483,12 +647,7 @@ async fn tallies(State(s): St, AppQuery(q): AppQuery<TalliesQuery>) -> Result<Js
     let tallies = ids
         .into_iter()
         .zip(counts.into_iter().zip(voted))
-        .map(|(poll_id, (t, voted))| TallyView {
-            poll_id,
-            total: t.total,
-            by_option: t.by_option,
-            voted,
-        })
+        .map(|(poll_id, (t, voted))| TallyView::new(poll_id, t, voted))
         .collect();
     Ok(Json(TalliesResponse { tallies }))
 }
@@ -551,9 +710,11 @@ struct Audit {
 impl Audit {
     fn new(poll_id: String, tally: Tally, stored: Tally) -> Self {
         let n = tally.by_option.len().max(stored.by_option.len());
+        // Equal once trimmed: a store may keep no zero counts or sums at all.
+        let consistent = tally.clone().trimmed() == stored.clone().trimmed();
         let (tally, stored) = (tally.padded(n), stored.padded(n));
         Self {
-            consistent: tally == stored,
+            consistent,
             poll_id,
             tally,
             stored,

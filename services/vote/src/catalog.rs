@@ -80,7 +80,10 @@ mod tests {
                         Json(PollDefinition {
                             id,
                             options: vec!["a".into(), "b".into()],
+                            method: shared::contract::VotingMethod::Choice,
+                            min_choices: 1,
                             max_choices: 1,
+                            max_score: shared::contract::DEFAULT_MAX_SCORE,
                             dedupe: DedupePolicy::None,
                             results: ResultsVisibility::Always,
                             opens_at: None,

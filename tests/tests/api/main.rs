@@ -7,6 +7,7 @@
 
 mod faults;
 mod keyvault;
+mod methods;
 mod poll;
 mod storage;
 mod vote;

@@ -649,7 +649,12 @@ async fn ballots_match_their_schema_nulls_lengths_and_one_of_each_pair() {
     );
     assert_eq!(
         ballot[2]["oneOf"],
-        json!([{"type": "object", "required": ["option"]}, {"type": "object", "required": ["options"]}])
+        json!([
+            {"type": "object", "required": ["option"]},
+            {"type": "object", "required": ["options"]},
+            {"type": "object", "required": ["ranking"]},
+            {"type": "object", "required": ["scores"]},
+        ])
     );
 }
 

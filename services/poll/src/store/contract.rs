@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use chrono::{Duration, Utc};
-use shared::contract::{DedupePolicy, ResultsVisibility, new_poll_id};
+use shared::contract::{DedupePolicy, ResultsVisibility, VotingMethod, new_poll_id};
 
 use super::DynPollStore;
 use crate::record::{PollCursor, PollQuery, PollRecord, StatusFilter};
@@ -22,7 +22,11 @@ pub fn sample_poll(name: &str, age_secs: i64) -> PollRecord {
         name: name.to_owned(),
         desc: format!("about {name}"),
         options: vec!["red".into(), "green".into(), "blue".into()],
+        // Not the defaults, so that a store that drops them fails the round trip.
+        method: VotingMethod::Ranked,
+        min_choices: 2,
         max_choices: 2,
+        max_score: 7,
         opens_at: None,
         closes_at: None,
         closed_at: None,

@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use mongodb::bson::{Bson, Document, doc, oid::ObjectId};
 use mongodb::{Client, Collection, Database};
-use shared::contract::{DedupePolicy, ResultsVisibility};
+use shared::contract::{DEFAULT_MAX_SCORE, DedupePolicy, ResultsVisibility, VotingMethod};
 use shared::mongo::{
     RetryPolicy, bad, database, ensure_collection, enum_of, enum_str, fmt_time, index, is_duplicate_key, opt_bson,
     opt_str, opt_time, req_str, req_time, to_i64, uint_of,
@@ -44,7 +44,10 @@ fn poll_to_doc(p: &PollRecord) -> StoreResult<Document> {
         "name": &p.name,
         "desc": &p.desc,
         "options": &p.options,
+        "method": enum_str(&p.method),
+        "min_choices": i64::from(p.min_choices),
         "max_choices": i64::from(p.max_choices),
+        "max_score": i64::from(p.max_score),
         "opens_at": opt_bson(p.opens_at.map(fmt_time)),
         "closes_at": opt_bson(p.closes_at.map(fmt_time)),
         "closed_at": opt_bson(p.closed_at.map(fmt_time)),
@@ -68,11 +71,14 @@ fn doc_to_poll(d: &Document) -> StoreResult<PollRecord> {
         name: req_str(d, "name")?,
         desc: opt_str(d, "desc")?.unwrap_or_default(),
         options: string_list(d, "options")?,
-        max_choices: d
-            .get("max_choices")
-            .and_then(uint_of)
-            .and_then(|v| u32::try_from(v).ok())
-            .ok_or_else(|| bad("max_choices"))?,
+        // Polls stored before voting methods existed have none of these three.
+        method: match d.get("method") {
+            None => VotingMethod::Choice,
+            Some(_) => enum_of::<VotingMethod>(d, "method")?,
+        },
+        min_choices: small_uint(d, "min_choices")?.unwrap_or(1),
+        max_choices: small_uint(d, "max_choices")?.ok_or_else(|| bad("max_choices"))?,
+        max_score: small_uint(d, "max_score")?.unwrap_or(DEFAULT_MAX_SCORE),
         opens_at: opt_time(d, "opens_at")?,
         closes_at: opt_time(d, "closes_at")?,
         closed_at: opt_time(d, "closed_at")?,
@@ -84,6 +90,13 @@ fn doc_to_poll(d: &Document) -> StoreResult<PollRecord> {
         legacy_votes: d.get("legacy_votes").and_then(uint_of).unwrap_or(0),
         revision: d.get("revision").and_then(uint_of).ok_or_else(|| bad("revision"))?,
     })
+}
+
+/// An optional small whole number field (`Err` when present but not one).
+fn small_uint(d: &Document, key: &str) -> StoreResult<Option<u32>> {
+    d.get(key)
+        .map(|v| uint_of(v).and_then(|v| u32::try_from(v).ok()).ok_or_else(|| bad(key)))
+        .transpose()
 }
 
 fn string_list(d: &Document, key: &str) -> StoreResult<Vec<String>> {
@@ -112,7 +125,10 @@ fn legacy_poll(oid: ObjectId, d: &Document) -> PollRecord {
             .get_array("options")
             .map(|a| a.iter().map(text).collect())
             .unwrap_or_default(),
+        method: VotingMethod::Choice,
+        min_choices: 1,
         max_choices: 1,
+        max_score: DEFAULT_MAX_SCORE,
         opens_at: None,
         closes_at: None,
         closed_at: None,

@@ -21,6 +21,8 @@ pub fn sample_ballot(poll_id: &str, key: &str, choices: &[u32]) -> BallotRecord 
         key: key.to_owned(),
         voter: Some(key.to_owned()),
         choices: choices.to_vec(),
+        ranking: None,
+        scores: None,
         idempotency_key: None,
         fingerprint: format!("fp-{key}"),
         created_at: Utc::now(),
@@ -255,4 +257,85 @@ pub async fn ballot_store_contract(store: DynBallotStore) {
         203,
         "purge touches only its poll"
     );
+
+    method_ballots_contract(&store).await;
+}
+
+/// Ranked and score ballots, cast concurrently: the tally keeps the ballots per ranking and the
+/// score sums exactly (equal to the recount of the stored ballots, and to what was cast), a repair
+/// finds nothing to correct, and the export shows each ballot's ranking or scores.
+async fn method_ballots_contract(store: &DynBallotStore) {
+    use futures_util::StreamExt as _;
+    let ranked = new_poll_id(Utc::now());
+    let scored = new_poll_id(Utc::now());
+    let shapes: [&[u32]; 5] = [&[0, 1, 2], &[2, 0], &[1], &[2, 1, 0], &[1, 2]];
+    let mut expected = (Tally::default(), Tally::default());
+    let mut tasks = Vec::new();
+    for i in 0..200u32 {
+        let mut b = if i % 2 == 0 {
+            let ranking = shapes[(i / 2) as usize % shapes.len()];
+            let mut b = sample_ballot(&ranked, &format!("id:ranker-{i}"), &ranking[..1]);
+            b.ranking = Some(ranking.to_vec());
+            b
+        } else {
+            // Zeros included: an all-zero ballot counts in `total` and nowhere else.
+            let scores = vec![i % 6, 0, (i * 7) % 4];
+            let choices: Vec<u32> = (0u32..).zip(&scores).filter(|(_, s)| **s > 0).map(|(c, _)| c).collect();
+            let mut b = sample_ballot(&scored, &format!("id:scorer-{i}"), &choices);
+            b.scores = Some(scores);
+            b
+        };
+        b.fingerprint = format!("method {i}");
+        let into = if i % 2 == 0 { &mut expected.0 } else { &mut expected.1 };
+        into.add(b.marks());
+        let store = Arc::clone(store);
+        tasks.push(tokio::spawn(async move { store.cast(b).await }));
+    }
+    for t in tasks {
+        assert!(matches!(
+            t.await.expect("join").expect("cast"),
+            CastOutcome::Accepted(_)
+        ));
+    }
+    for (poll, cast) in [(&ranked, &expected.0), (&scored, &expected.1)] {
+        let tally = store.tally(poll).await.expect("tally").trimmed();
+        let recount = store.recount(poll).await.expect("recount").trimmed();
+        assert_eq!(recount, cast.clone().trimmed(), "the stored ballots are the ones cast");
+        assert_eq!(
+            tally, recount,
+            "the kept tally equals the stored ballots, sums and rankings included"
+        );
+        let repair = store.repair(poll).await.expect("repair");
+        assert_eq!(repair.corrected, 0, "nothing to repair: {repair:?}");
+        assert_eq!(store.tally(poll).await.expect("tally").trimmed(), recount);
+    }
+    assert_eq!(expected.0.rankings.len(), shapes.len());
+    assert_eq!(expected.0.rankings.get("2-0"), Some(&20));
+    assert!(expected.1.sums[0] > 0 && expected.1.sums[1] == 0 && expected.1.sums[2] > 0);
+
+    let mut lines = store.ballots(&ranked).await.expect("export");
+    let mut seen = 0;
+    while let Some(line) = lines.next().await {
+        let line = line.expect("line");
+        let ranking = line.ranking.expect("a ranked ballot's line has its ranking");
+        assert!(shapes.contains(&ranking.as_slice()), "{ranking:?}");
+        assert_eq!(line.choices, ranking[..1], "choices hold the first preference");
+        seen += 1;
+    }
+    assert_eq!(seen, 100);
+    let mut lines = store.ballots(&scored).await.expect("export");
+    let mut sums = vec![0u64; 3];
+    while let Some(line) = lines.next().await {
+        let scores = line
+            .expect("line")
+            .scores
+            .expect("a score ballot's line has its scores");
+        for (s, x) in sums.iter_mut().zip(scores) {
+            *s += u64::from(x);
+        }
+    }
+    assert_eq!(sums, expected.1.clone().padded(3).sums);
+    for poll in [&ranked, &scored] {
+        assert_eq!(store.purge(poll).await.expect("purge"), 100);
+    }
 }

@@ -63,7 +63,7 @@ struct CastJob {
 /// What happened to one ballot of a committed batch.
 enum Applied {
     Accepted,
-    Duplicate(BallotRecord),
+    Duplicate(Box<BallotRecord>),
     Failed(StoreError),
 }
 
@@ -118,7 +118,7 @@ fn writer(db: Arc<Database>, mut rx: mpsc::Receiver<CastJob>) {
                     let outcome = match applied {
                         // The caller's own ballot goes back to it: no copy on the writer thread.
                         Applied::Accepted => Ok(CastOutcome::Accepted(job.ballot)),
-                        Applied::Duplicate(stored) => Ok(CastOutcome::Duplicate(stored)),
+                        Applied::Duplicate(stored) => Ok(CastOutcome::Duplicate(*stored)),
                         Applied::Failed(e) => Err(e),
                     };
                     let _ = job.reply.send(outcome);
@@ -156,7 +156,7 @@ fn apply_batch(db: &Database, batch: &[CastJob]) -> StoreResult<Vec<Applied>> {
             let key = (b.poll_id.as_str(), b.key.as_str());
             if let Some(existing) = ballots.get(key)? {
                 outcomes.push(match serde_json::from_slice(existing.value()) {
-                    Ok(stored) => Applied::Duplicate(stored),
+                    Ok(stored) => Applied::Duplicate(Box::new(stored)),
                     Err(e) => Applied::Failed(e.into()),
                 });
                 continue;
@@ -175,7 +175,7 @@ fn apply_batch(db: &Database, batch: &[CastJob]) -> StoreResult<Vec<Applied>> {
             if let Some(voter) = b.voter.as_deref().filter(|v| *v != b.key) {
                 voters.insert((b.poll_id.as_str(), voter), ())?;
             }
-            tally.add(&b.choices);
+            tally.add(b.marks());
             outcomes.push(Applied::Accepted);
         }
         for (poll_id, tally) in &counted {
@@ -280,7 +280,7 @@ impl BallotStore for EmbeddedBallotStore {
             for entry in ballots.range(poll_range(&poll_id))? {
                 let (_, v) = entry?;
                 let b: BallotRecord = serde_json::from_slice(v.value())?;
-                tally.add(&b.choices);
+                tally.add(b.marks());
             }
             Ok(tally)
         })
@@ -362,6 +362,8 @@ impl BallotStore for EmbeddedBallotStore {
                         id: b.id,
                         created_at: b.created_at,
                         choices: b.choices,
+                        ranking: b.ranking,
+                        scores: b.scores,
                     };
                     if tx.blocking_send(Ok(line)).is_err() {
                         break; // nobody reads any more

@@ -24,6 +24,7 @@ use shared::contract::Tally;
 use shared::mongo::{RetryPolicy, bad, ensure_collection, index, is_duplicate_key, req_str, to_i64, uint_of};
 use shared::storage::{StoreError, StoreResult};
 
+use crate::ballot::Marked;
 use crate::store::Repair;
 
 /// How often a writer renews its lease (and, failing, how soon it tries again).
@@ -47,23 +48,40 @@ fn now() -> mongodb::bson::DateTime {
     mongodb::bson::DateTime::now()
 }
 
-/// `(seq, counts)` of a counter document.
+/// Adds a counter document's per-key counts (`o`, `sc`: per option index; `rk`: per ranking) to
+/// `t`.
+fn read_counts(d: &Document, field: &str, t: &mut Tally) -> StoreResult<()> {
+    let Ok(o) = d.get_document(field) else {
+        return Ok(());
+    };
+    for (k, v) in o {
+        let n = uint_of(v).ok_or_else(|| bad("counter count"))?;
+        match field {
+            "rk" => *t.rankings.entry(k.clone()).or_default() += n,
+            _ => {
+                let i: usize = k.parse().map_err(|_| bad("counter option"))?;
+                let v = if field == "sc" { &mut t.sums } else { &mut t.by_option };
+                if v.len() <= i {
+                    v.resize(i + 1, 0);
+                }
+                v[i] += n;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `(seq, counts)` of a counter document: `n` ballots, `o` per option, and for score polls `sc`
+/// (score sums per option), for ranked polls `rk` (ballots per ranking).
 fn counts_of(d: &Document) -> StoreResult<(u64, Tally)> {
     let seq = d.get("seq").and_then(uint_of).ok_or_else(|| bad("counter seq"))?;
     let total = d.get("n").and_then(uint_of).ok_or_else(|| bad("counter n"))?;
     let mut t = Tally {
         total,
-        by_option: Vec::new(),
+        ..Tally::default()
     };
-    if let Ok(o) = d.get_document("o") {
-        for (k, v) in o {
-            let i: usize = k.parse().map_err(|_| bad("counter option"))?;
-            let n = uint_of(v).ok_or_else(|| bad("counter count"))?;
-            if t.by_option.len() <= i {
-                t.by_option.resize(i + 1, 0);
-            }
-            t.by_option[i] += n;
-        }
+    for field in ["o", "sc", "rk"] {
+        read_counts(d, field, &mut t)?;
     }
     Ok((seq, t))
 }
@@ -76,28 +94,67 @@ fn writer_of(d: &Document, key: &str) -> StoreResult<i64> {
     }
 }
 
+/// The non-zero per-key counts of a tally, by counter field (`o`, `sc`, `rk`).
+fn keyed_counts(t: &Tally) -> [(&'static str, Vec<(String, u64)>); 3] {
+    let indexed = |v: &[u64]| -> Vec<(String, u64)> {
+        v.iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(i, n)| (i.to_string(), *n))
+            .collect()
+    };
+    [
+        ("o", indexed(&t.by_option)),
+        ("sc", indexed(&t.sums)),
+        (
+            "rk",
+            t.rankings
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(k, n)| (k.clone(), *n))
+                .collect(),
+        ),
+    ]
+}
+
 fn inc_of(delta: &Tally) -> Document {
     let mut inc = doc! { "n": to_i64(delta.total) };
-    for (i, &n) in delta.by_option.iter().enumerate() {
-        if n > 0 {
-            inc.insert(format!("o.{i}"), to_i64(n));
+    for (field, counts) in keyed_counts(delta) {
+        for (k, n) in counts {
+            inc.insert(format!("{field}.{k}"), to_i64(n));
         }
     }
     inc
 }
 
-fn options_of(t: &Tally) -> Document {
-    let mut o = Document::new();
-    for (i, &n) in t.by_option.iter().enumerate() {
-        if n > 0 {
-            o.insert(i.to_string(), to_i64(n));
-        }
+/// The counter fields holding `t` (`n`, `o`, `sc`, `rk`), to `$set` or insert.
+fn counts_doc(t: &Tally) -> Document {
+    let mut d = doc! { "n": to_i64(t.total) };
+    for (field, counts) in keyed_counts(t) {
+        let sub: Document = counts.into_iter().map(|(k, n)| (k, Bson::Int64(to_i64(n)))).collect();
+        d.insert(field, sub);
     }
-    o
+    d
 }
 
-fn choices_of_group(key: &Document) -> StoreResult<Vec<u32>> {
-    super::choices_of(&doc! { "choices": key.get("c").cloned().unwrap_or(Bson::Null) })
+/// The `$group` key of the passes that count ballots: what they mark, plus `extra`.
+fn group_key(extra: Document) -> Document {
+    let mut key = extra;
+    key.insert("c", "$choices");
+    key.insert("r", "$ranking");
+    key.insert("x", "$scores");
+    key
+}
+
+/// What the ballots of one group mark (see [`group_key`]).
+fn marks_of_group(key: &Document) -> StoreResult<Marked> {
+    let mut d = Document::new();
+    for (from, to) in [("c", "choices"), ("r", "ranking"), ("x", "scores")] {
+        if let Some(v) = key.get(from) {
+            d.insert(to, v.clone());
+        }
+    }
+    super::marks_of(&d)
 }
 
 /// Runs an aggregation to the end, within `retry`.
@@ -181,7 +238,7 @@ impl Counters {
     pub async fn register(&self, poll: &str) -> StoreResult<(u64, Tally)> {
         let filter = doc! { "_id": counter_id(poll, self.me) };
         let update = doc! { "$setOnInsert": {
-            "poll_id": poll, "w": self.me, "seq": 0_i64, "n": 0_i64, "o": {}, "at": now(),
+            "poll_id": poll, "w": self.me, "seq": 0_i64, "n": 0_i64, "o": {}, "sc": {}, "rk": {}, "at": now(),
         } };
         for _ in 0..3 {
             let found = self
@@ -242,10 +299,8 @@ impl Counters {
 
     /// Creates writer `w`'s counter of `poll` at `(seq, counts)`; `false` if it exists.
     pub async fn create(&self, poll: &str, w: i64, seq: u64, counts: &Tally) -> StoreResult<bool> {
-        let d = doc! {
-            "_id": counter_id(poll, w), "poll_id": poll, "w": w, "seq": to_i64(seq),
-            "n": to_i64(counts.total), "o": options_of(counts), "at": now(),
-        };
+        let mut d = doc! { "_id": counter_id(poll, w), "poll_id": poll, "w": w, "seq": to_i64(seq), "at": now() };
+        d.extend(counts_doc(counts));
         self.retry
             .run(|| async {
                 match self.counters.insert_one(d.clone()).await {
@@ -267,13 +322,13 @@ impl Counters {
         let filter = doc! { "poll_id": poll, "w": w, "s": s };
         let pipeline = vec![
             doc! { "$match": filter.clone() },
-            doc! { "$group": { "_id": { "c": "$choices" }, "n": { "$sum": 1 } } },
+            doc! { "$group": { "_id": group_key(doc! {}), "n": { "$sum": 1 } } },
         ];
         let mut t = Tally::default();
         for g in collect(&self.ballots, &self.retry, pipeline).await? {
             let key = g.get_document("_id").map_err(|_| bad("tally group"))?;
             let n = g.get("n").and_then(uint_of).ok_or_else(|| bad("tally count"))?;
-            t.add_n(&choices_of_group(key)?, n);
+            t.add_n(marks_of_group(key)?.marks(), n);
         }
         // The last batch, from the index's end (not `$max`, which some servers lack).
         let newest = self
@@ -299,7 +354,7 @@ impl Counters {
         }
         let pipeline = vec![
             doc! { "$match": { "$or": polls.iter().map(|p| doc! { "poll_id": p, "w": self.me, "s": to_i64(seq) }).collect::<Vec<_>>() } },
-            doc! { "$group": { "_id": { "p": "$poll_id", "c": "$choices" }, "n": { "$sum": 1 } } },
+            doc! { "$group": { "_id": group_key(doc! { "p": "$poll_id" }), "n": { "$sum": 1 } } },
         ];
         let mut out: HashMap<String, Tally> = HashMap::new();
         for g in collect(&self.ballots, &self.retry, pipeline).await? {
@@ -307,7 +362,7 @@ impl Counters {
             let n = g.get("n").and_then(uint_of).ok_or_else(|| bad("tally count"))?;
             out.entry(req_str(key, "p")?)
                 .or_default()
-                .add_n(&choices_of_group(key)?, n);
+                .add_n(marks_of_group(key)?.marks(), n);
         }
         Ok(out)
     }
@@ -343,13 +398,13 @@ impl Counters {
         }
         let pipeline = vec![
             doc! { "$match": { "$or": tails } },
-            doc! { "$group": { "_id": { "p": "$poll_id", "c": "$choices" }, "n": { "$sum": 1 } } },
+            doc! { "$group": { "_id": group_key(doc! { "p": "$poll_id" }), "n": { "$sum": 1 } } },
         ];
         for g in collect(&self.ballots, &self.retry, pipeline).await? {
             let key = g.get_document("_id").map_err(|_| bad("tally group"))?;
             let n = g.get("n").and_then(uint_of).ok_or_else(|| bad("tally count"))?;
             if let Some(r) = out.get_mut(&req_str(key, "p")?) {
-                r.others.add_n(&choices_of_group(key)?, n);
+                r.others.add_n(marks_of_group(key)?.marks(), n);
             }
         }
         let unclear: Vec<Document> = plans
@@ -363,14 +418,14 @@ impl Counters {
         if !unclear.is_empty() {
             let pipeline = vec![
                 doc! { "$match": { "$or": unclear } },
-                doc! { "$group": { "_id": { "p": "$poll_id", "s": "$s", "c": "$choices" }, "n": { "$sum": 1 } } },
+                doc! { "$group": { "_id": group_key(doc! { "p": "$poll_id", "s": "$s" }), "n": { "$sum": 1 } } },
             ];
             for g in collect(&self.ballots, &self.retry, pipeline).await? {
                 let key = g.get_document("_id").map_err(|_| bad("tally group"))?;
                 let n = g.get("n").and_then(uint_of).ok_or_else(|| bad("tally count"))?;
                 let s = key.get("s").and_then(uint_of).ok_or_else(|| bad("batch"))?;
                 if let Some(r) = out.get_mut(&req_str(key, "p")?) {
-                    r.unclear.entry(s).or_default().add_n(&choices_of_group(key)?, n);
+                    r.unclear.entry(s).or_default().add_n(marks_of_group(key)?.marks(), n);
                 }
             }
         }
@@ -437,7 +492,7 @@ impl Counters {
         // Per writer and batch, in one pass: the counts of the poll's ballots.
         let pipeline = vec![
             doc! { "$match": { "poll_id": poll } },
-            doc! { "$group": { "_id": { "w": "$w", "s": "$s", "c": "$choices" }, "n": { "$sum": 1 } } },
+            doc! { "$group": { "_id": group_key(doc! { "w": "$w", "s": "$s" }), "n": { "$sum": 1 } } },
         ];
         let mut batches: HashMap<i64, BTreeMap<u64, Tally>> = HashMap::new();
         let mut ballots = 0;
@@ -452,7 +507,7 @@ impl Counters {
                 .or_default()
                 .entry(s)
                 .or_default()
-                .add_n(&choices_of_group(key)?, n);
+                .add_n(marks_of_group(key)?.marks(), n);
         }
         let filter = doc! { "poll_id": poll };
         let counters: Vec<Document> = slow
@@ -475,15 +530,14 @@ impl Counters {
                     expected.merge(t);
                 }
             }
-            if expected.total == counts.total && trim(&expected.by_option) == trim(&counts.by_option) {
+            let expected = expected.trimmed();
+            if expected == counts.clone().trimmed() {
                 continue;
             }
-            let expected = Tally {
-                by_option: trim(&expected.by_option),
-                ..expected
-            };
             let filter = doc! { "_id": counter_id(poll, w), "seq": to_i64(seq) };
-            let update = doc! { "$set": { "n": to_i64(expected.total), "o": options_of(&expected), "at": now() } };
+            let mut set = counts_doc(&expected);
+            set.insert("at", now());
+            let update = doc! { "$set": set };
             let r = slow
                 .run(|| self.counters.update_one(filter.clone(), update.clone()))
                 .await?;
@@ -580,9 +634,4 @@ impl Counters {
         self.retry.run(|| self.counters.delete_many(filter.clone())).await?;
         Ok(())
     }
-}
-
-fn trim(v: &[u64]) -> Vec<u64> {
-    let end = v.iter().rposition(|&n| n > 0).map_or(0, |i| i + 1);
-    v[..end].to_vec()
 }

@@ -64,7 +64,7 @@ use chrono::{DateTime, Utc};
 use mongodb::bson::{Document, doc};
 use mongodb::error::Error as MongoError;
 use mongodb::{Client, Collection, Database};
-use shared::contract::Tally;
+use shared::contract::{Marks, Tally};
 use shared::internal::BallotLine;
 use shared::mongo::{
     Decision, RetryPolicy, bad, classify, database, ensure_collection, fmt_time, index, opt_bson, opt_str, req_str,
@@ -81,7 +81,7 @@ use tallies::{Read, Tallies};
 use writer::{InsertJob, Writer, applier, lease_keeper};
 
 use super::{BallotStore, Repair};
-use crate::ballot::{BallotRecord, CastOutcome};
+use crate::ballot::{BallotRecord, CastOutcome, Marked};
 
 /// The collection of ballots (its counters and writer leases are `<ballots>_counters` and
 /// `<ballots>_writers`).
@@ -113,7 +113,8 @@ fn ballot_id(poll_id: &str, key: &str) -> String {
 /// The stored document of a ballot (public so the load benchmark's raw-driver reference writes
 /// exactly what the store writes).
 pub fn ballot_to_doc(b: &BallotRecord) -> Document {
-    doc! {
+    let list = |v: &[u32]| v.iter().map(|&c| i64::from(c)).collect::<Vec<_>>();
+    let mut d = doc! {
         "_id": ballot_id(&b.poll_id, &b.key),
         "poll_id": &b.poll_id,
         "key": &b.key,
@@ -124,17 +125,48 @@ pub fn ballot_to_doc(b: &BallotRecord) -> Document {
         "fingerprint": &b.fingerprint,
         "created_at": fmt_time(b.created_at),
         "receipt_hash": opt_bson(b.receipt_hash.clone()),
+    };
+    // Only ranked and score ballots have these: a choice ballot's document is as it always was.
+    if let Some(r) = &b.ranking {
+        d.insert("ranking", list(r));
+    }
+    if let Some(x) = &b.scores {
+        d.insert("scores", list(x));
+    }
+    d
+}
+
+/// The fields of a ballot document that say what it marks (the projection of the passes that
+/// count ballots).
+const MARK_FIELDS: [&str; 3] = ["choices", "ranking", "scores"];
+
+fn list_of(d: &Document, field: &str) -> StoreResult<Option<Vec<u32>>> {
+    match d.get(field) {
+        None | Some(mongodb::bson::Bson::Null) => Ok(None),
+        Some(mongodb::bson::Bson::Array(list)) => list
+            .iter()
+            .map(|c| uint_of(c).and_then(|v| u32::try_from(v).ok()).ok_or_else(|| bad(field)))
+            .collect::<StoreResult<Vec<u32>>>()
+            .map(Some),
+        Some(_) => Err(bad(field)),
     }
 }
 
-fn choices_of(d: &Document) -> StoreResult<Vec<u32>> {
-    let list = d.get_array("choices").map_err(|_| bad("choices"))?;
-    list.iter()
-        .map(|c| {
-            uint_of(c)
-                .and_then(|v| u32::try_from(v).ok())
-                .ok_or_else(|| bad("choices"))
-        })
+/// What a ballot document (or a group key of the same fields) marks.
+fn marks_of(d: &Document) -> StoreResult<Marked> {
+    Ok(Marked {
+        choices: list_of(d, "choices")?.ok_or_else(|| bad("choices"))?,
+        ranking: list_of(d, "ranking")?,
+        scores: list_of(d, "scores")?,
+    })
+}
+
+/// A projection of [`MARK_FIELDS`] plus `extra`.
+fn mark_projection(extra: &[&str]) -> Document {
+    MARK_FIELDS
+        .iter()
+        .chain(extra)
+        .map(|f| ((*f).to_owned(), 1.into()))
         .collect()
 }
 
@@ -144,7 +176,9 @@ fn doc_to_ballot(d: &Document) -> StoreResult<BallotRecord> {
         poll_id: req_str(d, "poll_id")?,
         key: req_str(d, "key")?,
         voter: opt_str(d, "voter")?,
-        choices: choices_of(d)?,
+        choices: list_of(d, "choices")?.ok_or_else(|| bad("choices"))?,
+        ranking: list_of(d, "ranking")?,
+        scores: list_of(d, "scores")?,
         idempotency_key: opt_str(d, "idempotency_key")?,
         fingerprint: req_str(d, "fingerprint")?,
         created_at: req_time(d, "created_at")?,
@@ -278,7 +312,11 @@ impl MongoBallotStore {
         let job = InsertJob {
             doc,
             poll_id: ballot.poll_id.clone(),
-            choices: ballot.choices.clone(),
+            marks: Marked {
+                choices: ballot.choices.clone(),
+                ranking: ballot.ranking.clone(),
+                scores: ballot.scores.clone(),
+            },
             reply,
             span: shared::metrics::caller_span(),
         };
@@ -318,7 +356,7 @@ impl MongoBallotStore {
             .run(|| {
                 self.ballots
                     .find(filter.clone())
-                    .projection(doc! { "choices": 1 })
+                    .projection(mark_projection(&[]))
                     .batch_size(10_000)
             })
             .await?;
@@ -327,7 +365,7 @@ impl MongoBallotStore {
             match tokio::time::timeout(RECOUNT_BATCH_DEADLINE, cursor.advance()).await {
                 Ok(Ok(true)) => {
                     let d: Document = cursor.deserialize_current().map_err(failed)?;
-                    tally.add(&choices_of(&d)?);
+                    tally.add(marks_of(&d)?.marks());
                 }
                 Ok(Ok(false)) => return Ok(tally),
                 Ok(Err(e)) => return Err(failed(e)),
@@ -486,7 +524,7 @@ impl BallotStore for MongoBallotStore {
             .run(|| {
                 self.ballots
                     .find(doc! { "poll_id": poll_id })
-                    .projection(doc! { "ballot_id": 1, "created_at": 1, "choices": 1 })
+                    .projection(mark_projection(&["ballot_id", "created_at"]))
                     .batch_size(EXPORT_BATCH)
             })
             .await?;
@@ -500,10 +538,13 @@ impl BallotStore for MongoBallotStore {
                         .deserialize_current()
                         .map_err(|e| pass_failed(&retry, e, "an export"))
                         .and_then(|d| {
+                            let m = marks_of(&d)?;
                             Ok(BallotLine {
                                 id: req_str(&d, "ballot_id")?,
                                 created_at: req_time(&d, "created_at")?,
-                                choices: choices_of(&d)?,
+                                choices: m.choices,
+                                ranking: m.ranking,
+                                scores: m.scores,
                             })
                         }),
                     Ok(Ok(false)) => return None,

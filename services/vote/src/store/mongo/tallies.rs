@@ -24,7 +24,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use shared::contract::Tally;
+use shared::contract::{Marks, Tally};
 
 /// Polls whose own state is remembered; past this, idle fully counted ones are forgotten (they
 /// are registered again, reading their counter back, when this process next writes to them).
@@ -206,23 +206,23 @@ impl Tallies {
         first_open.min(first_unclear) - 1
     }
 
-    /// The batch `seq` is over. `stored` holds the poll and choices of each document known to be
+    /// The batch `seq` is over. `stored` holds the poll and marks of each document known to be
     /// stored by it, when every document's outcome is known (`None`: unclear, see the module docs;
     /// `polls` are then the polls of all its documents).
     pub(super) fn finish_batch<'a>(
         &mut self,
         seq: u64,
-        stored: Option<&[(&'a str, &'a [u32])]>,
+        stored: Option<&[(&'a str, Marks<'a>)]>,
         polls: impl IntoIterator<Item = &'a str>,
         now: Instant,
     ) {
         self.in_flight.remove(&seq);
         match stored {
             Some(stored) => {
-                for &(poll, choices) in stored {
+                for &(poll, marks) in stored {
                     // A poll purged meanwhile has no counter any more: its ballots are not counted.
                     if let Some(own) = self.own.get_mut(poll) {
-                        own.pending.entry(seq).or_default().add(choices);
+                        own.pending.entry(seq).or_default().add(marks);
                         self.dirty.insert(poll.to_owned());
                     }
                 }
@@ -473,6 +473,7 @@ mod tests {
         Tally {
             total: by_option.iter().sum(),
             by_option: by_option.to_vec(),
+            ..Tally::default()
         }
     }
 
@@ -497,11 +498,16 @@ mod tests {
         let b1 = s.begin_batch();
         let b2 = s.begin_batch();
         // Batch 2 ends first: served at once, but not collected while batch 1 is in flight.
-        s.finish_batch(b2, Some(&[("p", &[1])]), ["p"], now);
+        s.finish_batch(b2, Some(&[("p", Marks::choices(&[1]))]), ["p"], now);
         assert_eq!(s.read("p", now), Read::Fresh(t(&[5, 1])));
         assert_eq!(s.collected(), 0);
         assert!(s.updates_due().is_empty());
-        s.finish_batch(b1, Some(&[("p", &[0]), ("p", &[1])]), ["p"], now);
+        s.finish_batch(
+            b1,
+            Some(&[("p", Marks::choices(&[0])), ("p", Marks::choices(&[1]))]),
+            ["p"],
+            now,
+        );
         assert_eq!(s.read("p", now), Read::Fresh(t(&[6, 2])));
         let due = s.updates_due();
         assert_eq!(
@@ -531,7 +537,7 @@ mod tests {
         let b1 = s.begin_batch();
         s.finish_batch(b1, None, ["p"], now);
         let b2 = s.begin_batch();
-        s.finish_batch(b2, Some(&[("p", &[0])]), ["p"], now);
+        s.finish_batch(b2, Some(&[("p", Marks::choices(&[0]))]), ["p"], now);
         assert_eq!(s.collected(), 0);
         assert!(s.updates_due().is_empty());
         // A refresh counts the unclear batch in the database.
@@ -597,7 +603,7 @@ mod tests {
         s.registered("p", 0, t(&[]));
         let b = s.begin_batch();
         s.purged("p");
-        s.finish_batch(b, Some(&[("p", &[0])]), ["p"], now);
+        s.finish_batch(b, Some(&[("p", Marks::choices(&[0]))]), ["p"], now);
         assert!(!s.is_registered("p"));
         assert!(s.updates_due().is_empty());
         assert_eq!(s.read("p", now), Read::Missing);
@@ -609,7 +615,7 @@ mod tests {
         let mut s = Tallies::new(Duration::ZERO, SETTLE);
         s.registered("p", 0, t(&[]));
         let b = s.begin_batch();
-        s.finish_batch(b, Some(&[("p", &[0])]), ["p"], now);
+        s.finish_batch(b, Some(&[("p", Marks::choices(&[0]))]), ["p"], now);
         let plan = s.plan(&["p".into()], now).remove(0);
         assert_eq!(s.fill(&plan, refreshed(&[2], Some((0, &[]))), now), t(&[3]));
         assert_eq!(s.read("p", now), Read::Missing);

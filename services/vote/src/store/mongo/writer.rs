@@ -10,7 +10,7 @@ use super::*;
 pub(super) struct InsertJob {
     pub(super) doc: Document,
     pub(super) poll_id: String,
-    pub(super) choices: Vec<u32>,
+    pub(super) marks: Marked,
     pub(super) reply: oneshot::Sender<StoreResult<bool>>,
     /// The caller's span: its batch's span is a child of (or linked to) it.
     pub(super) span: tracing::Span,
@@ -155,11 +155,11 @@ pub(super) async fn writer(w: Writer, mut queue: mpsc::Receiver<InsertJob>, in_f
                 .collect();
             let (outcomes, clear) = insert_batch(&w.counters.ballots, &w.counters.retry, docs).await;
             {
-                let stored: Vec<(&str, &[u32])> = batch
+                let stored: Vec<(&str, Marks<'_>)> = batch
                     .iter()
                     .zip(&outcomes)
                     .filter(|(_, o)| matches!(o, Ok(true)))
-                    .map(|(j, _)| (j.poll_id.as_str(), j.choices.as_slice()))
+                    .map(|(j, _)| (j.poll_id.as_str(), j.marks.marks()))
                     .collect();
                 let polls = batch.iter().map(|j| j.poll_id.as_str());
                 lock(&w.tallies).finish_batch(seq, clear.then_some(stored.as_slice()), polls, Instant::now());
