@@ -132,6 +132,10 @@ struct Args {
         default_value_if("smoke", "true", "20000")
     )]
     viral_ballots: u64,
+    /// viral: the poll's voting method (choice: one of 3 options; ranked: a random full ranking of 8;
+    /// score: 1 to 5 for one of 3 options)
+    #[arg(long, value_name = "METHOD", default_value = "choice")]
+    viral_method: scenarios::Method,
     /// viral: SSE subscribers of the poll's live results
     #[arg(long, value_name = "N", default_value_t = 200)]
     viral_watchers: usize,

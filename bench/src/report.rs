@@ -456,9 +456,10 @@ fn viral(o: &mut String, v: &crate::viral::Viral) {
     let opt = |x: Option<f64>| x.map_or("n/a".to_owned(), |m| format!("{} ms", ms(m)));
     let _ = writeln!(
         o,
-        "\nViral (one poll, dedupe `none`): {} of {} ballots accepted in {:.1} s = {:.0} ballots/s, ballot p50 {} ms, \
+        "\nViral (one `{}` poll, dedupe `none`): {} of {} ballots accepted in {:.1} s = {:.0} ballots/s, ballot p50 {} ms, \
          p99 {} ms, max {} ms; meanwhile {} SSE watchers ({} receiving before the burst) and one reader of \
          `GET /api/polls/{{id}}` at 20/s, during the burst and for {:.0} s after it.\n",
+        v.method.name(),
         v.accepted,
         v.ballots,
         v.burst_s,

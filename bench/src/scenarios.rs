@@ -14,6 +14,39 @@ use crate::http::{Conn, request, write_request};
 use crate::load::{Tag, Workload};
 
 pub const OPTIONS: [&str; 3] = ["a", "b", "c"];
+/// The options of a `ranked` poll of the viral scenario: full rankings of eight options, so that a
+/// million ballots hold tens of thousands of distinct rankings (of 40,320).
+pub const RANKED_OPTIONS: [&str; 8] = ["a", "b", "c", "d", "e", "f", "g", "h"];
+
+/// The voting method of the viral scenario's poll.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// One option per ballot.
+    #[default]
+    Choice,
+    /// A full ranking of eight options per ballot, drawn at random.
+    Ranked,
+    /// A score from 1 to 5 for one option (0 for the others) per ballot.
+    Score,
+}
+
+impl Method {
+    pub fn options(self) -> &'static [&'static str] {
+        match self {
+            Self::Ranked => &RANKED_OPTIONS,
+            _ => &OPTIONS,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Choice => "choice",
+            Self::Ranked => "ranked",
+            Self::Score => "score",
+        }
+    }
+}
 
 /// splitmix64: a cheap, well-mixed hash for deterministic per-request choices.
 fn mix(mut x: u64) -> u64 {
@@ -178,6 +211,7 @@ pub struct Ballots {
     run: String,
     /// Percentage of ballots that repeat or retry an earlier one (half each).
     duplicate_pct: u64,
+    method: Method,
 }
 
 impl Ballots {
@@ -187,6 +221,39 @@ impl Ballots {
             polls,
             run: run.to_owned(),
             duplicate_pct,
+            method: Method::Choice,
+        }
+    }
+
+    /// Ballots in `method`'s shape (the polls must have that method and its options).
+    pub fn with_method(mut self, method: Method) -> Self {
+        self.method = method;
+        self
+    }
+
+    /// The marks of ballot `voter` choosing `option` first, as JSON fields after `poll_id`.
+    fn marks(&self, voter: u64, option: usize, body: &mut Vec<u8>) {
+        match self.method {
+            Method::Choice => {
+                let _ = write!(body, r#""option":"{}""#, OPTIONS[option]);
+            }
+            Method::Score => {
+                let _ = write!(body, r#""scores":{{"{}":{}}}"#, OPTIONS[option], 1 + voter % 5);
+            }
+            Method::Ranked => {
+                // A permutation drawn from the voter's number, `option` first.
+                let mut rest: Vec<usize> = (0..RANKED_OPTIONS.len()).filter(|&o| o != option).collect();
+                let mut x = mix(voter ^ 0x7777);
+                for k in (1..rest.len()).rev() {
+                    rest.swap(k, (x % (k as u64 + 1)) as usize);
+                    x = mix(x);
+                }
+                let _ = write!(body, r#""ranking":["{}""#, RANKED_OPTIONS[option]);
+                for o in rest {
+                    let _ = write!(body, r#","{}""#, RANKED_OPTIONS[o]);
+                }
+                body.push(b']');
+            }
         }
     }
 
@@ -232,18 +299,17 @@ impl Ballots {
 
 impl Workload for Ballots {
     fn build(&self, i: u64, buf: &mut Vec<u8>) -> Tag {
+        let n = self.options() as u64;
         let (voter, option, idem) = match self.kind(i) {
-            Kind::Fresh => (i, (i % 3) as usize, self.duplicate_pct > 0),
-            Kind::Repeat(j) => (j, ((j + 1) % 3) as usize, false),
-            Kind::Retry(j) => (j, (j % 3) as usize, true),
+            Kind::Fresh => (i, (mix(i ^ 0x1234) % n) as usize, self.duplicate_pct > 0),
+            Kind::Repeat(j) => (j, ((mix(j ^ 0x1234) + 1) % n) as usize, false),
+            Kind::Retry(j) => (j, (mix(j ^ 0x1234) % n) as usize, true),
         };
         let poll = self.poll_of(voter);
-        let mut body = Vec::with_capacity(128);
-        let _ = write!(
-            body,
-            r#"{{"poll_id":"{}","option":"{}","voter_id":"{}-{voter}"}}"#,
-            self.polls[poll], OPTIONS[option], self.run
-        );
+        let mut body = Vec::with_capacity(160);
+        let _ = write!(body, r#"{{"poll_id":"{}","#, self.polls[poll]);
+        self.marks(voter, option, &mut body);
+        let _ = write!(body, r#","voter_id":"{}-{voter}"}}"#, self.run);
         let key = format!("{}-k{voter}", self.run);
         let headers: &[(&str, &str)] = if idem { &[("idempotency-key", &key)] } else { &[] };
         write_request(buf, "POST", self.addr, "/api/votes", headers, Some(&body));
@@ -257,7 +323,7 @@ impl Workload for Ballots {
         self.polls.len()
     }
     fn options(&self) -> usize {
-        OPTIONS.len()
+        self.method.options().len()
     }
     fn conflicts_expected(&self) -> bool {
         self.duplicate_pct > 0
@@ -282,6 +348,18 @@ pub async fn create_polls(
     parallel: usize,
     dedupe: &'static str,
 ) -> Result<Vec<String>, String> {
+    create_polls_of(poll, n, label, parallel, dedupe, Method::Choice).await
+}
+
+/// [`create_polls`] with a voting method (and its options, [`Method::options`]).
+pub async fn create_polls_of(
+    poll: SocketAddr,
+    n: usize,
+    label: &str,
+    parallel: usize,
+    dedupe: &'static str,
+    method: Method,
+) -> Result<Vec<String>, String> {
     let next = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for _ in 0..parallel.clamp(1, n.max(1)) {
@@ -296,7 +374,8 @@ pub async fn create_polls(
                 }
                 let body = serde_json::json!({
                     "name": format!("{label} {k}"),
-                    "options": OPTIONS,
+                    "options": method.options(),
+                    "method": method.name(),
                     "dedupe": dedupe,
                 });
                 let req = request("POST", poll, "/api/polls", &[], Some(body.to_string().as_bytes()));

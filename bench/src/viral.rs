@@ -377,6 +377,8 @@ pub struct CpuShare {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Viral {
+    /// The poll's voting method (`--viral-method`).
+    pub method: scenarios::Method,
     /// Ballots planned (`--viral-ballots`).
     pub ballots: u64,
     pub accepted: u64,
@@ -435,11 +437,13 @@ impl Bench {
         let n = self.args.viral_watchers;
         let after = self.args.viral_read_after;
         let db_pid = self.args.db_pid;
-        let polls = scenarios::create_polls(self.poll.addr, 1, "bench viral", 1, "none").await?;
+        let method = self.args.viral_method;
+        let polls = scenarios::create_polls_of(self.poll.addr, 1, "bench viral", 1, "none", method).await?;
         let id = polls[0].clone();
         eprintln!(
-            "== {name}: {ballots} ballots on one poll (dedupe none), {n} SSE watchers, a reader at {READ_RATE:.0} GET/s \
+            "== {name}: {ballots} {} ballots on one poll (dedupe none), {n} SSE watchers, a reader at {READ_RATE:.0} GET/s \
              (and for {:.0} s after the burst)",
+            method.name(),
             after.as_secs_f64()
         );
         let ready = Arc::new(AtomicUsize::new(0));
@@ -487,7 +491,7 @@ impl Bench {
             addr: self.vote.addr,
             read_addr: None,
         };
-        let w = Ballots::new(self.vote.addr, polls.clone(), &format!("{}-{name}", self.run_id), 0);
+        let w = Ballots::new(self.vote.addr, polls.clone(), &format!("{}-{name}", self.run_id), 0).with_method(method);
         let run = load::run(&plan, Arc::new(w)).await;
         let burst_end = Instant::now();
         let (c1, d1) = (cpu_now(pid_poll, pid_vote), db_cpu(db_pid));
@@ -654,6 +658,7 @@ impl Bench {
             ));
         }
         s.viral = Some(Viral {
+            method,
             ballots,
             accepted: final_count,
             burst_s,

@@ -68,9 +68,9 @@ pub(crate) async fn caller_view(
     viewer: impl FnOnce() -> Viewer,
 ) -> Result<PollView, Problem> {
     let now = Utc::now();
-    match &snap.tally {
-        Some(tally) if results_visible(&snap.poll, now, false, admin) => {
-            Ok(PollView::new(&snap.poll, Some(tally), now))
+    match &snap.votes {
+        Some(votes) if results_visible(&snap.poll, now, false, admin) => {
+            Ok(PollView::with_votes(&snap.poll, Some((**votes).clone()), now))
         }
         _ => {
             let viewer = (!admin).then(viewer);

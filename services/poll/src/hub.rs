@@ -13,6 +13,7 @@ use shared::contract::{PollStatus, Tally};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::model::{Votes, votes as votes_of};
 use crate::record::PollRecord;
 use crate::snapshots::Snapshots;
 
@@ -23,6 +24,8 @@ pub enum Snapshot {
     Live {
         poll: Arc<PollRecord>,
         tally: Arc<Tally>,
+        /// The counts as clients see them, computed once for every subscriber.
+        votes: Arc<Votes>,
         status: PollStatus,
     },
     /// The poll was deleted.
@@ -90,10 +93,10 @@ impl Hub {
                     return;
                 }
             }
-            let (poll, tally) = match self.snapshots.get(&id).await {
+            let (poll, tally, votes) = match self.snapshots.get(&id).await {
                 // An `after_vote` poll's snapshot has no tally: one call here reads it.
                 Ok(Some(snap)) => match self.snapshots.tally(&snap).await {
-                    Ok(tally) => (snap.poll.clone(), tally),
+                    Ok(tally) => (snap.poll.clone(), tally, snap.votes.clone()),
                     Err(e) => {
                         tracing::debug!(poll_id = %id, error = %e.detail, "results stream: tally read failed");
                         continue;
@@ -115,11 +118,18 @@ impl Hub {
                         poll: p,
                         tally: t,
                         status: s,
+                        ..
                     } => p.revision != poll.revision || **t != *tally || *s != status,
                     _ => true,
                 };
                 if changed {
-                    *current = Snapshot::Live { poll, tally, status };
+                    let votes = votes.unwrap_or_else(|| Arc::new(votes_of(&poll, &tally)));
+                    *current = Snapshot::Live {
+                        poll,
+                        tally,
+                        votes,
+                        status,
+                    };
                 }
                 changed
             });

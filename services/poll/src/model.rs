@@ -355,7 +355,12 @@ pub struct CreatedPoll {
 
 impl PollView {
     pub fn new(p: &PollRecord, tally: Option<&Tally>, now: DateTime<Utc>) -> Self {
-        let votes = tally.map(|t| votes(p, t));
+        Self::with_votes(p, tally.map(|t| votes(p, t)), now)
+    }
+
+    /// The view with counts already computed (see [`votes`]; a ranked poll's results are worth
+    /// computing once per tally, not once per reader).
+    pub fn with_votes(p: &PollRecord, votes: Option<Votes>, now: DateTime<Utc>) -> Self {
         Self {
             id: p.id.clone(),
             name: p.name.clone(),

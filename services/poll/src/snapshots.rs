@@ -21,7 +21,7 @@ use shared::contract::{PollStatus, ResultsVisibility, Tally, sha256_hex};
 use crate::record::PollRecord;
 use crate::store::DynPollStore;
 
-use crate::model::PollView;
+use crate::model::{PollView, Votes, votes as votes_of};
 use crate::votes::VoteClient;
 
 /// How long a snapshot serves readers.
@@ -36,6 +36,8 @@ pub struct Snapshot {
     /// `None` for an `after_vote` poll: whoever reads it needs the caller's `voted` as well, which
     /// comes with the counts in the one call the reader makes (see [`Snapshots::tally`]).
     pub tally: Option<Arc<Tally>>,
+    /// The counts as clients see them, computed once from `tally` (when there is one).
+    pub votes: Option<Arc<Votes>>,
     /// The poll's status when read (a snapshot is not served past a change of it by the clock).
     pub status: PollStatus,
     /// The view of every caller who is not the admin, when it does not depend on the caller
@@ -137,9 +139,10 @@ impl Snapshots {
         };
         let now = Utc::now();
         let status = poll.status_at(now);
-        let public = tally.as_ref().map(|tally| {
+        let votes = tally.as_ref().map(|t| Arc::new(votes_of(&poll, t)));
+        let public = votes.as_ref().map(|votes| {
             let shown = crate::access::results_visible(&poll, now, false, false);
-            let view = PollView::new(&poll, shown.then_some(tally), now);
+            let view = PollView::with_votes(&poll, shown.then(|| (**votes).clone()), now);
             Rendered::new(
                 serde_json::to_vec(&view).unwrap_or_default(),
                 same_for_everyone(&poll, status),
@@ -148,6 +151,7 @@ impl Snapshots {
         Ok(Some(Arc::new(Snapshot {
             poll: Arc::new(poll),
             tally: tally.map(Arc::new),
+            votes,
             status,
             public,
         })))

@@ -143,10 +143,10 @@ pub async fn results_stream(
                     Snapshot::Gone => {
                         return Some((Ok::<_, Infallible>(Event::default().event("deleted").data("{}")), None));
                     }
-                    Snapshot::Live { poll, tally, .. } => {
+                    Snapshot::Live { poll, votes, .. } => {
                         let now = Utc::now();
                         let shown = results_visible(&poll, now, voted, admin);
-                        let view = PollView::new(&poll, shown.then_some(&*tally), now);
+                        let view = PollView::with_votes(&poll, shown.then(|| (*votes).clone()), now);
                         let event = Event::default()
                             .event("results")
                             .json_data(&view)
