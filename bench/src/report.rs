@@ -566,4 +566,18 @@ fn viral(o: &mut String, v: &crate::viral::Viral) {
         v.cpu_burst.poll,
         v.cpu_read_phase.poll
     );
+    if let Some(e) = &v.export {
+        let _ = writeln!(
+            o,
+            "Admin export of every ballot (`GET /api/polls/{{id}}/ballots`, NDJSON): {} lines, {:.1} MB in {:.1} s; \
+             RSS before / peak during: poll {:.1} / {:.1} MiB, vote {:.1} / {:.1} MiB.",
+            e.lines,
+            e.bytes as f64 / 1e6,
+            e.seconds,
+            e.poll_rss_before_kib as f64 / 1024.0,
+            e.poll_rss_max_kib as f64 / 1024.0,
+            e.vote_rss_before_kib as f64 / 1024.0,
+            e.vote_rss_max_kib as f64 / 1024.0
+        );
+    }
 }

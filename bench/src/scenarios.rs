@@ -351,6 +351,26 @@ pub async fn create_polls(
     create_polls_of(poll, n, label, parallel, dedupe, Method::Choice).await
 }
 
+/// One poll with a voting method (and its options): its id and admin token.
+pub async fn create_poll_with_token(
+    poll: SocketAddr,
+    label: &str,
+    dedupe: &'static str,
+    method: Method,
+) -> Result<(String, String), String> {
+    let mut conn = Conn::connect(poll).await.map_err(|e| e.to_string())?;
+    let mut body = serde_json::json!({ "name": label, "options": method.options(), "dedupe": dedupe });
+    if method != Method::Choice {
+        body["method"] = method.name().into();
+    }
+    let req = request("POST", poll, "/api/polls", &[], Some(body.to_string().as_bytes()));
+    let (status, v) = json_call(&mut conn, &req).await?;
+    match (status, v["id"].as_str(), v["admin_token"].as_str()) {
+        (201, Some(id), Some(token)) => Ok((id.to_owned(), token.to_owned())),
+        _ => Err(format!("creating a poll: {status} {v}")),
+    }
+}
+
 /// [`create_polls`] with a voting method (and its options, [`Method::options`]).
 pub async fn create_polls_of(
     poll: SocketAddr,
@@ -372,12 +392,15 @@ pub async fn create_polls_of(
                 if k >= n {
                     return Ok::<_, String>(made);
                 }
-                let body = serde_json::json!({
+                let mut body = serde_json::json!({
                     "name": format!("{label} {k}"),
                     "options": method.options(),
-                    "method": method.name(),
                     "dedupe": dedupe,
                 });
+                // Only when not the default: a service that predates methods takes these polls too.
+                if method != Method::Choice {
+                    body["method"] = method.name().into();
+                }
                 let req = request("POST", poll, "/api/polls", &[], Some(body.to_string().as_bytes()));
                 let (status, v) = json_call(&mut conn, &req).await?;
                 if status != 201 {

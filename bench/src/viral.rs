@@ -376,6 +376,88 @@ pub struct CpuShare {
 }
 
 #[derive(Debug, Clone, Serialize)]
+pub struct Export {
+    /// Lines (ballots) received.
+    pub lines: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+    /// Both services' VmRSS just before the export, and the largest sampled every 20 ms during it.
+    pub poll_rss_before_kib: u64,
+    pub poll_rss_max_kib: u64,
+    pub vote_rss_before_kib: u64,
+    pub vote_rss_max_kib: u64,
+}
+
+/// Reads the admin's NDJSON export of the poll to its end over one HTTP/1.0 connection (so the
+/// body is the rest of the stream, not chunked), counting its lines, while sampling both services'
+/// memory.
+async fn export(poll: SocketAddr, id: &str, token: &str, pids: (u32, u32)) -> Result<Export, String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let rss = |pid| crate::procs::memory(pid).rss_kib;
+    let (poll_before, vote_before) = (rss(pids.0), rss(pids.1));
+    let (stop, mut stopped) = watch::channel(false);
+    let sampler = tokio::spawn(async move {
+        let (mut p, mut v) = (0, 0);
+        loop {
+            p = p.max(rss(pids.0));
+            v = v.max(rss(pids.1));
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(20)) => {}
+                _ = stopped.changed() => return (p, v),
+            }
+        }
+    });
+    let started = Instant::now();
+    let read = async {
+        let mut conn = tokio::net::TcpStream::connect(poll).await.map_err(|e| e.to_string())?;
+        let req = format!(
+            "GET /api/polls/{id}/ballots HTTP/1.0\r\nHost: {poll}\r\nAuthorization: Bearer {token}\r\nAccept: application/x-ndjson\r\n\r\n"
+        );
+        conn.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; 1 << 16];
+        let (mut head, mut in_body, mut lines, mut bytes) = (Vec::new(), false, 0u64, 0u64);
+        loop {
+            let n = conn.read(&mut buf).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
+            }
+            let mut chunk = &buf[..n];
+            if !in_body {
+                head.extend_from_slice(chunk);
+                let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    continue;
+                };
+                if !head.starts_with(b"HTTP/1.1 200") && !head.starts_with(b"HTTP/1.0 200") {
+                    return Err(format!("export answered {}", String::from_utf8_lossy(&head[..end])));
+                }
+                in_body = true;
+                let body = head.split_off(end + 4);
+                lines += body.iter().filter(|b| **b == b'\n').count() as u64;
+                bytes += body.len() as u64;
+                chunk = &[];
+            }
+            lines += chunk.iter().filter(|b| **b == b'\n').count() as u64;
+            bytes += chunk.len() as u64;
+        }
+        Ok::<_, String>((lines, bytes))
+    };
+    let result = tokio::time::timeout(Duration::from_secs(600), read).await;
+    let seconds = started.elapsed().as_secs_f64();
+    let _ = stop.send(true);
+    let (poll_max, vote_max) = sampler.await.unwrap_or_default();
+    let (lines, bytes) = result.map_err(|_| "export took longer than 600 s".to_owned())??;
+    Ok(Export {
+        lines,
+        bytes,
+        seconds,
+        poll_rss_before_kib: poll_before,
+        poll_rss_max_kib: poll_max,
+        vote_rss_before_kib: vote_before,
+        vote_rss_max_kib: vote_max,
+    })
+}
+
+#[derive(Debug, Clone, Serialize)]
 pub struct Viral {
     /// The poll's voting method (`--viral-method`).
     pub method: scenarios::Method,
@@ -405,6 +487,8 @@ pub struct Viral {
     pub audit_s: Option<f64>,
     pub audit_consistent: Option<bool>,
     pub audit_error: Option<String>,
+    /// The admin's export of every ballot (`GET /api/polls/{id}/ballots`, NDJSON) after the audit.
+    pub export: Option<Export>,
     /// Whether the vote service's `/metrics` has `pollvote_tally_refresh_duration_seconds`.
     pub tally_refresh_metric: bool,
     /// Burst and read phase; `None`: the vote service has no such metric, or it saw no refresh
@@ -438,8 +522,9 @@ impl Bench {
         let after = self.args.viral_read_after;
         let db_pid = self.args.db_pid;
         let method = self.args.viral_method;
-        let polls = scenarios::create_polls_of(self.poll.addr, 1, "bench viral", 1, "none", method).await?;
-        let id = polls[0].clone();
+        let (id, admin_token) =
+            scenarios::create_poll_with_token(self.poll.addr, "bench viral", "none", method).await?;
+        let polls = vec![id.clone()];
         eprintln!(
             "== {name}: {ballots} {} ballots on one poll (dedupe none), {n} SSE watchers, a reader at {READ_RATE:.0} GET/s \
              (and for {:.0} s after the burst)",
@@ -556,6 +641,24 @@ impl Bench {
                 }
             };
 
+        let export = match export(self.poll.addr, &id, &admin_token, (pid_poll, pid_vote)).await {
+            Ok(e) => {
+                eprintln!(
+                    "   export: {} lines, {:.1} MB in {:.1} s; peak RSS poll {:.1} MiB, vote {:.1} MiB",
+                    e.lines,
+                    e.bytes as f64 / 1e6,
+                    e.seconds,
+                    e.poll_rss_max_kib as f64 / 1024.0,
+                    e.vote_rss_max_kib as f64 / 1024.0
+                );
+                Some(e)
+            }
+            Err(e) => {
+                eprintln!("   export failed: {e}");
+                None
+            }
+        };
+
         let mut s = scenario(
             name,
             "vote",
@@ -650,6 +753,14 @@ impl Bench {
         if let Some(e) = &audit_error {
             f.push(format!("{name}: audit: {e}"));
         }
+        match &export {
+            None => f.push(format!("{name}: the admin's ballot export failed")),
+            Some(e) if e.lines != final_count => f.push(format!(
+                "{name}: the admin's ballot export has {} lines for {final_count} accepted ballots",
+                e.lines
+            )),
+            Some(_) => {}
+        }
         if run.tallies.sent < ballots && run.tallies.errors.is_empty() {
             f.push(format!(
                 "{name}: only {} of {ballots} ballots sent within {} min",
@@ -677,6 +788,7 @@ impl Bench {
             audit_s: invariants.as_ref().map(|i| i.audit_s),
             audit_consistent: invariants.as_ref().map(|i| i.consistent),
             audit_error,
+            export,
             tally_refresh_metric,
             tally_refresh,
             tally_refresh_burst,

@@ -59,7 +59,9 @@ impl BallotRecord {
     pub fn new(poll_id: String, key: String, voter: String, marked: Marked, idempotency_key: Option<String>) -> Self {
         let fingerprint = fingerprint(&poll_id, &marked, &voter);
         Self {
-            id: uuid::Uuid::new_v4().to_string(),
+            // Time-ordered (UUIDv7): new ids land at the end of the stores' id indexes instead of at
+            // random pages, so a group commit writes fewer pages.
+            id: uuid::Uuid::now_v7().to_string(),
             poll_id,
             key,
             voter: Some(voter),
@@ -346,7 +348,8 @@ pub fn identity(
         DedupePolicy::None => {
             let key = match idempotency_key {
                 Some(k) => format!("i:{}", sha256_hex(&[k.as_bytes()])),
-                None => format!("r:{}", uuid::Uuid::new_v4().simple()),
+                // Time-ordered, like ballot ids: a poll's new ballots append to its key range.
+                None => format!("r:{}", uuid::Uuid::now_v7().simple()),
             };
             (key, id_key.unwrap_or(address_key))
         }

@@ -35,8 +35,12 @@ const VOTERS: TableDefinition<(&str, &str), ()> = TableDefinition::new("voters")
 /// ballot id → (poll id, ballot key): finds a ballot by the id its voter knows. (Ballots stored
 /// before receipts existed have no row: nobody holds a receipt for them.)
 const BALLOT_IDS: TableDefinition<&str, (&str, &str)> = TableDefinition::new("ballot_ids");
-/// poll id → tally JSON, updated in the same transaction as the ballot it counts.
+/// poll id → tally JSON (without its rankings), updated in the same transaction as the ballot it
+/// counts.
 const TALLIES: TableDefinition<&str, &[u8]> = TableDefinition::new("tallies");
+/// (poll id, ranking key) → ballots with that ranking (ranked polls): a row per distinct ranking,
+/// so a ballot updates one small row instead of rewriting a tally that holds tens of thousands.
+const RANKINGS: TableDefinition<(&str, &str), u64> = TableDefinition::new("rankings");
 
 /// Most ballots applied in one transaction.
 const MAX_BATCH: usize = 2048;
@@ -50,27 +54,78 @@ const MAX_BATCH: usize = 2048;
 /// with the same throughput (the OS page cache serves the rest).
 const BALLOT_CACHE_BYTES: usize = 8 << 20;
 
-struct CastJob {
-    ballot: BallotRecord,
-    /// The ballot's JSON, serialised by the caller so that the writer thread (which every ballot
-    /// goes through, one at a time) does not spend its time on it.
-    doc: Vec<u8>,
-    reply: oneshot::Sender<StoreResult<CastOutcome>>,
-    /// The caller's span: its batch's span is a child of (or linked to) it.
-    span: tracing::Span,
+/// What the writer thread applies: a new ballot, or a new receipt for a stored one (an idempotent
+/// replay), each in the next group commit.
+enum Job {
+    Cast {
+        ballot: BallotRecord,
+        /// The ballot's JSON, serialised by the caller so that the writer thread (which every
+        /// ballot goes through, one at a time) does not spend its time on it.
+        doc: Vec<u8>,
+        reply: oneshot::Sender<StoreResult<CastOutcome>>,
+        /// The caller's span: its batch's span is a child of (or linked to) it.
+        span: tracing::Span,
+    },
+    Reissue {
+        poll_id: String,
+        key: String,
+        id: String,
+        receipt_hash: String,
+        reply: oneshot::Sender<StoreResult<bool>>,
+        span: tracing::Span,
+    },
 }
 
-/// What happened to one ballot of a committed batch.
+impl Job {
+    fn span(&self) -> &tracing::Span {
+        match self {
+            Self::Cast { span, .. } | Self::Reissue { span, .. } => span,
+        }
+    }
+
+    /// Answers the caller with what applying the job did.
+    fn answer(self, applied: Result<Applied, StoreError>) {
+        match (self, applied) {
+            // The caller's own ballot goes back to it: no copy on the writer thread.
+            (Self::Cast { ballot, reply, .. }, Ok(Applied::Accepted)) => {
+                let _ = reply.send(Ok(CastOutcome::Accepted(ballot)));
+            }
+            (Self::Cast { reply, .. }, Ok(Applied::Duplicate(stored))) => {
+                let _ = reply.send(Ok(CastOutcome::Duplicate(*stored)));
+            }
+            (Self::Reissue { reply, .. }, Ok(Applied::Reissued(done))) => {
+                let _ = reply.send(Ok(done));
+            }
+            (job, Err(e)) => job.fail(e),
+            (job, Ok(_)) => job.fail(StoreError::internal("the writer's outcome does not match its job")),
+        }
+    }
+
+    fn fail(self, e: StoreError) {
+        match self {
+            Self::Cast { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            Self::Reissue { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+}
+
+/// What happened to one job of a committed batch (an error concerns that job only: it was not
+/// applied).
 enum Applied {
     Accepted,
     Duplicate(Box<BallotRecord>),
-    Failed(StoreError),
+    /// Whether the ballot (same identity and id) was there to get the new receipt.
+    Reissued(bool),
 }
 
 /// Ballots and tallies in a redb file, written through the group-commit writer.
 pub struct EmbeddedBallotStore {
     db: Arc<Database>,
-    jobs: mpsc::Sender<CastJob>,
+    jobs: mpsc::Sender<Job>,
 }
 
 impl EmbeddedBallotStore {
@@ -83,6 +138,7 @@ impl EmbeddedBallotStore {
         tx.open_table(VOTERS)?;
         tx.open_table(BALLOT_IDS)?;
         tx.open_table(TALLIES)?;
+        tx.open_table(RANKINGS)?;
         tx.commit()?;
         let (jobs, rx) = mpsc::channel(MAX_BATCH * 4);
         let writer_db = db.clone();
@@ -93,7 +149,7 @@ impl EmbeddedBallotStore {
     }
 }
 
-fn writer(db: Arc<Database>, mut rx: mpsc::Receiver<CastJob>) {
+fn writer(db: Arc<Database>, mut rx: mpsc::Receiver<Job>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -108,41 +164,35 @@ fn writer(db: Arc<Database>, mut rx: mpsc::Receiver<CastJob>) {
             "redb",
             "commit",
             "ballots",
-            &batch.iter().map(|j| &j.span).collect::<Vec<_>>(),
+            &batch.iter().map(Job::span).collect::<Vec<_>>(),
         );
         let committed = span.in_scope(|| apply_batch(&db, &batch));
         drop(span);
         match committed {
             Ok(applied) => {
                 for (job, applied) in batch.drain(..).zip(applied) {
-                    let outcome = match applied {
-                        // The caller's own ballot goes back to it: no copy on the writer thread.
-                        Applied::Accepted => Ok(CastOutcome::Accepted(job.ballot)),
-                        Applied::Duplicate(stored) => Ok(CastOutcome::Duplicate(*stored)),
-                        Applied::Failed(e) => Err(e),
-                    };
-                    let _ = job.reply.send(outcome);
+                    job.answer(applied);
                 }
             }
             // Each caller's answer (a 500) logs the cause: not logged here too.
             Err(e) => {
                 for job in batch.drain(..) {
-                    let _ = job.reply.send(Err(e.clone()));
+                    job.fail(e.clone());
                 }
             }
         }
     }
 }
 
-/// Applies every ballot of the batch in one transaction. The outer error means nothing was
-/// committed; an inner error concerns one ballot only (it was not stored).
+/// Applies every job of the batch in one transaction. The outer error means nothing was
+/// committed; an inner error concerns one job only (it was not applied).
 ///
 /// Each poll's tally is read once and written once per batch (under load a batch holds up to
 /// one ballot per waiting client, mostly for the same hot poll), and a voter row is written only
 /// when the voter key differs from the ballot key (`none` dedupe): with `ip` and `voter` dedupe the
 /// ballot row itself, keyed by the voter, answers [`BallotStore::voted`]. Fewer B-tree pages
 /// touched per ballot is fewer pages written per commit, which is what bounds the writer.
-fn apply_batch(db: &Database, batch: &[CastJob]) -> StoreResult<Vec<Applied>> {
+fn apply_batch(db: &Database, batch: &[Job]) -> StoreResult<Vec<Result<Applied, StoreError>>> {
     let tx = db.begin_write()?;
     let mut outcomes = Vec::with_capacity(batch.len());
     {
@@ -150,15 +200,43 @@ fn apply_batch(db: &Database, batch: &[CastJob]) -> StoreResult<Vec<Applied>> {
         let mut voters = tx.open_table(VOTERS)?;
         let mut ids = tx.open_table(BALLOT_IDS)?;
         let mut tallies = tx.open_table(TALLIES)?;
+        let mut rankings = tx.open_table(RANKINGS)?;
         let mut counted: HashMap<&str, Tally> = HashMap::new();
         for job in batch {
-            let b = &job.ballot;
+            let (b, doc) = match job {
+                Job::Cast { ballot, doc, .. } => (ballot, doc),
+                Job::Reissue {
+                    poll_id,
+                    key,
+                    id,
+                    receipt_hash,
+                    ..
+                } => {
+                    let key = (poll_id.as_str(), key.as_str());
+                    let stored = ballots
+                        .get(key)?
+                        .map(|v| serde_json::from_slice::<BallotRecord>(v.value()));
+                    outcomes.push(match stored {
+                        Some(Ok(mut b)) if b.id == *id => {
+                            b.receipt_hash = Some(receipt_hash.clone());
+                            let doc = serde_json::to_vec(&b)?;
+                            ballots.insert(key, doc.as_slice())?;
+                            ids.insert(id.as_str(), key)?;
+                            Ok(Applied::Reissued(true))
+                        }
+                        Some(Err(e)) => Err(e.into()),
+                        _ => Ok(Applied::Reissued(false)),
+                    });
+                    continue;
+                }
+            };
             let key = (b.poll_id.as_str(), b.key.as_str());
             if let Some(existing) = ballots.get(key)? {
-                outcomes.push(match serde_json::from_slice(existing.value()) {
-                    Ok(stored) => Applied::Duplicate(Box::new(stored)),
-                    Err(e) => Applied::Failed(e.into()),
-                });
+                outcomes.push(
+                    serde_json::from_slice(existing.value())
+                        .map(|stored| Applied::Duplicate(Box::new(stored)))
+                        .map_err(StoreError::from),
+                );
                 continue;
             }
             let tally = match counted.entry(b.poll_id.as_str()) {
@@ -168,7 +246,7 @@ fn apply_batch(db: &Database, batch: &[CastJob]) -> StoreResult<Vec<Applied>> {
                     None => Tally::default(),
                 }),
             };
-            ballots.insert(key, job.doc.as_slice())?;
+            ballots.insert(key, doc.as_slice())?;
             if b.receipt_hash.is_some() {
                 ids.insert(b.id.as_str(), key)?;
             }
@@ -176,9 +254,14 @@ fn apply_batch(db: &Database, batch: &[CastJob]) -> StoreResult<Vec<Applied>> {
                 voters.insert((b.poll_id.as_str(), voter), ())?;
             }
             tally.add(b.marks());
-            outcomes.push(Applied::Accepted);
+            outcomes.push(Ok(Applied::Accepted));
         }
-        for (poll_id, tally) in &counted {
+        for (poll_id, tally) in &mut counted {
+            // Rankings go to their own rows (the stored tally has none).
+            for (key, n) in std::mem::take(&mut tally.rankings) {
+                let was = rankings.get((*poll_id, key.as_str()))?.map_or(0, |v| v.value());
+                rankings.insert((*poll_id, key.as_str()), was + n)?;
+            }
             let doc = serde_json::to_vec(tally)?;
             tallies.insert(*poll_id, doc.as_slice())?;
         }
@@ -192,13 +275,26 @@ fn poll_range(poll_id: &str) -> std::ops::Range<(&str, &str)> {
     (poll_id, "")..(poll_id, "\u{7f}")
 }
 
+/// A poll's tally: its row, and its rankings' rows.
+fn tally_in(
+    tallies: &impl ReadableTable<&'static str, &'static [u8]>,
+    rankings: &impl ReadableTable<(&'static str, &'static str), u64>,
+    poll_id: &str,
+) -> StoreResult<Tally> {
+    let mut tally: Tally = match tallies.get(poll_id)? {
+        Some(v) => serde_json::from_slice(v.value())?,
+        None => Tally::default(),
+    };
+    for entry in rankings.range(poll_range(poll_id))? {
+        let (k, n) = entry?;
+        tally.rankings.insert(k.value().1.to_owned(), n.value());
+    }
+    Ok(tally)
+}
+
 fn read_tally(db: &Database, poll_id: &str) -> StoreResult<Tally> {
     let tx = db.begin_read()?;
-    let tallies = tx.open_table(TALLIES)?;
-    match tallies.get(poll_id)? {
-        Some(v) => Ok(serde_json::from_slice(v.value())?),
-        None => Ok(Tally::default()),
-    }
+    tally_in(&tx.open_table(TALLIES)?, &tx.open_table(RANKINGS)?, poll_id)
 }
 
 #[async_trait]
@@ -210,7 +306,7 @@ impl BallotStore for EmbeddedBallotStore {
         let doc = serde_json::to_vec(&ballot)?;
         let (reply, rx) = oneshot::channel();
         self.jobs
-            .send(CastJob {
+            .send(Job::Cast {
                 ballot,
                 doc,
                 reply,
@@ -227,16 +323,8 @@ impl BallotStore for EmbeddedBallotStore {
 
     async fn tallies(&self, poll_ids: &[String]) -> StoreResult<Vec<Tally>> {
         let tx = self.db.begin_read()?;
-        let tallies = tx.open_table(TALLIES)?;
-        poll_ids
-            .iter()
-            .map(|id| -> StoreResult<Tally> {
-                match tallies.get(id.as_str())? {
-                    Some(v) => Ok(serde_json::from_slice(v.value())?),
-                    None => Ok(Tally::default()),
-                }
-            })
-            .collect()
+        let (tallies, rankings) = (tx.open_table(TALLIES)?, tx.open_table(RANKINGS)?);
+        poll_ids.iter().map(|id| tally_in(&tallies, &rankings, id)).collect()
     }
 
     /// One read transaction for the page. Both lookups are by key here, so the hint is not needed.
@@ -299,35 +387,21 @@ impl BallotStore for EmbeddedBallotStore {
         Ok(Vec::new())
     }
 
-    /// One write transaction of its own (it waits for the writer thread's current commit).
+    /// Through the writer thread, in the next group commit (with the ballots being cast).
     async fn reissue_receipt(&self, ballot: &BallotRecord, receipt_hash: &str) -> StoreResult<bool> {
-        let db = self.db.clone();
-        let (poll_id, key, id) = (ballot.poll_id.clone(), ballot.key.clone(), ballot.id.clone());
-        let receipt_hash = receipt_hash.to_owned();
-        blocking(move || {
-            let tx = db.begin_write()?;
-            let reissued = {
-                let mut ballots = tx.open_table(BALLOTS)?;
-                let stored = match ballots.get((poll_id.as_str(), key.as_str()))? {
-                    Some(v) => Some(serde_json::from_slice::<BallotRecord>(v.value())?),
-                    None => None,
-                };
-                match stored {
-                    Some(mut b) if b.id == id => {
-                        b.receipt_hash = Some(receipt_hash);
-                        let doc = serde_json::to_vec(&b)?;
-                        ballots.insert((poll_id.as_str(), key.as_str()), doc.as_slice())?;
-                        let mut ids = tx.open_table(BALLOT_IDS)?;
-                        ids.insert(id.as_str(), (poll_id.as_str(), key.as_str()))?;
-                        true
-                    }
-                    _ => false,
-                }
-            };
-            tx.commit()?;
-            Ok(reissued)
-        })
-        .await
+        let (reply, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Reissue {
+                poll_id: ballot.poll_id.clone(),
+                key: ballot.key.clone(),
+                id: ballot.id.clone(),
+                receipt_hash: receipt_hash.to_owned(),
+                reply,
+                span: shared::metrics::caller_span(),
+            })
+            .await
+            .map_err(|_| StoreError::unavailable("ballot writer stopped"))?;
+        rx.await.map_err(|_| StoreError::unavailable("ballot writer stopped"))?
     }
 
     async fn ballot(&self, ballot_id: &str) -> StoreResult<Option<BallotRecord>> {
@@ -402,6 +476,8 @@ impl BallotStore for EmbeddedBallotStore {
                 voters.retain_in(poll_range(&poll_id), |_, _| false)?;
                 let mut tallies = tx.open_table(TALLIES)?;
                 tallies.remove(poll_id.as_str())?;
+                let mut rankings = tx.open_table(RANKINGS)?;
+                rankings.retain_in(poll_range(&poll_id), |_, _| false)?;
                 n
             };
             tx.commit()?;
