@@ -28,7 +28,7 @@ use utoipa_axum::routes;
 
 use crate::ballot::{BallotRecord, CastOutcome, Duplicate, Marking, Refused, Rules, duplicate, identity, mark};
 use crate::catalog::Catalog;
-use crate::store::DynBallotStore;
+use crate::store::{BallotStream, DynBallotStore};
 
 pub struct AppState {
     pub store: DynBallotStore,
@@ -137,6 +137,14 @@ impl PartialSchema for CastBallot {
                 .min_length(Some(1))
                 .max_length(Some(MAX_OPTION_LEN))
         };
+        let texts = |description: &str| {
+            ArrayBuilder::new()
+                .items(text())
+                .min_items(Some(1))
+                .max_items(Some(MAX_OPTIONS))
+                .unique_items(true)
+                .description(Some(description))
+        };
         let fields = ObjectBuilder::new()
             .schema_type(Type::Object)
             .property("poll_id", poll_id("The poll: 24 hexadecimal characters (either case)."))
@@ -150,25 +158,11 @@ impl PartialSchema for CastBallot {
             .property("option", text().description(Some("One option's text.")))
             .property(
                 "options",
-                ArrayBuilder::new()
-                    .items(text())
-                    .min_items(Some(1))
-                    .max_items(Some(MAX_OPTIONS))
-                    .unique_items(true)
-                    .description(Some(
-                        "Several options' texts, `min_choices` to `max_choices` of them (a `choice` poll).",
-                    )),
+                texts("Several options' texts, `min_choices` to `max_choices` of them (a `choice` poll)."),
             )
             .property(
                 "ranking",
-                ArrayBuilder::new()
-                    .items(text())
-                    .min_items(Some(1))
-                    .max_items(Some(MAX_OPTIONS))
-                    .unique_items(true)
-                    .description(Some(
-                        "A `ranked` poll's ballot: `min_choices` to `max_choices` distinct options' texts, best first.",
-                    )),
+                texts("A `ranked` poll's ballot: `min_choices` to `max_choices` distinct options' texts, best first."),
             )
             .property(
                 "scores",
@@ -658,7 +652,20 @@ async fn tallies(State(s): St, AppQuery(q): AppQuery<TalliesQuery>) -> Result<Js
 async fn export_ballots(State(s): St, Path(id): Path<String>) -> Result<Response, Problem> {
     use futures_util::StreamExt as _;
     let id = normalise_poll_id(&id).ok_or_else(|| Problem::invalid("id", "must be a poll id"))?;
-    let ballots = s.store.ballots(&id).await?;
+    let store = s.store.clone();
+    let poll_id = id.clone();
+    let mut open = Box::pin(async move { store.ballots(&poll_id).await });
+    // Some servers compute a whole query before its first batch (SecantusDB: several seconds for a
+    // million ballots), longer than a caller's deadline for the answer's head. A store that opens
+    // quickly answers as usual (a failure is a problem with its status); a slow one gets its
+    // answer now and the body waits for the first batch (a failure then aborts it, as midway).
+    let ballots: BallotStream = match tokio::time::timeout(EXPORT_HEAD_WITHIN, &mut open).await {
+        Ok(opened) => opened?,
+        Err(_) => futures_util::stream::once(open)
+            .map(|opened| opened.unwrap_or_else(|e| futures_util::stream::once(async move { Err(e) }).boxed()))
+            .flatten()
+            .boxed(),
+    };
     let poll_id = id.clone();
     // Lines already read go out together, one chunk per batch rather than per ballot.
     let body = ballots.ready_chunks(EXPORT_CHUNK).map(move |lines| {
@@ -684,6 +691,8 @@ async fn export_ballots(State(s): St, Path(id): Path<String>) -> Result<Response
         .into_response())
 }
 
+/// How long an export waits for the store's first batch before it answers (see [`export_ballots`]).
+const EXPORT_HEAD_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
 /// Ballots of an export written as one chunk, at most.
 const EXPORT_CHUNK: usize = 512;
 /// The media type of newline-delimited JSON.
