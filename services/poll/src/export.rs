@@ -13,6 +13,7 @@ use chrono::{DateTime, Utc};
 use futures_util::{Stream, StreamExt, TryStreamExt};
 use serde::Serialize;
 use shared::Problem;
+use shared::contract::VotingMethod;
 use shared::http::ClientAddr;
 use shared::internal::BallotLine;
 use shared::problem::{ProblemBody, ProblemKind};
@@ -61,7 +62,7 @@ pub async fn results_csv(
             ),
         ));
     };
-    let body = results_table(&votes).map_err(Problem::internal)?;
+    let body = results_table(snap.poll.method, &votes).map_err(Problem::internal)?;
     Ok((
         [
             (header::CONTENT_TYPE, HeaderValue::from_static(CSV)),
@@ -80,11 +81,10 @@ pub async fn results_csv(
 /// `option,count,sum,mean,ballots` (`score`), or per instant-runoff round and option in the
 /// running `round,option,votes,exhausted,outcome,ballots` (`ranked`; `outcome` is `eliminated`
 /// or `elected` on the option's row of the round that decided it).
-fn results_table(votes: &Votes) -> Result<Vec<u8>, csv::Error> {
+fn results_table(method: VotingMethod, votes: &Votes) -> Result<Vec<u8>, csv::Error> {
     let mut w = csv::Writer::from_writer(Vec::new());
     let ballots = votes.count.to_string();
-    let score = votes.by_option.iter().any(|o| o.sum.is_some());
-    if let Some(ranked) = &votes.ranked {
+    if let (VotingMethod::Ranked, Some(ranked)) = (method, &votes.ranked) {
         w.write_record(["round", "option", "votes", "exhausted", "outcome", "ballots"])?;
         let last = ranked.rounds.len();
         for (i, r) in ranked.rounds.iter().enumerate() {
@@ -107,7 +107,7 @@ fn results_table(votes: &Votes) -> Result<Vec<u8>, csv::Error> {
                 ])?;
             }
         }
-    } else if score {
+    } else if method == VotingMethod::Score {
         w.write_record(["option", "count", "sum", "mean", "ballots"])?;
         for o in &votes.by_option {
             let sum = o.sum.unwrap_or(0).to_string();

@@ -654,7 +654,7 @@ async fn export_ballots(State(s): St, Path(id): Path<String>) -> Result<Response
     let id = normalise_poll_id(&id).ok_or_else(|| Problem::invalid("id", "must be a poll id"))?;
     let store = s.store.clone();
     let poll_id = id.clone();
-    let mut open = Box::pin(async move { store.ballots(&poll_id).await });
+    let mut open = Box::pin(async move { store.ballots(&id).await });
     // Some servers compute a whole query before its first batch (SecantusDB: several seconds for a
     // million ballots), longer than a caller's deadline for the answer's head. A store that opens
     // quickly answers as usual (a failure is a problem with its status); a slow one gets its
@@ -666,7 +666,6 @@ async fn export_ballots(State(s): St, Path(id): Path<String>) -> Result<Response
             .flatten()
             .boxed(),
     };
-    let poll_id = id.clone();
     // Lines already read go out together, one chunk per batch rather than per ballot.
     let body = ballots.ready_chunks(EXPORT_CHUNK).map(move |lines| {
         let mut buf = Vec::with_capacity(lines.len() * 96);

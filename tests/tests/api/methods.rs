@@ -22,14 +22,27 @@ async fn cast_many(s: &Stack, poll: &str, body: Value, n: usize) -> Value {
     last
 }
 
-async fn text(s: &Stack, url: String, token: Option<&str>, accept: &str) -> String {
-    let mut req = s.http.get(url).header("accept", accept);
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
+/// A 200 answer's body as text.
+async fn body_of(req: reqwest::RequestBuilder) -> String {
     let res = req.send().await.expect("get");
     assert_eq!(res.status(), 200);
     res.text().await.expect("text")
+}
+
+/// The poll's results as CSV.
+async fn results_csv(s: &Stack, poll: &str) -> String {
+    body_of(s.http.get(format!("{}/api/polls/{poll}/results.csv", s.poll))).await
+}
+
+/// The admin's export of every ballot, in the format `accept` asks for.
+async fn ballots_export(s: &Stack, poll: &str, token: &str, accept: &str) -> String {
+    body_of(
+        s.http
+            .get(format!("{}/api/polls/{poll}/ballots", s.poll))
+            .bearer_auth(token)
+            .header("accept", accept),
+    )
+    .await
 }
 
 /// The textbook case where instant runoff and Condorcet disagree (Tennessee's capital): 42 % rank
@@ -96,20 +109,14 @@ async fn a_ranked_poll_runs_an_instant_runoff_and_finds_the_condorcet_winner() {
     assert_eq!(ranked["pairwise"][1], json!([58, 0, 68, 68]));
     assert_eq!(ranked["pairwise"][0], json!([0, 42, 42, 42]));
 
-    let csv = text(&s, format!("{}/api/polls/{id}/results.csv", s.poll), None, "text/csv").await;
+    let csv = results_csv(&s, &id).await;
     let rows: Vec<&str> = csv.lines().collect();
     assert_eq!(rows[0], "round,option,votes,exhausted,outcome,ballots");
     assert!(rows.contains(&"1,Chattanooga,15,0,eliminated,100"), "{csv}");
     assert!(rows.contains(&"3,Knoxville,58,0,elected,100"), "{csv}");
     assert_eq!(rows.len(), 1 + 4 + 3 + 2, "a row per round and option in the running");
 
-    let export = text(
-        &s,
-        format!("{}/api/polls/{id}/ballots", s.poll),
-        Some(&token),
-        "text/csv",
-    )
-    .await;
+    let export = ballots_export(&s, &id, &token, "text/csv").await;
     let lines: Vec<&str> = export.lines().collect();
     assert_eq!(lines[0], "id,created_at,Memphis,Nashville,Chattanooga,Knoxville");
     assert_eq!(lines.len(), 101);
@@ -118,13 +125,7 @@ async fn a_ranked_poll_runs_an_instant_runoff_and_finds_the_condorcet_winner() {
         26,
         "the rank of each option"
     );
-    let ndjson = text(
-        &s,
-        format!("{}/api/polls/{id}/ballots", s.poll),
-        Some(&token),
-        "application/x-ndjson",
-    )
-    .await;
+    let ndjson = ballots_export(&s, &id, &token, "application/x-ndjson").await;
     let first: Value = serde_json::from_str(ndjson.lines().next().expect("a line")).expect("json");
     assert_eq!(first["ranking"].as_array().map(Vec::len), Some(4), "{first}");
 
@@ -301,18 +302,12 @@ async fn a_score_poll_sums_and_averages_every_options_scores() {
         ])
     );
     assert!(votes.get("ranked").is_none());
-    let csv = text(&s, format!("{}/api/polls/{id}/results.csv", s.poll), None, "text/csv").await;
+    let csv = results_csv(&s, &id).await;
     assert_eq!(
         csv,
         "option,count,sum,mean,ballots\ntea,2,20,5,4\ncoffee,2,8,2,4\nwater,1,7,1.75,4\n"
     );
-    let export = text(
-        &s,
-        format!("{}/api/polls/{id}/ballots", s.poll),
-        Some(&token),
-        "text/csv",
-    )
-    .await;
+    let export = ballots_export(&s, &id, &token, "text/csv").await;
     let mut rows: Vec<&str> = export
         .lines()
         .skip(1)
