@@ -114,6 +114,17 @@ pub enum VotingMethod {
     Score,
 }
 
+/// Whether a ballot's voter may replace or withdraw it (with its receipt) while the poll is open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BallotChanges {
+    /// `PUT` and `DELETE /api/votes/{id}` work while the poll is open.
+    #[default]
+    Allowed,
+    /// Ballots are final once cast.
+    Locked,
+}
+
 /// A score poll's `max_score` when none is given.
 pub const DEFAULT_MAX_SCORE: u32 = 5;
 /// The highest `max_score` a score poll may have.
@@ -185,11 +196,12 @@ pub fn parse_ranking_key(key: &str) -> Option<Vec<u32>> {
     key.split('-').map(|p| p.parse().ok()).collect()
 }
 
+/// Adds `n` at `v[i]`, modulo 2^64 (see [`Tally::remove_n`]).
 fn add_at(v: &mut Vec<u64>, i: usize, n: u64) {
     if v.len() <= i {
         v.resize(i + 1, 0);
     }
-    v[i] += n;
+    v[i] = v[i].wrapping_add(n);
 }
 
 impl Tally {
@@ -212,7 +224,7 @@ impl Tally {
 
     /// Adds `n` ballots marked alike.
     pub fn add_n(&mut self, marks: Marks<'_>, n: u64) {
-        self.total += n;
+        self.total = self.total.wrapping_add(n);
         for &c in marks.choices {
             add_at(&mut self.by_option, c as usize, n);
         }
@@ -221,17 +233,27 @@ impl Tally {
                 self.sums.resize(scores.len(), 0);
             }
             for (i, &s) in scores.iter().enumerate() {
-                add_at(&mut self.sums, i, u64::from(s) * n);
+                add_at(&mut self.sums, i, u64::from(s).wrapping_mul(n));
             }
         }
         if let Some(ranking) = marks.ranking {
-            *self.rankings.entry(ranking_key(ranking)).or_default() += n;
+            let count = self.rankings.entry(ranking_key(ranking)).or_default();
+            *count = count.wrapping_add(n);
         }
+    }
+
+    /// Takes away `n` ballots marked alike (replaced or withdrawn ones).
+    ///
+    /// Counts are kept modulo 2^64, so a part of a tally may hold more removals than additions
+    /// (a withdrawal counted apart from the ballot it withdraws) and still add up to the exact
+    /// tally with the other parts; [`Tally::clamped`] reads a sum that may be short of some parts.
+    pub fn remove_n(&mut self, marks: Marks<'_>, n: u64) {
+        self.add_n(marks, n.wrapping_neg());
     }
 
     /// Adds another tally's counts.
     pub fn merge(&mut self, other: &Tally) {
-        self.total += other.total;
+        self.total = self.total.wrapping_add(other.total);
         for (i, &n) in other.by_option.iter().enumerate() {
             add_at(&mut self.by_option, i, n);
         }
@@ -239,8 +261,34 @@ impl Tally {
             add_at(&mut self.sums, i, n);
         }
         for (k, &n) in &other.rankings {
-            *self.rankings.entry(k.clone()).or_default() += n;
+            let count = self.rankings.entry(k.clone()).or_default();
+            *count = count.wrapping_add(n);
         }
+    }
+
+    /// Whether every count is zero.
+    pub fn is_zero(&self) -> bool {
+        self.total == 0
+            && self.by_option.iter().all(|&n| n == 0)
+            && self.sums.iter().all(|&n| n == 0)
+            && self.rankings.values().all(|&n| n == 0)
+    }
+
+    /// The tally with every count that is below zero (modulo 2^64, see [`Tally::remove_n`]) read
+    /// as zero: a sum of parts read at different instants may count a withdrawal before the
+    /// ballot it withdraws.
+    pub fn clamped(mut self) -> Self {
+        let clamp = |n: &mut u64| {
+            if *n > i64::MAX as u64 {
+                *n = 0;
+            }
+        };
+        clamp(&mut self.total);
+        self.by_option.iter_mut().for_each(clamp);
+        self.sums.iter_mut().for_each(clamp);
+        self.rankings.values_mut().for_each(clamp);
+        self.rankings.retain(|_, n| *n > 0);
+        self
     }
 
     /// The same counts without trailing zero per-option counts or sums and without zero ranking

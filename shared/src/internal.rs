@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use std::collections::BTreeMap;
 
-use crate::contract::{DEFAULT_MAX_SCORE, DedupePolicy, PollStatus, ResultsVisibility, Schedule, Tally, VotingMethod};
+use crate::contract::{
+    BallotChanges, DEFAULT_MAX_SCORE, DedupePolicy, PollStatus, ResultsVisibility, Schedule, Tally, VotingMethod,
+};
 use crate::health::{Dependency, Unhealthy};
 use crate::metrics::{Metrics, PeerLabels};
 use crate::problem::Problem;
@@ -32,6 +34,9 @@ pub struct PollDefinition {
     pub max_score: u32,
     pub dedupe: DedupePolicy,
     pub results: ResultsVisibility,
+    /// Absent from a poll service that predates ballot changes: allowed.
+    #[serde(default)]
+    pub changes: BallotChanges,
     /// Absent from a poll service that predates scheduled openings: open at once.
     #[serde(default)]
     pub opens_at: Option<DateTime<Utc>>,

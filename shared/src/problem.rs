@@ -70,6 +70,8 @@ pub enum ProblemKind {
     PollAlreadyOpen,
     /// 409: a ballot from this voter is already counted.
     AlreadyVoted,
+    /// 409: the poll's ballots cannot be replaced or withdrawn (`changes: locked`).
+    ChangesLocked,
     /// 409: options and dedupe cannot change once a vote exists.
     VotesExist,
     /// 409: the poll changed meanwhile.
@@ -119,6 +121,7 @@ impl ProblemKind {
             Self::PollNotOpen => "poll-not-open",
             Self::PollAlreadyOpen => "poll-already-open",
             Self::AlreadyVoted => "already-voted",
+            Self::ChangesLocked => "changes-locked",
             Self::VotesExist => "votes-exist",
             Self::ConcurrentChange => "concurrent-change",
             Self::NotAcceptable => "not-acceptable",
@@ -154,6 +157,7 @@ impl ProblemKind {
             | Self::PollNotOpen
             | Self::PollAlreadyOpen
             | Self::AlreadyVoted
+            | Self::ChangesLocked
             | Self::VotesExist
             | Self::ConcurrentChange => StatusCode::CONFLICT,
             Self::NotAcceptable => StatusCode::NOT_ACCEPTABLE,

@@ -162,6 +162,7 @@ async fn create_poll(State(s): St, AppJson(body): AppJson<CreatePoll>) -> Result
         closed_at: None,
         results: body.results.unwrap_or_default(),
         dedupe: body.dedupe.unwrap_or_default(),
+        changes: body.changes.unwrap_or_default(),
         created_at: now,
         updated_at: now,
         admin_token_hash: Some(hash_token(&token)),

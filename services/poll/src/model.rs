@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
-use shared::contract::{DedupePolicy, PollStatus, ResultsVisibility, Tally, VotingMethod};
+use shared::contract::{BallotChanges, DedupePolicy, PollStatus, ResultsVisibility, Tally, VotingMethod};
 
 use crate::methods;
 
@@ -71,6 +71,10 @@ pub struct CreatePoll {
     pub results: Option<ResultsVisibility>,
     #[serde(default)]
     pub dedupe: Option<DedupePolicy>,
+    /// Whether voters may replace or withdraw their ballots with their receipts while the poll
+    /// is open (default `allowed`).
+    #[serde(default)]
+    pub changes: Option<BallotChanges>,
 }
 
 /// One option: 1–200 characters, not only white space (surrounding white space is trimmed).
@@ -184,6 +188,9 @@ pub struct UpdatePoll {
     /// Only while the poll has no votes.
     #[serde(default)]
     pub dedupe: Option<DedupePolicy>,
+    /// Whether voters may replace or withdraw their ballots from now on.
+    #[serde(default)]
+    pub changes: Option<BallotChanges>,
 }
 
 impl UpdatePoll {
@@ -199,6 +206,7 @@ impl UpdatePoll {
             closes_at: self.closes_at,
             results: self.results,
             dedupe: self.dedupe,
+            changes: self.changes,
         }
     }
 }
@@ -338,6 +346,8 @@ pub struct PollView {
     pub closed_at: Option<DateTime<Utc>>,
     pub results: ResultsVisibility,
     pub dedupe: DedupePolicy,
+    /// Whether voters may replace or withdraw their ballots (`PUT`/`DELETE /api/votes/{id}`).
+    pub changes: BallotChanges,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     /// `null` while the poll's `results` setting hides the counts from this caller.
@@ -376,6 +386,7 @@ impl PollView {
             closed_at: p.closed_at,
             results: p.results,
             dedupe: p.dedupe,
+            changes: p.changes,
             created_at: p.created_at,
             updated_at: p.updated_at,
             votes,

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use shared::FieldError;
 use shared::contract::{
-    DEFAULT_MAX_SCORE, DedupePolicy, MAX_OPTION_LEN, MAX_OPTIONS, MAX_RANKINGS, MAX_SCORE, PollStatus,
+    BallotChanges, DEFAULT_MAX_SCORE, DedupePolicy, MAX_OPTION_LEN, MAX_OPTIONS, MAX_RANKINGS, MAX_SCORE, PollStatus,
     ResultsVisibility, Schedule, VotingMethod, possible_rankings,
 };
 use shared::internal::PollDefinition;
@@ -43,6 +43,9 @@ pub struct PollRecord {
     pub closed_at: Option<DateTime<Utc>>,
     pub results: ResultsVisibility,
     pub dedupe: DedupePolicy,
+    /// Whether voters may replace or withdraw their ballots (polls stored before: allowed).
+    #[serde(default)]
+    pub changes: BallotChanges,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     /// SHA-256 (hex) of the admin token. `None` for polls written by the predecessor, which had no
@@ -136,6 +139,9 @@ impl PollRecord {
         if let Some(d) = update.dedupe {
             next.dedupe = d;
         }
+        if let Some(c) = update.changes {
+            next.changes = c;
+        }
         if !errors.is_empty() {
             return Err(UpdateRefused::Invalid(errors));
         }
@@ -156,6 +162,7 @@ pub struct PollUpdate {
     pub closes_at: Option<Option<DateTime<Utc>>>,
     pub results: Option<ResultsVisibility>,
     pub dedupe: Option<DedupePolicy>,
+    pub changes: Option<BallotChanges>,
 }
 
 /// Why [`PollRecord::apply`] refused a change.
@@ -327,6 +334,7 @@ impl From<&PollRecord> for PollDefinition {
             max_score: p.max_score,
             dedupe: p.dedupe,
             results: p.results,
+            changes: p.changes,
             opens_at: p.opens_at,
             closes_at: p.closes_at,
             closed_at: p.closed_at,
@@ -358,6 +366,7 @@ mod tests {
             closed_at: None,
             results: ResultsVisibility::Always,
             dedupe: DedupePolicy::Ip,
+            changes: BallotChanges::Allowed,
             created_at: now,
             updated_at: now,
             admin_token_hash: None,

@@ -1,4 +1,6 @@
-//! The vote service's routes: `POST /api/votes`, and the internal tally and purge endpoints.
+//! The vote service's routes: `POST /api/votes`, a ballot's own routes for its voter
+//! (`GET`/`PUT`/`DELETE /api/votes/{id}` with its receipt), and the internal tally, export and
+//! purge endpoints.
 
 use std::sync::Arc;
 
@@ -11,8 +13,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use serde::{Deserialize, Serialize};
 use shared::contract::{
-    MAX_OPTION_LEN, MAX_OPTIONS, MAX_SCORE, POLL_ID_PATTERN, PollStatus, Tally, VotingMethod, normalise_poll_id,
-    validate_voter_id,
+    BallotChanges, MAX_OPTION_LEN, MAX_OPTIONS, MAX_SCORE, POLL_ID_PATTERN, PollStatus, Tally, VotingMethod,
+    normalise_poll_id, validate_voter_id,
 };
 use shared::http::{AppJson, AppQuery, ClientAddr};
 use shared::internal::{MAX_TALLIES, PollDefinition, TalliesQuery, TalliesResponse, TallyView};
@@ -28,7 +30,7 @@ use utoipa_axum::routes;
 
 use crate::ballot::{BallotRecord, CastOutcome, Duplicate, Marking, Refused, Rules, duplicate, identity, mark};
 use crate::catalog::Catalog;
-use crate::store::{BallotStream, DynBallotStore};
+use crate::store::{BallotStream, DynBallotStore, Revised, Revision};
 
 pub struct AppState {
     pub store: DynBallotStore,
@@ -46,7 +48,7 @@ type St = State<Arc<AppState>>;
 pub fn router(state: Arc<AppState>) -> OpenApiRouter {
     OpenApiRouter::new()
         .routes(routes!(cast_vote))
-        .routes(routes!(get_vote))
+        .routes(routes!(get_vote, replace_vote, withdraw_vote))
         .route("/internal/tallies", axum::routing::get(tallies))
         .route(
             "/internal/polls/{id}/ballots",
@@ -122,6 +124,59 @@ fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Resul
     T::deserialize(d).map(Some)
 }
 
+/// The schema properties of a ballot's marks (`option`, `options`, `ranking`, `scores`), for
+/// a new ballot and a replacement alike.
+fn with_marking_fields(fields: ObjectBuilder) -> ObjectBuilder {
+    let text = || {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .min_length(Some(1))
+            .max_length(Some(MAX_OPTION_LEN))
+    };
+    let texts = |description: &str| {
+        ArrayBuilder::new()
+            .items(text())
+            .min_items(Some(1))
+            .max_items(Some(MAX_OPTIONS))
+            .unique_items(true)
+            .description(Some(description))
+    };
+    fields
+        .property("option", text().description(Some("One option's text.")))
+        .property(
+            "options",
+            texts("Several options' texts, `min_choices` to `max_choices` of them (a `choice` poll)."),
+        )
+        .property(
+            "ranking",
+            texts("A `ranked` poll's ballot: `min_choices` to `max_choices` distinct options' texts, best first."),
+        )
+        .property(
+            "scores",
+            ObjectBuilder::new()
+                .schema_type(Type::Object)
+                .property_names(Some(text()))
+                .additional_properties(Some(
+                    ObjectBuilder::new()
+                        .schema_type(Type::Integer)
+                        .minimum(Some(0))
+                        .maximum(Some(MAX_SCORE)),
+                ))
+                .max_properties(Some(MAX_OPTIONS))
+                .description(Some(
+                    "A `score` poll's ballot: option text → score, a whole number from 0 to the poll's `max_score` \
+                         (omitted options score 0).",
+                )),
+        )
+}
+
+/// Exactly one of `names` is required.
+fn one_of_required(names: &[&str]) -> OneOfBuilder {
+    names.iter().fold(OneOfBuilder::new(), |b, name| {
+        b.item(ObjectBuilder::new().schema_type(Type::Object).required(*name))
+    })
+}
+
 impl PartialSchema for CastBallot {
     fn schema() -> RefOr<Schema> {
         let poll_id = |description: &str| {
@@ -130,20 +185,6 @@ impl PartialSchema for CastBallot {
                 .description(Some(description))
                 .pattern(Some(POLL_ID_PATTERN))
                 .examples(["6740a0c3f1e2d3c4b5a69788"])
-        };
-        let text = || {
-            ObjectBuilder::new()
-                .schema_type(Type::String)
-                .min_length(Some(1))
-                .max_length(Some(MAX_OPTION_LEN))
-        };
-        let texts = |description: &str| {
-            ArrayBuilder::new()
-                .items(text())
-                .min_items(Some(1))
-                .max_items(Some(MAX_OPTIONS))
-                .unique_items(true)
-                .description(Some(description))
         };
         let fields = ObjectBuilder::new()
             .schema_type(Type::Object)
@@ -154,33 +195,8 @@ impl PartialSchema for CastBallot {
                     "The predecessor's misspelling of `poll_id`, accepted from its clients; give one or the other.",
                 )
                 .deprecated(Some(Deprecated::True)),
-            )
-            .property("option", text().description(Some("One option's text.")))
-            .property(
-                "options",
-                texts("Several options' texts, `min_choices` to `max_choices` of them (a `choice` poll)."),
-            )
-            .property(
-                "ranking",
-                texts("A `ranked` poll's ballot: `min_choices` to `max_choices` distinct options' texts, best first."),
-            )
-            .property(
-                "scores",
-                ObjectBuilder::new()
-                    .schema_type(Type::Object)
-                    .property_names(Some(text()))
-                    .additional_properties(Some(
-                        ObjectBuilder::new()
-                            .schema_type(Type::Integer)
-                            .minimum(Some(0))
-                            .maximum(Some(MAX_SCORE)),
-                    ))
-                    .max_properties(Some(MAX_OPTIONS))
-                    .description(Some(
-                        "A `score` poll's ballot: option text → score, a whole number from 0 to the poll's `max_score` \
-                         (omitted options score 0).",
-                    )),
-            )
+            );
+        let fields = with_marking_fields(fields)
             .property(
                 "voter_id",
                 ObjectBuilder::new()
@@ -194,11 +210,7 @@ impl PartialSchema for CastBallot {
                     )),
             )
             .additional_properties(Some(AdditionalProperties::FreeForm(false)));
-        let one_of = |names: &[&str]| {
-            names.iter().fold(OneOfBuilder::new(), |b, name| {
-                b.item(ObjectBuilder::new().schema_type(Type::Object).required(*name))
-            })
-        };
+        let one_of = one_of_required;
         AllOfBuilder::new()
             .description(Some(
                 "A ballot: the poll (`poll_id`, or its old spelling `pool_id`) and, by the poll's method, `option` \
@@ -214,6 +226,39 @@ impl PartialSchema for CastBallot {
 }
 
 impl ToSchema for CastBallot {}
+
+/// A ballot's new marks (`PUT /api/votes/{id}`): the fields of a new ballot, without the poll.
+/// Its schema is written out in [`ReplaceBallot::schema`] (exactly one of the marking fields).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplaceBallot {
+    #[serde(default, deserialize_with = "present")]
+    pub option: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    pub options: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "present")]
+    pub ranking: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "present")]
+    pub scores: Option<Scores>,
+}
+
+impl PartialSchema for ReplaceBallot {
+    fn schema() -> RefOr<Schema> {
+        let fields = with_marking_fields(ObjectBuilder::new().schema_type(Type::Object))
+            .additional_properties(Some(AdditionalProperties::FreeForm(false)));
+        AllOfBuilder::new()
+            .description(Some(
+                "A ballot's new marks, by the poll's method: `option` or `options` (`choice`), `ranking` (`ranked`) \
+                 or `scores` (`score`), checked by the poll's rules as a new ballot's are.",
+            ))
+            .item(fields)
+            .item(one_of_required(&["option", "options", "ranking", "scores"]))
+            .examples([serde_json::json!({"options": ["red", "blue"]})])
+            .into()
+    }
+}
+
+impl ToSchema for ReplaceBallot {}
 
 const VOTER_ID_PATTERN: &str = "^[!-~]+$";
 
@@ -232,8 +277,13 @@ pub struct Ballot {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scores: Option<std::collections::BTreeMap<String, u32>>,
     pub created_at: DateTime<Utc>,
+    /// When its voter last replaced its marks, if ever.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<DateTime<Utc>>,
     /// The ballot's receipt, only in the answer that stored it, never later: its voter sends it
-    /// as `Authorization: Bearer <receipt>` to `GET /api/votes/{id}` to see the ballot as counted.
+    /// as `Authorization: Bearer <receipt>` to `GET /api/votes/{id}` to see the ballot as counted,
+    /// and, while the poll is open and unless it locks changes, to `PUT /api/votes/{id}` (new
+    /// marks) and `DELETE /api/votes/{id}` (withdraw it, then vote again if they like).
     /// Stored only as a hash. An idempotent retry (same `Idempotency-Key`, same ballot) gets a new
     /// receipt, which replaces the first: the retrying client may never have received it.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -253,6 +303,7 @@ fn ballot_view(b: &BallotRecord, def: &PollDefinition) -> Ballot {
             .as_ref()
             .map(|s| def.options.iter().cloned().zip(s.iter().copied()).collect()),
         created_at: b.created_at,
+        updated_at: b.updated_at,
     }
 }
 
@@ -507,25 +558,129 @@ async fn cast(
     (status = 503, description = "Database or poll service unavailable", body = ProblemBody, content_type = "application/problem+json"),
 ))]
 async fn get_vote(State(s): St, Path(id): Path<String>, headers: HeaderMap) -> Result<Json<Ballot>, Problem> {
-    let Some(receipt) = shared::http::bearer_token(&headers) else {
-        return Err(Problem::unauthorized(
-            "send the ballot's receipt as `Authorization: Bearer <receipt>`",
-        ));
-    };
-    let not_found = || Problem::not_found("there is no ballot with this id and this receipt");
+    let receipt = receipt_of(&headers)?;
+    let (ballot, def) = shown_ballot(&s, &id, receipt).await?;
+    Ok(Json(ballot_view(&ballot, &def)))
+}
+
+/// The receipt a request shows (401 without one).
+fn receipt_of(headers: &HeaderMap) -> Result<&str, Problem> {
+    shared::http::bearer_token(headers)
+        .ok_or_else(|| Problem::unauthorized("send the ballot's receipt as `Authorization: Bearer <receipt>`"))
+}
+
+fn ballot_not_found() -> Problem {
+    Problem::not_found("there is no ballot with this id and this receipt")
+}
+
+/// The ballot `id` and its poll, if `receipt` is its receipt; the same 404 otherwise, whether or
+/// not the ballot exists.
+async fn shown_ballot(s: &AppState, id: &str, receipt: &str) -> Result<(BallotRecord, Arc<PollDefinition>), Problem> {
     // Ballot ids are UUIDs; anything else cannot exist (and is not looked up).
     if id.len() > 64 {
-        return Err(not_found());
+        return Err(ballot_not_found());
     }
     let ballot = s
         .store
-        .ballot(&id)
+        .ballot(id)
         .await?
         .filter(|b| b.has_receipt(receipt))
-        .ok_or_else(not_found)?;
+        .ok_or_else(ballot_not_found)?;
     // The poll is gone (its ballots are being purged): so is the ballot.
-    let def = s.catalog.get(&ballot.poll_id).await?.ok_or_else(not_found)?;
-    Ok(Json(ballot_view(&ballot, &def)))
+    let def = s.catalog.get(&ballot.poll_id).await?.ok_or_else(ballot_not_found)?;
+    Ok((ballot, def))
+}
+
+/// Whether the poll lets its voters change their ballots now (409 otherwise).
+fn check_changeable(def: &PollDefinition) -> Result<(), Problem> {
+    if def.status_at(Utc::now()) != PollStatus::Open {
+        return Err(Problem::new(
+            ProblemKind::PollClosed,
+            "the poll is closed: its ballots are final",
+        ));
+    }
+    if def.changes == BallotChanges::Locked {
+        return Err(Problem::new(
+            ProblemKind::ChangesLocked,
+            "this poll's ballots cannot be replaced or withdrawn (`changes: locked`)",
+        ));
+    }
+    Ok(())
+}
+
+/// Replace a ballot's marks, as its voter.
+///
+/// With the ballot's receipt as `Authorization: Bearer <receipt>`, while the poll is open and
+/// unless it locks changes (`changes: locked`). The body is a new ballot's marks, checked by the
+/// poll's rules the same way; the ballot keeps its id and receipt, and is counted in its new
+/// form only, at once. Concurrent replacements of one ballot apply one after the other: the last
+/// one applied stands.
+#[utoipa::path(put, path = "/api/votes/{id}", tag = "votes", request_body = ReplaceBallot,
+    params(("id" = String, Path, description = "The ballot's id, as the answer that stored it gave it")),
+    security(("receipt" = [])),
+    responses(
+    (status = 200, description = "The ballot as counted now", body = Ballot),
+    (status = 400, description = "Malformed JSON or invalid fields, each named", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 401, description = "No receipt (`Authorization: Bearer <receipt>`)", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 404, description = "No ballot with this id and this receipt", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 409, description = "The poll is closed (`poll-closed`) or locks its ballots (`changes-locked`)", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 413, description = "Body too large", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 415, description = "Body is not JSON", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 422, description = "The marks break the poll's rules, named by field (as for a new ballot)", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 429, description = "Too many writes from this client", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 503, description = "Database or poll service unavailable", body = ProblemBody, content_type = "application/problem+json"),
+))]
+async fn replace_vote(
+    State(s): St,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    AppJson(body): AppJson<ReplaceBallot>,
+) -> Result<Json<Ballot>, Problem> {
+    let receipt = receipt_of(&headers)?;
+    let mut errors = Vec::new();
+    let marking = marking(body.option, body.options, body.ranking, body.scores, &mut errors);
+    let (Some(marking), true) = (marking, errors.is_empty()) else {
+        return Err(Problem::validation(errors));
+    };
+    let (ballot, def) = shown_ballot(&s, &id, receipt).await?;
+    check_changeable(&def)?;
+    let marked = mark(&Rules::from(&*def), &marking)?;
+    match s.store.revise(&ballot, Revision::Replace(marked)).await? {
+        Revised::Replaced(b) => {
+            s.outcomes.get_or_create(&OutcomeLabels { outcome: "replaced" }).inc();
+            Ok(Json(ballot_view(&b, &def)))
+        }
+        Revised::Withdrawn | Revised::Gone => Err(ballot_not_found()),
+    }
+}
+
+/// Withdraw a ballot, as its voter.
+///
+/// With the ballot's receipt as `Authorization: Bearer <receipt>`, while the poll is open and
+/// unless it locks changes (`changes: locked`). The ballot stops counting at once, its receipt
+/// stops working, and its voter may vote again (a new ballot, with a new id and receipt).
+#[utoipa::path(delete, path = "/api/votes/{id}", tag = "votes",
+    params(("id" = String, Path, description = "The ballot's id, as the answer that stored it gave it")),
+    security(("receipt" = [])),
+    responses(
+    (status = 204, description = "Withdrawn: it no longer counts"),
+    (status = 401, description = "No receipt (`Authorization: Bearer <receipt>`)", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 404, description = "No ballot with this id and this receipt (or it was withdrawn already)", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 409, description = "The poll is closed (`poll-closed`) or locks its ballots (`changes-locked`)", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 429, description = "Too many writes from this client", body = ProblemBody, content_type = "application/problem+json"),
+    (status = 503, description = "Database or poll service unavailable", body = ProblemBody, content_type = "application/problem+json"),
+))]
+async fn withdraw_vote(State(s): St, Path(id): Path<String>, headers: HeaderMap) -> Result<StatusCode, Problem> {
+    let receipt = receipt_of(&headers)?;
+    let (ballot, def) = shown_ballot(&s, &id, receipt).await?;
+    check_changeable(&def)?;
+    match s.store.revise(&ballot, Revision::Withdraw).await? {
+        Revised::Withdrawn => {
+            s.outcomes.get_or_create(&OutcomeLabels { outcome: "withdrawn" }).inc();
+            Ok(StatusCode::NO_CONTENT)
+        }
+        Revised::Replaced(_) | Revised::Gone => Err(ballot_not_found()),
+    }
 }
 
 /// `?ids=a,b,…` of the internal endpoints: at most 200 poll ids.

@@ -42,6 +42,9 @@ pub struct BallotRecord {
     /// existed: nobody can show them.
     #[serde(default)]
     pub receipt_hash: Option<String>,
+    /// When its voter last replaced its marks (`PUT /api/votes/{id}`), if ever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<DateTime<Utc>>,
 }
 
 /// What happened to a ballot handed to the store.
@@ -72,7 +75,26 @@ impl BallotRecord {
             fingerprint,
             created_at: Utc::now(),
             receipt_hash: None,
+            updated_at: None,
         }
+    }
+
+    /// What the ballot marks, owned.
+    pub fn marked(&self) -> Marked {
+        Marked {
+            choices: self.choices.clone(),
+            ranking: self.ranking.clone(),
+            scores: self.scores.clone(),
+        }
+    }
+
+    /// The ballot with new marks, replaced at `at`.
+    pub fn replaced(mut self, marked: Marked, at: DateTime<Utc>) -> Self {
+        self.choices = marked.choices;
+        self.ranking = marked.ranking;
+        self.scores = marked.scores;
+        self.updated_at = Some(at);
+        self
     }
 
     /// What the ballot marks, as a tally counts it.

@@ -85,6 +85,7 @@ mod tests {
                             max_choices: 1,
                             max_score: shared::contract::DEFAULT_MAX_SCORE,
                             dedupe: DedupePolicy::None,
+                            changes: shared::contract::BallotChanges::Allowed,
                             results: ResultsVisibility::Always,
                             opens_at: None,
                             closes_at: None,

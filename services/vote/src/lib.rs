@@ -46,7 +46,7 @@ pub async fn build(
     let outcomes = Family::<api::OutcomeLabels, Counter>::default();
     metrics.register(
         "pollvote_ballots",
-        "Ballots by outcome (accepted, replayed, duplicate, closed, not_open, rejected, unavailable)",
+        "Ballots by outcome (accepted, replayed, duplicate, closed, not_open, rejected, unavailable; replaced, withdrawn: changes by their voters)",
         outcomes.clone(),
     );
     let catalog = catalog::Catalog::new(peer.clone(), Duration::from_millis(config.services.poll_cache_ttl_ms))

@@ -5,6 +5,7 @@
 //! state (child processes get their environment through `Proc`; tracing is initialised once by
 //! `shared::telemetry::init`; every service has metrics registries of its own).
 
+mod changes;
 mod faults;
 mod keyvault;
 mod methods;

@@ -32,6 +32,7 @@ pub fn sample_poll(name: &str, age_secs: i64) -> PollRecord {
         closed_at: None,
         results: ResultsVisibility::Always,
         dedupe: DedupePolicy::Ip,
+        changes: shared::contract::BallotChanges::Locked,
         created_at: created,
         updated_at: created,
         admin_token_hash: Some("00".repeat(32)),

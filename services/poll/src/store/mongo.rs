@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use mongodb::bson::{Bson, Document, doc, oid::ObjectId};
 use mongodb::{Client, Collection, Database};
-use shared::contract::{DEFAULT_MAX_SCORE, DedupePolicy, ResultsVisibility, VotingMethod};
+use shared::contract::{BallotChanges, DEFAULT_MAX_SCORE, DedupePolicy, ResultsVisibility, VotingMethod};
 use shared::mongo::{
     RetryPolicy, bad, database, ensure_collection, enum_of, enum_str, fmt_time, index, is_duplicate_key, opt_bson,
     opt_str, opt_time, req_str, req_time, to_i64, uint_of,
@@ -53,6 +53,7 @@ fn poll_to_doc(p: &PollRecord) -> StoreResult<Document> {
         "closed_at": opt_bson(p.closed_at.map(fmt_time)),
         "results": enum_str(&p.results),
         "dedupe": enum_str(&p.dedupe),
+        "changes": enum_str(&p.changes),
         "created_at": fmt_time(p.created_at),
         "updated_at": fmt_time(p.updated_at),
         "admin_token_hash": opt_bson(p.admin_token_hash.clone()),
@@ -84,6 +85,11 @@ fn doc_to_poll(d: &Document) -> StoreResult<PollRecord> {
         closed_at: opt_time(d, "closed_at")?,
         results: enum_of::<ResultsVisibility>(d, "results")?,
         dedupe: enum_of::<DedupePolicy>(d, "dedupe")?,
+        // Polls stored before ballot changes existed have none.
+        changes: match d.get("changes") {
+            None | Some(Bson::Null) => BallotChanges::Allowed,
+            Some(_) => enum_of::<BallotChanges>(d, "changes")?,
+        },
         created_at: req_time(d, "created_at")?,
         updated_at: req_time(d, "updated_at")?,
         admin_token_hash: opt_str(d, "admin_token_hash")?,
@@ -134,6 +140,7 @@ fn legacy_poll(oid: ObjectId, d: &Document) -> PollRecord {
         closed_at: None,
         results: ResultsVisibility::Always,
         dedupe: DedupePolicy::Ip,
+        changes: BallotChanges::Allowed,
         created_at: created,
         updated_at: created,
         admin_token_hash: None,

@@ -1,6 +1,7 @@
 //! The storage contract of ballots: one set of checks every [`BallotStore`](super::BallotStore)
 //! backend must pass. Backends' test suites call [`ballot_store_contract`] with a fresh, empty
-//! store.
+//! store, and [`revision_contract`] with replicas of one (several processes' stores of one
+//! database, where a backend has replicas).
 //!
 //! The functions panic (with a message naming the broken promise) on the first violation, so they
 //! are meant to be called from `#[tokio::test]`s.
@@ -10,8 +11,8 @@ use std::sync::Arc;
 use chrono::Utc;
 use shared::contract::{Tally, new_poll_id};
 
-use super::DynBallotStore;
-use crate::ballot::{BallotRecord, CastOutcome};
+use super::{DynBallotStore, Revised, Revision};
+use crate::ballot::{BallotRecord, CastOutcome, Marked};
 
 /// A ballot for tests.
 pub fn sample_ballot(poll_id: &str, key: &str, choices: &[u32]) -> BallotRecord {
@@ -27,6 +28,7 @@ pub fn sample_ballot(poll_id: &str, key: &str, choices: &[u32]) -> BallotRecord 
         fingerprint: format!("fp-{key}"),
         created_at: Utc::now(),
         receipt_hash: None,
+        updated_at: None,
     }
 }
 
@@ -259,6 +261,213 @@ pub async fn ballot_store_contract(store: DynBallotStore) {
     );
 
     method_ballots_contract(&store).await;
+    revision_contract(&[store]).await;
+}
+
+/// A ballot for tests whose voter holds its receipt (a voter can find and change it).
+fn held_ballot(poll_id: &str, key: &str, choices: &[u32]) -> BallotRecord {
+    let mut b = sample_ballot(poll_id, key, choices);
+    b.issue_receipt();
+    b
+}
+
+/// Marks of a `choice` ballot.
+fn chose(choices: &[u32]) -> Marked {
+    Marked {
+        choices: choices.to_vec(),
+        ..Marked::default()
+    }
+}
+
+/// Checks that `poll`'s kept tally (read through each replica) equals the recount of its stored
+/// ballots, and returns it.
+async fn settled(stores: &[DynBallotStore], poll: &str, why: &str) -> Tally {
+    let recount = stores[0].recount(poll).await.expect("recount").trimmed();
+    for (i, s) in stores.iter().enumerate() {
+        let tally = s.tally(poll).await.expect("tally").trimmed();
+        assert_eq!(
+            tally, recount,
+            "replica {i}: the kept tally equals the stored ballots ({why})"
+        );
+    }
+    recount
+}
+
+/// Replacing and withdrawing ballots through `stores` (replicas of one database; one is enough
+/// for a store without replicas): one ballot per identity at any time, under concurrency; each
+/// change counted once, in its new form only; a withdrawn ballot's identity may vote again.
+pub async fn revision_contract(stores: &[DynBallotStore]) {
+    let replica = |i: usize| Arc::clone(&stores[i % stores.len()]);
+    let poll = new_poll_id(Utc::now());
+    let mut cast = Vec::new();
+    for i in 0..40u32 {
+        let b = held_ballot(&poll, &format!("id:changer-{i}"), &[i % 3]);
+        assert!(matches!(
+            replica(i as usize).cast(b.clone()).await.expect("cast"),
+            CastOutcome::Accepted(_)
+        ));
+        cast.push(b);
+    }
+    settled(stores, &poll, "before any change").await;
+
+    // 64 concurrent replacements of one ballot, through every replica: each applies once, in turn.
+    let target = cast[0].clone();
+    let tasks: Vec<_> = (0..64u32)
+        .map(|i| {
+            let (store, target) = (replica(i as usize), target.clone());
+            let marks = if i % 2 == 0 { chose(&[1]) } else { chose(&[0, 2]) };
+            tokio::spawn(async move { store.revise(&target, Revision::Replace(marks)).await })
+        })
+        .collect();
+    for t in tasks {
+        match t.await.expect("join").expect("revise") {
+            Revised::Replaced(b) => assert_eq!(
+                (b.id.as_str(), b.key.as_str()),
+                (target.id.as_str(), target.key.as_str())
+            ),
+            other => panic!("a replacement of a stored ballot answered {other:?}"),
+        }
+    }
+    let now = stores[0]
+        .ballot(&target.id)
+        .await
+        .expect("ballot")
+        .expect("still stored");
+    assert!(now.choices == [1] || now.choices == [0, 2], "{now:?}");
+    assert!(now.updated_at.is_some(), "a replaced ballot says when");
+    let t = settled(stores, &poll, "64 concurrent replacements").await;
+    assert_eq!(t.total, 40, "replacements change no ballot count");
+
+    // Withdraw/re-vote storm: each of 20 voters withdraws twice at once and then votes twice at
+    // once, through different replicas; a third voter's replacement races its withdrawal.
+    let tasks: Vec<_> = (1..21usize)
+        .map(|i| {
+            let b = cast[i].clone();
+            let (a, c) = (replica(i), replica(i + 1));
+            tokio::spawn(async move {
+                let (w1, w2, r) = tokio::join!(
+                    a.revise(&b, Revision::Withdraw),
+                    c.revise(&b, Revision::Withdraw),
+                    a.revise(&b, Revision::Replace(chose(&[2]))),
+                );
+                let answers = [w1.expect("withdraw"), w2.expect("withdraw"), r.expect("replace")];
+                let withdrawn = answers.iter().filter(|r| **r == Revised::Withdrawn).count();
+                assert_eq!(withdrawn, 1, "exactly one of two withdrawals applies: {answers:?}");
+                assert!(
+                    matches!(answers[2], Revised::Replaced(_) | Revised::Gone),
+                    "{answers:?}"
+                );
+                assert_eq!(
+                    a.ballot(&b.id).await.expect("ballot"),
+                    None,
+                    "a withdrawn ballot is not found"
+                );
+                assert_eq!(
+                    a.revise(&b, Revision::Replace(chose(&[0]))).await.expect("revise"),
+                    Revised::Gone,
+                    "a withdrawn ballot cannot be replaced"
+                );
+                let again = |store: DynBallotStore| {
+                    let mut b = held_ballot(&b.poll_id, &b.key, &[(i % 3) as u32]);
+                    b.fingerprint = format!("again {}", b.id);
+                    async move { (store.cast(b.clone()).await.expect("cast"), b) }
+                };
+                let ((x, bx), (y, by)) = tokio::join!(again(a.clone()), again(c.clone()));
+                let accepted: Vec<_> = [(&x, &bx), (&y, &by)]
+                    .into_iter()
+                    .filter(|(o, _)| matches!(o, CastOutcome::Accepted(_)))
+                    .map(|(_, b)| b.clone())
+                    .collect();
+                assert_eq!(accepted.len(), 1, "one of two new ballots of one voter: {x:?} {y:?}");
+                let found = c
+                    .ballot(&accepted[0].id)
+                    .await
+                    .expect("ballot")
+                    .expect("the new ballot");
+                assert_eq!(found.choices, accepted[0].choices);
+                accepted[0].clone()
+            })
+        })
+        .collect();
+    let mut revoted = Vec::new();
+    for t in tasks {
+        revoted.push(t.await.expect("join"));
+    }
+    let t = settled(stores, &poll, "withdrawals and votes again").await;
+    assert_eq!(t.total, 40, "every voter who withdrew voted again: one ballot each");
+    for b in &cast[1..21] {
+        assert_eq!(
+            stores[0].ballot(&b.id).await.expect("ballot"),
+            None,
+            "the old ballot id is gone"
+        );
+    }
+
+    // Withdrawn for good: no longer counted, no longer a voter; the export leaves it out.
+    for b in &revoted[..5] {
+        assert_eq!(
+            replica(1).revise(b, Revision::Withdraw).await.expect("withdraw"),
+            Revised::Withdrawn
+        );
+        assert!(
+            !voted_one(&stores[0], &poll, &b.key, true).await,
+            "a withdrawn ballot is no vote"
+        );
+    }
+    let t = settled(stores, &poll, "withdrawn for good").await;
+    assert_eq!(t.total, 35);
+    use futures_util::StreamExt as _;
+    let exported: Vec<_> = stores[0].ballots(&poll).await.expect("export").collect().await;
+    assert_eq!(exported.len(), 35, "the export has the ballots that count");
+    assert!(
+        exported
+            .iter()
+            .any(|l| l.as_ref().is_ok_and(|l| l.id == target.id && l.choices == now.choices))
+    );
+
+    // Ranked and score ballots: a replacement moves the ranking and the sums.
+    let ranked = new_poll_id(Utc::now());
+    let mut r = held_ballot(&ranked, "id:ranker", &[0]);
+    r.ranking = Some(vec![0, 1, 2]);
+    let mut x = held_ballot(&ranked, "id:scorer", &[0, 2]);
+    x.scores = Some(vec![3, 0, 1]);
+    x.ranking = None;
+    for b in [&r, &x] {
+        replica(0).cast(b.clone()).await.expect("cast");
+    }
+    let new_ranking = Marked {
+        choices: vec![2],
+        ranking: Some(vec![2, 0]),
+        scores: None,
+    };
+    let new_scores = Marked {
+        choices: vec![1],
+        ranking: None,
+        scores: Some(vec![0, 5, 0]),
+    };
+    replica(1)
+        .revise(&r, Revision::Replace(new_ranking))
+        .await
+        .expect("revise");
+    replica(1)
+        .revise(&x, Revision::Replace(new_scores))
+        .await
+        .expect("revise");
+    let t = settled(stores, &ranked, "ranked and score replacements").await;
+    assert_eq!(t.rankings.len(), 1, "the old ranking no longer counts: {t:?}");
+    assert_eq!(t.rankings.get("2-0"), Some(&1));
+    assert_eq!(t.clone().padded(3).sums, vec![0, 5, 0]);
+    assert_eq!(t.by_option, vec![0, 1, 1]);
+
+    for s in stores {
+        for p in [&poll, &ranked] {
+            let repair = s.repair(p).await.expect("repair");
+            assert_eq!(repair.corrected, 0, "nothing to repair after changes: {repair:?}");
+        }
+    }
+    settled(stores, &poll, "after the repair").await;
+    stores[0].purge(&poll).await.expect("purge");
+    stores[0].purge(&ranked).await.expect("purge");
 }
 
 /// Ranked and score ballots, cast concurrently: the tally keeps the ballots per ranking and the
@@ -274,14 +483,14 @@ async fn method_ballots_contract(store: &DynBallotStore) {
     for i in 0..200u32 {
         let mut b = if i % 2 == 0 {
             let ranking = shapes[(i / 2) as usize % shapes.len()];
-            let mut b = sample_ballot(&ranked, &format!("id:ranker-{i}"), &ranking[..1]);
+            let mut b = held_ballot(&ranked, &format!("id:ranker-{i}"), &ranking[..1]);
             b.ranking = Some(ranking.to_vec());
             b
         } else {
             // Zeros included: an all-zero ballot counts in `total` and nowhere else.
             let scores = vec![i % 6, 0, (i * 7) % 4];
             let choices: Vec<u32> = (0u32..).zip(&scores).filter(|(_, s)| **s > 0).map(|(c, _)| c).collect();
-            let mut b = sample_ballot(&scored, &format!("id:scorer-{i}"), &choices);
+            let mut b = held_ballot(&scored, &format!("id:scorer-{i}"), &choices);
             b.scores = Some(scores);
             b
         };

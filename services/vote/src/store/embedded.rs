@@ -21,7 +21,7 @@ use shared::internal::BallotLine;
 use shared::storage::{StoreError, StoreResult};
 use tokio::sync::{mpsc, oneshot};
 
-use super::BallotStore;
+use super::{BallotStore, Revised, Revision};
 use crate::ballot::{BallotRecord, CastOutcome};
 
 /// (poll id, ballot key) → ballot JSON. The key is the ballot's identity: unique per poll.
@@ -74,12 +74,22 @@ enum Job {
         reply: oneshot::Sender<StoreResult<bool>>,
         span: tracing::Span,
     },
+    /// A voter's change of their ballot (see [`BallotStore::revise`]).
+    Revise {
+        poll_id: String,
+        key: String,
+        id: String,
+        change: Revision,
+        at: chrono::DateTime<chrono::Utc>,
+        reply: oneshot::Sender<StoreResult<Revised>>,
+        span: tracing::Span,
+    },
 }
 
 impl Job {
     fn span(&self) -> &tracing::Span {
         match self {
-            Self::Cast { span, .. } | Self::Reissue { span, .. } => span,
+            Self::Cast { span, .. } | Self::Reissue { span, .. } | Self::Revise { span, .. } => span,
         }
     }
 
@@ -96,6 +106,9 @@ impl Job {
             (Self::Reissue { reply, .. }, Ok(Applied::Reissued(done))) => {
                 let _ = reply.send(Ok(done));
             }
+            (Self::Revise { reply, .. }, Ok(Applied::Revised(done))) => {
+                let _ = reply.send(Ok(done));
+            }
             (job, Err(e)) => job.fail(e),
             (job, Ok(_)) => job.fail(StoreError::internal("the writer's outcome does not match its job")),
         }
@@ -109,6 +122,9 @@ impl Job {
             Self::Reissue { reply, .. } => {
                 let _ = reply.send(Err(e));
             }
+            Self::Revise { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
         }
     }
 }
@@ -120,6 +136,7 @@ enum Applied {
     Duplicate(Box<BallotRecord>),
     /// Whether the ballot (same identity and id) was there to get the new receipt.
     Reissued(bool),
+    Revised(Revised),
 }
 
 /// Ballots and tallies in a redb file, written through the group-commit writer.
@@ -202,9 +219,63 @@ fn apply_batch(db: &Database, batch: &[Job]) -> StoreResult<Vec<Result<Applied, 
         let mut tallies = tx.open_table(TALLIES)?;
         let mut rankings = tx.open_table(RANKINGS)?;
         let mut counted: HashMap<&str, Tally> = HashMap::new();
+        // The poll's tally as this transaction has it so far.
+        macro_rules! tally_of {
+            ($poll:expr) => {
+                match counted.entry($poll) {
+                    Entry::Occupied(e) => e.into_mut(),
+                    Entry::Vacant(e) => e.insert(match tallies.get($poll)? {
+                        Some(v) => serde_json::from_slice(v.value())?,
+                        None => Tally::default(),
+                    }),
+                }
+            };
+        }
         for job in batch {
             let (b, doc) = match job {
                 Job::Cast { ballot, doc, .. } => (ballot, doc),
+                Job::Revise {
+                    poll_id,
+                    key,
+                    id,
+                    change,
+                    at,
+                    ..
+                } => {
+                    let row = (poll_id.as_str(), key.as_str());
+                    let stored = ballots
+                        .get(row)?
+                        .map(|v| serde_json::from_slice::<BallotRecord>(v.value()));
+                    let b = match stored {
+                        Some(Ok(b)) if b.id == *id => b,
+                        Some(Err(e)) => {
+                            outcomes.push(Err(e.into()));
+                            continue;
+                        }
+                        _ => {
+                            outcomes.push(Ok(Applied::Revised(Revised::Gone)));
+                            continue;
+                        }
+                    };
+                    let tally = tally_of!(poll_id.as_str());
+                    tally.remove_n(b.marks(), 1);
+                    let done = match change {
+                        Revision::Replace(marked) => {
+                            let b = b.replaced(marked.clone(), *at);
+                            tally.add(b.marks());
+                            ballots.insert(row, serde_json::to_vec(&b)?.as_slice())?;
+                            Revised::Replaced(Box::new(b))
+                        }
+                        // The voter row stays (`none` dedupe: the voter may have other ballots).
+                        Revision::Withdraw => {
+                            ballots.remove(row)?;
+                            ids.remove(id.as_str())?;
+                            Revised::Withdrawn
+                        }
+                    };
+                    outcomes.push(Ok(Applied::Revised(done)));
+                    continue;
+                }
                 Job::Reissue {
                     poll_id,
                     key,
@@ -239,13 +310,7 @@ fn apply_batch(db: &Database, batch: &[Job]) -> StoreResult<Vec<Result<Applied, 
                 );
                 continue;
             }
-            let tally = match counted.entry(b.poll_id.as_str()) {
-                Entry::Occupied(e) => e.into_mut(),
-                Entry::Vacant(e) => e.insert(match tallies.get(b.poll_id.as_str())? {
-                    Some(v) => serde_json::from_slice(v.value())?,
-                    None => Tally::default(),
-                }),
-            };
+            let tally = tally_of!(b.poll_id.as_str());
             ballots.insert(key, doc.as_slice())?;
             if b.receipt_hash.is_some() {
                 ids.insert(b.id.as_str(), key)?;
@@ -258,9 +323,14 @@ fn apply_batch(db: &Database, batch: &[Job]) -> StoreResult<Vec<Result<Applied, 
         }
         for (poll_id, tally) in &mut counted {
             // Rankings go to their own rows (the stored tally has none).
+            // (A replaced or withdrawn ranking comes as a count below zero, modulo 2^64.)
             for (key, n) in std::mem::take(&mut tally.rankings) {
-                let was = rankings.get((*poll_id, key.as_str()))?.map_or(0, |v| v.value());
-                rankings.insert((*poll_id, key.as_str()), was + n)?;
+                let row = (*poll_id, key.as_str());
+                let was = rankings.get(row)?.map_or(0, |v| v.value());
+                match was.wrapping_add(n) {
+                    0 => rankings.remove(row).map(drop)?,
+                    now => rankings.insert(row, now).map(drop)?,
+                }
             }
             let doc = serde_json::to_vec(tally)?;
             tallies.insert(*poll_id, doc.as_slice())?;
@@ -396,6 +466,25 @@ impl BallotStore for EmbeddedBallotStore {
                 key: ballot.key.clone(),
                 id: ballot.id.clone(),
                 receipt_hash: receipt_hash.to_owned(),
+                reply,
+                span: shared::metrics::caller_span(),
+            })
+            .await
+            .map_err(|_| StoreError::unavailable("ballot writer stopped"))?;
+        rx.await.map_err(|_| StoreError::unavailable("ballot writer stopped"))?
+    }
+
+    /// Through the writer thread, in the next group commit: the ballot's row and its poll's tally
+    /// change in one transaction.
+    async fn revise(&self, ballot: &BallotRecord, change: Revision) -> StoreResult<Revised> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Revise {
+                poll_id: ballot.poll_id.clone(),
+                key: ballot.key.clone(),
+                id: ballot.id.clone(),
+                change,
+                at: chrono::Utc::now(),
                 reply,
                 span: shared::metrics::caller_span(),
             })

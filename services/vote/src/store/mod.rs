@@ -17,7 +17,7 @@ use shared::metrics::Metrics;
 use shared::slot::Slot;
 use shared::storage::StoreResult;
 
-use crate::ballot::{BallotRecord, CastOutcome};
+use crate::ballot::{BallotRecord, CastOutcome, Marked};
 
 pub mod contract;
 pub mod embedded;
@@ -60,6 +60,12 @@ pub trait BallotStore: Send + Sync + 'static {
     /// replacing its earlier one: an idempotent retry whose first answer was lost gets a working
     /// receipt. `false` when no such ballot is stored (any more).
     async fn reissue_receipt(&self, ballot: &BallotRecord, receipt_hash: &str) -> StoreResult<bool>;
+    /// What its voter asked for the stored ballot `ballot` (its `(poll_id, key)` and ballot id,
+    /// as read before): its marks replaced, or the ballot withdrawn (the voter may then vote
+    /// again). Applied only if that ballot is still stored under that id (not withdrawn, not cast
+    /// anew since), to the marks stored *then* (concurrent changes of one ballot apply one after
+    /// the other, each counted once); the tally changes with it, in the same atomic step.
+    async fn revise(&self, ballot: &BallotRecord, change: Revision) -> StoreResult<Revised>;
     /// The stored ballot with this ballot id, if any (a voter checking a receipt).
     async fn ballot(&self, ballot_id: &str) -> StoreResult<Option<BallotRecord>>;
     /// Every stored ballot of the poll, streamed (the export).
@@ -74,6 +80,25 @@ pub trait BallotStore: Send + Sync + 'static {
     /// [`repair`](Self::repair) of every poll whose tally may have changed since `since` (every
     /// poll with ballots when `None`).
     async fn repair_since(&self, since: Option<chrono::DateTime<chrono::Utc>>) -> StoreResult<Vec<Repair>>;
+}
+
+/// A voter's change of their ballot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Revision {
+    /// New marks in place of the stored ones.
+    Replace(Marked),
+    /// No ballot any more.
+    Withdraw,
+}
+
+/// What a [`BallotStore::revise`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Revised {
+    /// The ballot as stored now.
+    Replaced(Box<BallotRecord>),
+    Withdrawn,
+    /// No such ballot (any more): nothing changed.
+    Gone,
 }
 
 /// What a [`BallotStore::repair`] did.
@@ -151,6 +176,14 @@ impl BallotStore for Slot<dyn BallotStore> {
         self.call(|s| async move { s.reissue_receipt(ballot, receipt_hash).await })
             .await
     }
+    async fn revise(&self, ballot: &BallotRecord, change: Revision) -> StoreResult<Revised> {
+        // Safe to repeat: a retry finds the change applied (same marks) or the ballot gone.
+        self.call(|s| {
+            let change = change.clone();
+            async move { s.revise(ballot, change).await }
+        })
+        .await
+    }
     async fn ballot(&self, ballot_id: &str) -> StoreResult<Option<BallotRecord>> {
         self.call(|s| async move { s.ballot(ballot_id).await }).await
     }
@@ -205,6 +238,11 @@ impl BallotStore for ObservedBallots {
                 "reissue_receipt",
                 self.inner.reissue_receipt(ballot, receipt_hash),
             )
+            .await
+    }
+    async fn revise(&self, ballot: &BallotRecord, change: Revision) -> StoreResult<Revised> {
+        self.o
+            .call("ballots", "revise", self.inner.revise(ballot, change))
             .await
     }
     async fn ballot(&self, ballot_id: &str) -> StoreResult<Option<BallotRecord>> {

@@ -28,9 +28,9 @@ use shared::contract::{DedupePolicy, ResultsVisibility, new_poll_id};
 use shared::mongo::{Decision, Failure, MongoSettings, RetryPolicy, build_client, classify, is_duplicate_key};
 use shared::storage::StoreError;
 use vote_service::ballot::CastOutcome;
-use vote_service::store::BallotStore;
-use vote_service::store::contract::{ballot_store_contract, sample_ballot};
+use vote_service::store::contract::{ballot_store_contract, revision_contract, sample_ballot};
 use vote_service::store::mongo::{BALLOTS_COLLECTION, MongoBallotStore, Tuning};
+use vote_service::store::{BallotStore, DynBallotStore, Revision};
 
 /// The test server's URI, or `None` (after saying why, visibly) when the test is skipped; under
 /// `CI=true` a missing server fails the test.
@@ -117,6 +117,54 @@ async fn mongo_poll_store_concurrent_replaces_have_one_winner() {
 async fn mongo_ballot_store_meets_the_contract() {
     with_database(|client, s| async move {
         ballot_store_contract(Arc::new(ballot_store(&client, &s).await)).await;
+    })
+    .await;
+}
+
+/// Two replicas change each other's ballots (a withdrawal counted by another writer than the
+/// ballot), without tally caches so that each reads the other's changes at once; a third replica
+/// opened afterwards reads the same tallies from the counters and tails alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongo_replicas_replace_and_withdraw_each_others_ballots() {
+    with_database(|client, s| async move {
+        let tuning = Tuning {
+            tally_cache_ttl: Duration::ZERO,
+            ..Tuning::default()
+        };
+        let a: DynBallotStore = Arc::new(ballot_store_with(&client, &s, tuning).await);
+        let b: DynBallotStore = Arc::new(ballot_store_with(&client, &s, tuning).await);
+        revision_contract(&[a.clone(), b.clone()]).await;
+        // Kept data, read by a newcomer: cast and change through two replicas, then a third reads.
+        let poll = new_poll_id(chrono::Utc::now());
+        let mut ballots = Vec::new();
+        for i in 0..30u32 {
+            let ballot = sample_ballot(&poll, &format!("id:kept-{i}"), &[i % 2]);
+            let via = if i % 2 == 0 { &a } else { &b };
+            via.cast(ballot.clone()).await.expect("cast");
+            ballots.push(ballot);
+        }
+        for (i, ballot) in ballots.iter().enumerate().take(10) {
+            let via = if i % 2 == 0 { &b } else { &a };
+            let change = if i < 5 {
+                Revision::Withdraw
+            } else {
+                Revision::Replace(vote_service::ballot::Marked {
+                    choices: vec![2],
+                    ..Default::default()
+                })
+            };
+            via.revise(ballot, change).await.expect("revise");
+        }
+        // Whether the appliers have folded the changes into the counters yet or not, a newcomer
+        // counts each once (counter or tail).
+        let c = ballot_store_with(&client, &s, tuning).await;
+        let recount = c.recount(&poll).await.expect("recount").trimmed();
+        assert_eq!(recount.total, 25);
+        assert_eq!(recount.by_option, vec![10, 10, 5]);
+        assert_eq!(c.tally(&poll).await.expect("tally").trimmed(), recount);
+        for store in [&a, &b] {
+            assert_eq!(store.repair(&poll).await.expect("repair").corrected, 0);
+        }
     })
     .await;
 }
@@ -263,7 +311,13 @@ async fn opening_twice_is_idempotent_and_keeps_data() {
         assert_eq!(poll_indexes, vec!["_id_", "newest_first"]);
         assert_eq!(
             ballot_indexes,
-            vec!["_id_", "ballot_id", "poll_voter", "poll_writer_seq"]
+            vec![
+                "_id_",
+                "ballot_id",
+                "poll_revision_writer_seq",
+                "poll_voter",
+                "poll_writer_seq"
+            ]
         );
 
         // A second process starting (or a restart) against the same, non-empty database.

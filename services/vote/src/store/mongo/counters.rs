@@ -3,7 +3,12 @@
 //!
 //! - `<ballots>_counters`: one document per (poll, writer), `_id = "<poll_id>:<w>"`,
 //!   `{poll_id, w, seq, n, o: {"<option>": count}, at}`: the counts of every ballot of that poll
-//!   written by `w` in batches `s <= seq`. Only ever moved by one conditional single-document
+//!   written by `w` in batches `s <= seq`, and of every revision of a ballot (a replacement, a
+//!   withdrawal, a vote again after one, see the `mongo` module docs) made by `w` in those
+//!   batches: what it took away and what it added. A writer's revisions may take away more than
+//!   its ballots added (it withdrew ballots another writer stored), so counts are kept modulo 2^64
+//!   (stored as the same 64 bits in an `Int64`; see [`Tally::remove_n`]); the sum of all counters
+//!   and tails is the exact tally. Only ever moved by one conditional single-document
 //!   update (`{_id, seq: from}` → `$inc` the batch counts, `$set: {seq: to}`), so a retry after a
 //!   lost reply cannot count a batch twice, and a ballot is counted by its counter exactly when its
 //!   `s` is at most the counter's `seq`.
@@ -22,6 +27,8 @@ use mongodb::{Collection, Database};
 use super::tallies::{Plan, Refreshed};
 use shared::contract::Tally;
 use shared::mongo::{RetryPolicy, bad, ensure_collection, index, is_duplicate_key, req_str, to_i64, uint_of};
+
+use super::Entries;
 use shared::storage::{StoreError, StoreResult};
 
 use crate::ballot::Marked;
@@ -48,6 +55,25 @@ fn now() -> mongodb::bson::DateTime {
     mongodb::bson::DateTime::now()
 }
 
+/// A count as a counter stores it: its 64 bits as an `Int64` (a count below zero modulo 2^64 is
+/// stored as that negative number, and `$inc` keeps adding modulo 2^64 as long as the true sums
+/// fit in 63 bits).
+#[allow(clippy::cast_possible_wrap)]
+fn stored(n: u64) -> i64 {
+    n as i64
+}
+
+/// A count stored by [`stored`].
+#[allow(clippy::cast_sign_loss, clippy::cast_possible_truncation)]
+fn count_of(b: &Bson) -> Option<u64> {
+    match b {
+        Bson::Int32(i) => Some(i64::from(*i) as u64),
+        Bson::Int64(i) => Some(*i as u64),
+        Bson::Double(f) if f.fract() == 0.0 && f.abs() < 9.0e18 => Some((*f as i64) as u64),
+        _ => None,
+    }
+}
+
 /// Adds a counter document's per-key counts (`o`, `sc`: per option index; `rk`: per ranking) to
 /// `t`.
 fn read_counts(d: &Document, field: &str, t: &mut Tally) -> StoreResult<()> {
@@ -55,16 +81,19 @@ fn read_counts(d: &Document, field: &str, t: &mut Tally) -> StoreResult<()> {
         return Ok(());
     };
     for (k, v) in o {
-        let n = uint_of(v).ok_or_else(|| bad("counter count"))?;
+        let n = count_of(v).ok_or_else(|| bad("counter count"))?;
         match field {
-            "rk" => *t.rankings.entry(k.clone()).or_default() += n,
+            "rk" => {
+                let count = t.rankings.entry(k.clone()).or_default();
+                *count = count.wrapping_add(n);
+            }
             _ => {
                 let i: usize = k.parse().map_err(|_| bad("counter option"))?;
                 let v = if field == "sc" { &mut t.sums } else { &mut t.by_option };
                 if v.len() <= i {
                     v.resize(i + 1, 0);
                 }
-                v[i] += n;
+                v[i] = v[i].wrapping_add(n);
             }
         }
     }
@@ -75,7 +104,7 @@ fn read_counts(d: &Document, field: &str, t: &mut Tally) -> StoreResult<()> {
 /// (score sums per option), for ranked polls `rk` (ballots per ranking).
 fn counts_of(d: &Document) -> StoreResult<(u64, Tally)> {
     let seq = d.get("seq").and_then(uint_of).ok_or_else(|| bad("counter seq"))?;
-    let total = d.get("n").and_then(uint_of).ok_or_else(|| bad("counter n"))?;
+    let total = d.get("n").and_then(count_of).ok_or_else(|| bad("counter n"))?;
     let mut t = Tally {
         total,
         ..Tally::default()
@@ -118,10 +147,10 @@ fn keyed_counts(t: &Tally) -> [(&'static str, Vec<(String, u64)>); 3] {
 }
 
 fn inc_of(delta: &Tally) -> Document {
-    let mut inc = doc! { "n": to_i64(delta.total) };
+    let mut inc = doc! { "n": stored(delta.total) };
     for (field, counts) in keyed_counts(delta) {
         for (k, n) in counts {
-            inc.insert(format!("{field}.{k}"), to_i64(n));
+            inc.insert(format!("{field}.{k}"), stored(n));
         }
     }
     inc
@@ -129,32 +158,135 @@ fn inc_of(delta: &Tally) -> Document {
 
 /// The counter fields holding `t` (`n`, `o`, `sc`, `rk`), to `$set` or insert.
 fn counts_doc(t: &Tally) -> Document {
-    let mut d = doc! { "n": to_i64(t.total) };
+    let mut d = doc! { "n": stored(t.total) };
     for (field, counts) in keyed_counts(t) {
-        let sub: Document = counts.into_iter().map(|(k, n)| (k, Bson::Int64(to_i64(n)))).collect();
+        let sub: Document = counts.into_iter().map(|(k, n)| (k, Bson::Int64(stored(n)))).collect();
         d.insert(field, sub);
     }
     d
 }
 
-/// The `$group` key of the passes that count ballots: what they mark, plus `extra`.
-fn group_key(extra: Document) -> Document {
-    let mut key = extra;
-    key.insert("c", "$choices");
-    key.insert("r", "$ranking");
-    key.insert("x", "$scores");
+/// The `$group` key of the passes that count `entries`: what they add (`c`, `r`, `x`) and take
+/// away (`sc`, `sr`, `sx`), plus `extra` (name → field of the entry: `poll_id`, `w`, `s`).
+fn group_key(entries: Entries, extra: &[(&str, &str)]) -> Document {
+    let mut key: Document = extra
+        .iter()
+        .map(|(name, field)| ((*name).to_owned(), Bson::String(entries.path(field))))
+        .collect();
+    match entries {
+        Entries::Ballots => {
+            key.insert("c", "$choices");
+            key.insert("r", "$ranking");
+            key.insert("x", "$scores");
+        }
+        Entries::Revisions => {
+            for f in ["c", "r", "x", "sc", "sr", "sx"] {
+                key.insert(f, format!("$revs.{f}"));
+            }
+        }
+    }
     key
 }
 
-/// What the ballots of one group mark (see [`group_key`]).
-fn marks_of_group(key: &Document) -> StoreResult<Marked> {
-    let mut d = Document::new();
-    for (from, to) in [("c", "choices"), ("r", "ranking"), ("x", "scores")] {
-        if let Some(v) = key.get(from) {
-            d.insert(to, v.clone());
+/// Counts `n` entries of one group (see [`group_key`]) into `t`.
+fn count_group(t: &mut Tally, key: &Document, n: u64) -> StoreResult<()> {
+    let marks = |prefix: &str| -> StoreResult<Option<Marked>> {
+        let mut d = Document::new();
+        for (from, to) in [("c", "choices"), ("r", "ranking"), ("x", "scores")] {
+            if let Some(v) = key.get(format!("{prefix}{from}")) {
+                d.insert(to, v.clone());
+            }
         }
+        if d.is_empty() {
+            return Ok(None);
+        }
+        super::marks_of(&d).map(Some)
+    };
+    if let Some(m) = marks("s")? {
+        t.remove_n(m.marks(), n);
     }
-    super::marks_of(&d)
+    if let Some(m) = marks("")? {
+        t.add_n(m.marks(), n);
+    }
+    Ok(())
+}
+
+/// `filter` (on a ballot's `poll_id`, `w` and `s`; or an `$or` of such clauses) for revisions:
+/// on their `revs.w` and `revs.s`. Clauses for ballots without a writer are left out (every
+/// revision has one); `None` when nothing is left.
+fn for_revisions(filter: &Document) -> Option<Document> {
+    if let Ok(any) = filter.get_array("$or") {
+        let clauses: Vec<Bson> = any
+            .iter()
+            .filter_map(|c| c.as_document().and_then(for_revisions).map(Bson::Document))
+            .collect();
+        return (!clauses.is_empty()).then(|| doc! { "$or": clauses });
+    }
+    if filter.get("w") == Some(&Bson::Null) {
+        return None;
+    }
+    Some(
+        filter
+            .iter()
+            .map(|(k, v)| match k.as_str() {
+                "w" | "s" => (format!("revs.{k}"), v.clone()),
+                _ => (k.clone(), v.clone()),
+            })
+            .collect(),
+    )
+}
+
+/// Counts the entries that change tallies and match `filter` (see [`for_revisions`]): the
+/// ballots (their first marks, at their own `w` and `s`) and their revisions (at theirs),
+/// grouped by what they change and by `extra` (see [`group_key`]). One aggregation each.
+pub(super) async fn count_groups(
+    ballots: &Collection<Document>,
+    retry: &RetryPolicy,
+    filter: &Document,
+    extra: &[(&str, &str)],
+) -> StoreResult<Vec<(Document, u64)>> {
+    Ok(count_entries(ballots, retry, filter, extra)
+        .await?
+        .into_iter()
+        .map(|(key, n, _)| (key, n))
+        .collect())
+}
+
+/// [`count_groups`], each group with whether it counts revisions (else ballots).
+async fn count_entries(
+    ballots: &Collection<Document>,
+    retry: &RetryPolicy,
+    filter: &Document,
+    extra: &[(&str, &str)],
+) -> StoreResult<Vec<(Document, u64, bool)>> {
+    let first = vec![
+        doc! { "$match": filter.clone() },
+        doc! { "$group": { "_id": group_key(Entries::Ballots, extra), "n": { "$sum": 1 } } },
+    ];
+    let revised = for_revisions(filter).map(|f| {
+        vec![
+            doc! { "$match": f.clone() },
+            doc! { "$unwind": "$revs" },
+            doc! { "$match": f },
+            doc! { "$group": { "_id": group_key(Entries::Revisions, extra), "n": { "$sum": 1 } } },
+        ]
+    });
+    let (a, b) = futures_util::future::try_join(collect(ballots, retry, first), async {
+        match revised {
+            Some(p) => collect(ballots, retry, p).await,
+            None => Ok(Vec::new()),
+        }
+    })
+    .await?;
+    let ballots = a.into_iter().map(|g| (g, false));
+    ballots
+        .chain(b.into_iter().map(|g| (g, true)))
+        .map(|(g, revision)| {
+            let key = g.get_document("_id").map_err(|_| bad("tally group"))?.clone();
+            let n = g.get("n").and_then(uint_of).ok_or_else(|| bad("tally count"))?;
+            Ok((key, n, revision))
+        })
+        .collect()
 }
 
 /// Runs an aggregation to the end, within `retry`.
@@ -320,30 +452,42 @@ impl Counters {
             s.insert("$lte", to_i64(upto));
         }
         let filter = doc! { "poll_id": poll, "w": w, "s": s };
-        let pipeline = vec![
-            doc! { "$match": filter.clone() },
-            doc! { "$group": { "_id": group_key(doc! {}), "n": { "$sum": 1 } } },
-        ];
         let mut t = Tally::default();
-        for g in collect(&self.ballots, &self.retry, pipeline).await? {
-            let key = g.get_document("_id").map_err(|_| bad("tally group"))?;
-            let n = g.get("n").and_then(uint_of).ok_or_else(|| bad("tally count"))?;
-            t.add_n(marks_of_group(key)?.marks(), n);
+        for (key, n) in count_groups(&self.ballots, &self.retry, &filter, &[]).await? {
+            count_group(&mut t, &key, n)?;
         }
-        // The last batch, from the index's end (not `$max`, which some servers lack).
-        let newest = self
-            .retry
-            .run(|| {
+        // The last batch, from the indexes' ends (not `$max`, which some servers lack). A
+        // revision's comes from the highest `revs.s` of the newest document, which may be another
+        // writer's revision of it: at worst a later batch than `w` wrote, which is harmless where
+        // it is used (adopting a dead writer, which writes no more batches).
+        let revisions = for_revisions(&filter).unwrap_or_default();
+        let (newest, newest_revised) = futures_util::future::try_join(
+            self.retry.run(|| {
                 self.ballots
                     .find_one(filter.clone())
                     .sort(doc! { "poll_id": -1, "w": -1, "s": -1 })
                     .projection(doc! { "s": 1 })
-            })
-            .await?;
+            }),
+            self.retry.run(|| {
+                self.ballots
+                    .find_one(revisions.clone())
+                    .sort(doc! { "poll_id": -1, "revs.w": -1, "revs.s": -1 })
+                    .projection(doc! { "revs.s": 1 })
+            }),
+        )
+        .await?;
+        let revised_last = newest_revised.and_then(|d| {
+            d.get_array("revs")
+                .ok()?
+                .iter()
+                .filter_map(|r| r.as_document()?.get("s").and_then(uint_of))
+                .max()
+        });
         let last = newest
             .and_then(|d| d.get("s").and_then(uint_of))
-            .unwrap_or(after)
-            .max(after);
+            .into_iter()
+            .chain(revised_last)
+            .fold(after, u64::max);
         Ok((t, last))
     }
 
@@ -352,17 +496,10 @@ impl Counters {
         if polls.is_empty() {
             return Ok(HashMap::new());
         }
-        let pipeline = vec![
-            doc! { "$match": { "$or": polls.iter().map(|p| doc! { "poll_id": p, "w": self.me, "s": to_i64(seq) }).collect::<Vec<_>>() } },
-            doc! { "$group": { "_id": group_key(doc! { "p": "$poll_id" }), "n": { "$sum": 1 } } },
-        ];
+        let filter = doc! { "$or": polls.iter().map(|p| doc! { "poll_id": p, "w": self.me, "s": to_i64(seq) }).collect::<Vec<_>>() };
         let mut out: HashMap<String, Tally> = HashMap::new();
-        for g in collect(&self.ballots, &self.retry, pipeline).await? {
-            let key = g.get_document("_id").map_err(|_| bad("tally group"))?;
-            let n = g.get("n").and_then(uint_of).ok_or_else(|| bad("tally count"))?;
-            out.entry(req_str(key, "p")?)
-                .or_default()
-                .add_n(marks_of_group(key)?.marks(), n);
+        for (key, n) in count_groups(&self.ballots, &self.retry, &filter, &[("p", "poll_id")]).await? {
+            count_group(out.entry(req_str(&key, "p")?).or_default(), &key, n)?;
         }
         Ok(out)
     }
@@ -396,15 +533,10 @@ impl Counters {
                 tails.push(doc! { "poll_id": &poll, "w": w, "s": { "$gt": to_i64(seq) } });
             }
         }
-        let pipeline = vec![
-            doc! { "$match": { "$or": tails } },
-            doc! { "$group": { "_id": group_key(doc! { "p": "$poll_id" }), "n": { "$sum": 1 } } },
-        ];
-        for g in collect(&self.ballots, &self.retry, pipeline).await? {
-            let key = g.get_document("_id").map_err(|_| bad("tally group"))?;
-            let n = g.get("n").and_then(uint_of).ok_or_else(|| bad("tally count"))?;
-            if let Some(r) = out.get_mut(&req_str(key, "p")?) {
-                r.others.add_n(marks_of_group(key)?.marks(), n);
+        let tails = doc! { "$or": tails };
+        for (key, n) in count_groups(&self.ballots, &self.retry, &tails, &[("p", "poll_id")]).await? {
+            if let Some(r) = out.get_mut(&req_str(&key, "p")?) {
+                count_group(&mut r.others, &key, n)?;
             }
         }
         let unclear: Vec<Document> = plans
@@ -416,16 +548,12 @@ impl Counters {
             })
             .collect();
         if !unclear.is_empty() {
-            let pipeline = vec![
-                doc! { "$match": { "$or": unclear } },
-                doc! { "$group": { "_id": group_key(doc! { "p": "$poll_id", "s": "$s" }), "n": { "$sum": 1 } } },
-            ];
-            for g in collect(&self.ballots, &self.retry, pipeline).await? {
-                let key = g.get_document("_id").map_err(|_| bad("tally group"))?;
-                let n = g.get("n").and_then(uint_of).ok_or_else(|| bad("tally count"))?;
+            let unclear = doc! { "$or": unclear };
+            let extra = [("p", "poll_id"), ("s", "s")];
+            for (key, n) in count_groups(&self.ballots, &self.retry, &unclear, &extra).await? {
                 let s = key.get("s").and_then(uint_of).ok_or_else(|| bad("batch"))?;
-                if let Some(r) = out.get_mut(&req_str(key, "p")?) {
-                    r.unclear.entry(s).or_default().add_n(marks_of_group(key)?.marks(), n);
+                if let Some(r) = out.get_mut(&req_str(&key, "p")?) {
+                    count_group(r.unclear.entry(s).or_default(), &key, n)?;
                 }
             }
         }
@@ -452,7 +580,7 @@ impl Counters {
                 let poll = req_str(c, "poll_id")?;
                 let (seq, _) = counts_of(c)?;
                 let (tail, last) = self.count_range(&poll, w, seq, None).await?;
-                if tail.total > 0 {
+                if !tail.is_zero() || last > seq {
                     // `None`: another replica adopted it first.
                     self.advance(&poll, w, (seq, last), &tail, false).await?;
                 }
@@ -490,24 +618,16 @@ impl Counters {
     /// One attempt: `None` when a counter moved meanwhile.
     async fn repair_once(&self, poll: &str, slow: &RetryPolicy) -> StoreResult<Option<Repair>> {
         // Per writer and batch, in one pass: the counts of the poll's ballots.
-        let pipeline = vec![
-            doc! { "$match": { "poll_id": poll } },
-            doc! { "$group": { "_id": group_key(doc! { "w": "$w", "s": "$s" }), "n": { "$sum": 1 } } },
-        ];
+        let filter = doc! { "poll_id": poll };
         let mut batches: HashMap<i64, BTreeMap<u64, Tally>> = HashMap::new();
         let mut ballots = 0;
-        for g in collect(&self.ballots, slow, pipeline).await? {
-            let key = g.get_document("_id").map_err(|_| bad("tally group"))?;
-            let n = g.get("n").and_then(uint_of).ok_or_else(|| bad("tally count"))?;
-            ballots += n;
-            let Ok(w) = writer_of(key, "w") else { continue }; // without a writer: always in the tail
+        for (key, n, revision) in count_entries(&self.ballots, slow, &filter, &[("w", "w"), ("s", "s")]).await? {
+            if !revision {
+                ballots += n;
+            }
+            let Ok(w) = writer_of(&key, "w") else { continue }; // without a writer: always in the tail
             let s = key.get("s").and_then(uint_of).unwrap_or(0);
-            batches
-                .entry(w)
-                .or_default()
-                .entry(s)
-                .or_default()
-                .add_n(marks_of_group(key)?.marks(), n);
+            count_group(batches.entry(w).or_default().entry(s).or_default(), &key, n)?;
         }
         let filter = doc! { "poll_id": poll };
         let counters: Vec<Document> = slow

@@ -31,12 +31,31 @@
 //!   ballots, not the poll's size. This process's own part comes from memory (the `tallies`
 //!   module), so it reads its own writes at once; other writers' part is kept for
 //!   `tally_cache_ttl` and then refreshed in the background;
-//! - a batch whose outcome is unclear (the command failed or timed out as a whole) holds the
+//! - a batch whose outcome is unclear (the command failed or timed out as a whole, or one of its
+//!   revisions did) holds the
 //!   counter back until it has settled, then its stored ballots are counted in the database;
 //! - writers hold a lease (`<ballots>_writers`); a dead writer's tail is adopted by another
 //!   replica once no batch of it can still land; [`BallotStore::repair`] rebuilds counters from
 //!   the ballots (after a failover); `recount` reads the ballots one by one (one streamed cursor) as the
 //!   ground truth the tally must equal.
+//!
+//! # Replaced and withdrawn ballots: revisions inside the ballot's document
+//!
+//! A ballot's document stays its identity for good. Its top-level marks, `w` and `s` are its
+//! first contribution to the tally and never change. A voter's change is a *revision*, appended
+//! to the document's `revs` array by one conditional single-document update (`{_id, v: n}` →
+//! `$push` the revision, `$set: {v: n + 1, cur, gone, …}`), so it is atomic with the ballot's new
+//! state: a crash at any instant leaves it applied or not, never half. A revision
+//! `{w, s, t, c/r/x, sc/sr/sx}` holds what it adds (`c`, `r`, `x`: the new marks; none for a
+//! withdrawal) and what it takes away (`sc`, `sr`, `sx`: the marks it replaced; none for a vote
+//! cast again after a withdrawal), and the writer and batch that made it, exactly like a new
+//! ballot: the counters count revisions by their own `(w, s)` with the same rule (counter when
+//! `s <= seq`, else the tail, index `{poll_id, revs.w, revs.s}`), taking away what they take away.
+//! Concurrent changes of one ballot serialise on `v`: one wins per version, the others read the
+//! ballot again and apply theirs to the marks it has then. A withdrawn ballot keeps its document
+//! (`gone: true`, the ballot id no longer found); a vote cast again by the same identity is a
+//! revision of it that adds the new marks under a new ballot id and receipt. `t` is a random
+//! token, so a retried update whose first reply was lost recognises its own revision.
 //!
 //! # Shard key (MongoDB sharded clusters, Cosmos DB partition keys)
 //!
@@ -64,7 +83,7 @@ use chrono::{DateTime, Utc};
 use mongodb::bson::{Document, doc};
 use mongodb::error::Error as MongoError;
 use mongodb::{Client, Collection, Database};
-use shared::contract::{Marks, Tally};
+use shared::contract::Tally;
 use shared::internal::BallotLine;
 use shared::mongo::{
     Decision, RetryPolicy, bad, classify, database, ensure_collection, fmt_time, index, opt_bson, opt_str, req_str,
@@ -78,9 +97,9 @@ mod tallies;
 mod writer;
 use counters::Counters;
 use tallies::{Read, Tallies};
-use writer::{InsertJob, Writer, applier, lease_keeper};
+use writer::{InsertJob, Job, ReviseJob, Writer, applier, lease_keeper};
 
-use super::{BallotStore, Repair};
+use super::{BallotStore, Repair, Revised, Revision};
 use crate::ballot::{BallotRecord, CastOutcome, Marked};
 
 /// The collection of ballots (its counters and writer leases are `<ballots>_counters` and
@@ -136,9 +155,65 @@ pub fn ballot_to_doc(b: &BallotRecord) -> Document {
     d
 }
 
-/// The fields of a ballot document that say what it marks (the projection of the passes that
-/// count ballots).
-const MARK_FIELDS: [&str; 3] = ["choices", "ranking", "scores"];
+/// The fields of a ballot document that say what it marks now (the projection of the passes
+/// that count ballots): its first marks, and its current ones once revised (`cur`, `gone`).
+const MARK_FIELDS: [&str; 5] = ["choices", "ranking", "scores", "cur", "gone"];
+
+/// What counts in a tally: a ballot's first marks, or a revision of a ballot.
+#[derive(Debug, Clone, Copy)]
+enum Entries {
+    Ballots,
+    Revisions,
+}
+
+impl Entries {
+    /// The aggregation path of an entry's `field` (`poll_id`, `w`, `s`).
+    fn path(self, field: &str) -> String {
+        match (self, field) {
+            (Self::Revisions, "w" | "s") => format!("$revs.{field}"),
+            _ => format!("${field}"),
+        }
+    }
+}
+
+/// The marks as a revision or a `cur` field stores them (`c`, `r`, `x`).
+fn marks_doc(m: &Marked, prefix: &str) -> Document {
+    let list = |v: &[u32]| v.iter().map(|&c| i64::from(c)).collect::<Vec<_>>();
+    let mut d = doc! { format!("{prefix}c"): list(&m.choices) };
+    if let Some(r) = &m.ranking {
+        d.insert(format!("{prefix}r"), list(r));
+    }
+    if let Some(x) = &m.scores {
+        d.insert(format!("{prefix}x"), list(x));
+    }
+    d
+}
+
+/// Whether a ballot document is withdrawn.
+fn is_gone(d: &Document) -> bool {
+    d.get_bool("gone").unwrap_or(false)
+}
+
+/// A ballot document's revision number (0: never revised).
+fn version_of(d: &Document) -> u64 {
+    d.get("v").and_then(uint_of).unwrap_or(0)
+}
+
+/// What a ballot document marks now: its `cur` once revised, else its first marks.
+fn current_marks(d: &Document) -> StoreResult<Marked> {
+    match d.get_document("cur") {
+        Ok(cur) => {
+            let mut m = Document::new();
+            for (from, to) in [("c", "choices"), ("r", "ranking"), ("x", "scores")] {
+                if let Some(v) = cur.get(from) {
+                    m.insert(to, v.clone());
+                }
+            }
+            marks_of(&m)
+        }
+        Err(_) => marks_of(d),
+    }
+}
 
 fn list_of(d: &Document, field: &str) -> StoreResult<Option<Vec<u32>>> {
     match d.get(field) {
@@ -170,19 +245,25 @@ fn mark_projection(extra: &[&str]) -> Document {
         .collect()
 }
 
+/// The ballot a document holds now (whether it is withdrawn is [`is_gone`]).
 fn doc_to_ballot(d: &Document) -> StoreResult<BallotRecord> {
+    let m = current_marks(d)?;
     Ok(BallotRecord {
         id: req_str(d, "ballot_id")?,
         poll_id: req_str(d, "poll_id")?,
         key: req_str(d, "key")?,
         voter: opt_str(d, "voter")?,
-        choices: list_of(d, "choices")?.ok_or_else(|| bad("choices"))?,
-        ranking: list_of(d, "ranking")?,
-        scores: list_of(d, "scores")?,
+        choices: m.choices,
+        ranking: m.ranking,
+        scores: m.scores,
         idempotency_key: opt_str(d, "idempotency_key")?,
         fingerprint: req_str(d, "fingerprint")?,
         created_at: req_time(d, "created_at")?,
         receipt_hash: opt_str(d, "receipt_hash")?,
+        updated_at: match d.get("updated_at") {
+            None | Some(mongodb::bson::Bson::Null) => None,
+            Some(_) => Some(req_time(d, "updated_at")?),
+        },
     })
 }
 
@@ -197,7 +278,7 @@ pub struct MongoBallotStore {
     /// What the writer, the applier, the lease keeper and the tally reads share.
     shared: Writer,
     /// The group-commit writer's queue (see [`writer`]).
-    inserts: mpsc::Sender<InsertJob>,
+    inserts: mpsc::Sender<Job>,
     /// Held while a read refreshes tallies nothing was kept for.
     inline: Arc<tokio::sync::Mutex<()>>,
     /// Stops the store's background tasks when the store is dropped.
@@ -250,10 +331,15 @@ impl MongoBallotStore {
         // A voter checking a receipt names only the ballot id (on a sharded cluster this one read
         // goes to every shard).
         let ballot_id = index("ballot_id", doc! { "ballot_id": 1 });
+        // Revisions by writer and batch, as ballots are by `poll_writer_seq` (a multikey index).
+        let poll_revision_seq = index(
+            "poll_revision_writer_seq",
+            doc! { "poll_id": 1, "revs.w": 1, "revs.s": 1 },
+        );
         ensure_collection(
             &db,
             BALLOTS_COLLECTION,
-            vec![poll_voter, poll_writer_seq, ballot_id],
+            vec![poll_voter, poll_writer_seq, ballot_id, poll_revision_seq],
             &retry,
         )
         .await?;
@@ -321,7 +407,7 @@ impl MongoBallotStore {
             span: shared::metrics::caller_span(),
         };
         self.inserts
-            .send(job)
+            .send(Job::Insert(job))
             .await
             .map_err(|_| StoreError::internal("the ballot writer has stopped"))?;
         answer
@@ -329,9 +415,38 @@ impl MongoBallotStore {
             .map_err(|_| StoreError::internal("the ballot writer dropped a ballot"))?
     }
 
-    async fn find_ballot(&self, id: &str) -> StoreResult<Option<BallotRecord>> {
-        let found = self.retry.run(|| self.ballots.find_one(doc! { "_id": id })).await?;
-        found.as_ref().map(doc_to_ballot).transpose()
+    /// Appends a revision to the ballot document `id` through the writer, if the document is
+    /// still at version `from`: `true` when applied, `false` when another change came first.
+    /// It takes away `sub` and adds `add` (see the module docs) and sets `set` besides.
+    async fn submit_revision(
+        &self,
+        (id, poll_id): (String, &str),
+        from: u64,
+        (add, sub): (Option<Marked>, Option<Marked>),
+        set: Document,
+    ) -> StoreResult<bool> {
+        let (reply, answer) = oneshot::channel();
+        let job = ReviseJob {
+            id,
+            poll_id: poll_id.to_owned(),
+            from,
+            add,
+            sub,
+            set,
+            reply,
+            span: shared::metrics::caller_span(),
+        };
+        self.inserts
+            .send(Job::Revise(job))
+            .await
+            .map_err(|_| StoreError::internal("the ballot writer has stopped"))?;
+        answer
+            .await
+            .map_err(|_| StoreError::internal("the ballot writer dropped a revision"))?
+    }
+
+    async fn find_doc(&self, id: &str) -> StoreResult<Option<Document>> {
+        self.retry.run(|| self.ballots.find_one(doc! { "_id": id })).await
     }
 
     /// Folds the uncounted ballots of dead writers (whose lease ran out) into their counters;
@@ -365,7 +480,9 @@ impl MongoBallotStore {
             match tokio::time::timeout(RECOUNT_BATCH_DEADLINE, cursor.advance()).await {
                 Ok(Ok(true)) => {
                     let d: Document = cursor.deserialize_current().map_err(failed)?;
-                    tally.add(marks_of(&d)?.marks());
+                    if !is_gone(&d) {
+                        tally.add(current_marks(&d)?.marks());
+                    }
                 }
                 Ok(Ok(false)) => return Ok(tally),
                 Ok(Err(e)) => return Err(failed(e)),
@@ -385,18 +502,38 @@ impl BallotStore for MongoBallotStore {
     async fn cast(&self, ballot: BallotRecord) -> StoreResult<CastOutcome> {
         let id = ballot_id(&ballot.poll_id, &ballot.key);
         let doc = ballot_to_doc(&ballot);
-        // A duplicate whose original vanished (purged meanwhile) is tried again, a few times.
-        for _ in 0..3 {
+        // A duplicate whose original vanished (purged meanwhile), or a withdrawn ballot another
+        // change of got first, is tried again, a few times.
+        for _ in 0..5 {
             let inserted = self.insert(doc.clone(), &ballot).await?;
             if inserted {
                 return Ok(CastOutcome::Accepted(ballot));
             }
-            match self.find_ballot(&id).await? {
-                // This very ballot (an insert repeated after a lost reply, by the driver or the writer).
-                Some(stored) if stored.id == ballot.id => return Ok(CastOutcome::Accepted(stored)),
-                Some(stored) => return Ok(CastOutcome::Duplicate(stored)),
-                None => continue,
+            let Some(stored) = self.find_doc(&id).await? else {
+                continue;
+            };
+            if is_gone(&stored) {
+                // Withdrawn: this ballot takes its place, as a revision of its document.
+                let mut set = ballot_to_doc(&ballot);
+                for field in ["_id", "poll_id", "key", "choices", "ranking", "scores"] {
+                    set.remove(field);
+                }
+                set.insert("updated_at", mongodb::bson::Bson::Null);
+                let change = (Some(ballot.marked()), None);
+                if self
+                    .submit_revision((id.clone(), &ballot.poll_id), version_of(&stored), change, set)
+                    .await?
+                {
+                    return Ok(CastOutcome::Accepted(ballot));
+                }
+                continue;
             }
+            let stored = doc_to_ballot(&stored)?;
+            // This very ballot (an insert repeated after a lost reply, by the driver or the writer).
+            if stored.id == ballot.id {
+                return Ok(CastOutcome::Accepted(stored));
+            }
+            return Ok(CastOutcome::Duplicate(stored));
         }
         Err(StoreError::internal(format!(
             "ballot {id} kept vanishing between insert and read"
@@ -439,7 +576,9 @@ impl BallotStore for MongoBallotStore {
                 *slot = filled.next().flatten();
             }
         }
-        Ok(out.into_iter().map(Option::unwrap_or_default).collect())
+        // A withdrawal may be counted before the ballot it withdraws (parts read at different
+        // instants): never shown below zero.
+        Ok(out.into_iter().map(|t| t.unwrap_or_default().clamped()).collect())
     }
 
     /// One aggregation for the page: ballots of the voters found by identity (`_id` lookups are
@@ -462,7 +601,11 @@ impl BallotStore for MongoBallotStore {
             .map(|(poll_id, _)| poll_id.as_str())
             .collect();
         let all: Vec<&str> = polls.iter().map(|(poll_id, _)| poll_id.as_str()).collect();
-        let mut any_of = vec![doc! { "poll_id": { "$in": &all }, "_id": { "$in": &ids }, "voter": { "$in": voters } }];
+        // (A withdrawn ballot keyed by its voter is no vote; on `none` polls, as on the embedded
+        // store, a voter who cast a ballot has voted.)
+        let mut any_of = vec![
+            doc! { "poll_id": { "$in": &all }, "_id": { "$in": &ids }, "voter": { "$in": voters }, "gone": { "$ne": true } },
+        ];
         if !unkeyed.is_empty() {
             any_of.push(doc! { "poll_id": { "$in": &unkeyed }, "voter": { "$in": voters } });
         }
@@ -505,12 +648,48 @@ impl BallotStore for MongoBallotStore {
         Ok(res.matched_count == 1)
     }
 
+    /// Reads the ballot, then appends the revision through the writer at the version read; when
+    /// another change of it came first, reads it again and applies this one to what it holds then.
+    async fn revise(&self, ballot: &BallotRecord, change: Revision) -> StoreResult<Revised> {
+        let id = ballot_id(&ballot.poll_id, &ballot.key);
+        // 64 voters' devices changing one ballot at once take 64 rounds at worst.
+        for _ in 0..MAX_REVISION_ROUNDS {
+            let Some(d) = self.find_doc(&id).await? else {
+                return Ok(Revised::Gone);
+            };
+            if is_gone(&d) || d.get_str("ballot_id").ok() != Some(ballot.id.as_str()) {
+                return Ok(Revised::Gone);
+            }
+            let stored = doc_to_ballot(&d)?;
+            let at = Utc::now();
+            let (add, set, done) = match &change {
+                Revision::Replace(m) => (
+                    Some(m.clone()),
+                    doc! { "updated_at": fmt_time(at) },
+                    Revised::Replaced(Box::new(stored.clone().replaced(m.clone(), at))),
+                ),
+                Revision::Withdraw => (None, Document::new(), Revised::Withdrawn),
+            };
+            let change = (add, Some(stored.marked()));
+            if self
+                .submit_revision((id.clone(), &ballot.poll_id), version_of(&d), change, set)
+                .await?
+            {
+                return Ok(done);
+            }
+        }
+        Err(StoreError::unavailable(format!(
+            "ballot {} kept changing; try again",
+            ballot.id
+        )))
+    }
+
     async fn ballot(&self, ballot_id: &str) -> StoreResult<Option<BallotRecord>> {
         let found = self
             .retry
             .run(|| self.ballots.find_one(doc! { "ballot_id": ballot_id }))
             .await?;
-        found.as_ref().map(doc_to_ballot).transpose()
+        found.as_ref().filter(|d| !is_gone(d)).map(doc_to_ballot).transpose()
     }
 
     /// One cursor over the poll's ballots (only the exported fields), read batch by batch as the
@@ -523,7 +702,7 @@ impl BallotStore for MongoBallotStore {
         let cursor = first_batch
             .run(|| {
                 self.ballots
-                    .find(doc! { "poll_id": poll_id })
+                    .find(doc! { "poll_id": poll_id, "gone": { "$ne": true } })
                     .projection(mark_projection(&["ballot_id", "created_at"]))
                     .batch_size(EXPORT_BATCH)
             })
@@ -538,7 +717,7 @@ impl BallotStore for MongoBallotStore {
                         .deserialize_current()
                         .map_err(|e| pass_failed(&retry, e, "an export"))
                         .and_then(|d| {
-                            let m = marks_of(&d)?;
+                            let m = current_marks(&d)?;
                             Ok(BallotLine {
                                 id: req_str(&d, "ballot_id")?,
                                 created_at: req_time(&d, "created_at")?,
@@ -603,6 +782,8 @@ async fn repair_all(counters: &Counters, since: Option<DateTime<Utc>>) -> StoreR
 // ---------------------------------------------------------------------------------------------
 // Group commit of ballots, and the counters that follow them
 
+/// Most times a change of a ballot is tried again after other changes of it came first.
+const MAX_REVISION_ROUNDS: usize = 256;
 /// Ballots waiting for the writer at most; `cast` waits for room beyond that (back-pressure).
 const INSERT_QUEUE: usize = 8192;
 /// Most ballots in one `insertMany` (far below the server's 100,000 and 48 MB limits).

@@ -81,6 +81,26 @@ impl Own {
     }
 }
 
+/// What one stored document changes in its poll's tally: a new ballot adds its marks; a revision
+/// takes away the marks it replaced and adds its new ones (a withdrawal adds none; a ballot cast
+/// again after its withdrawal takes none away).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Change<'a> {
+    pub add: Option<Marks<'a>>,
+    pub sub: Option<Marks<'a>>,
+}
+
+impl Change<'_> {
+    pub(super) fn apply(&self, t: &mut Tally) {
+        if let Some(m) = self.sub {
+            t.remove_n(m, 1);
+        }
+        if let Some(m) = self.add {
+            t.add(m);
+        }
+    }
+}
+
 /// What one refresh read from the database for one poll.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub(super) struct Refreshed {
@@ -206,23 +226,23 @@ impl Tallies {
         first_open.min(first_unclear) - 1
     }
 
-    /// The batch `seq` is over. `stored` holds the poll and marks of each document known to be
-    /// stored by it, when every document's outcome is known (`None`: unclear, see the module docs;
+    /// The batch `seq` is over. `stored` holds the poll and tally change of each document known
+    /// to be stored (or revised) by it, when every document's outcome is known (`None`: unclear, see the module docs;
     /// `polls` are then the polls of all its documents).
     pub(super) fn finish_batch<'a>(
         &mut self,
         seq: u64,
-        stored: Option<&[(&'a str, Marks<'a>)]>,
+        stored: Option<&[(&'a str, Change<'a>)]>,
         polls: impl IntoIterator<Item = &'a str>,
         now: Instant,
     ) {
         self.in_flight.remove(&seq);
         match stored {
             Some(stored) => {
-                for &(poll, marks) in stored {
+                for &(poll, change) in stored {
                     // A poll purged meanwhile has no counter any more: its ballots are not counted.
                     if let Some(own) = self.own.get_mut(poll) {
-                        own.pending.entry(seq).or_default().add(marks);
+                        change.apply(own.pending.entry(seq).or_default());
                         self.dirty.insert(poll.to_owned());
                     }
                 }
@@ -270,7 +290,7 @@ impl Tallies {
         for poll in u.polls {
             if let Some(own) = self.own.get_mut(&poll) {
                 own.unclear.remove(&seq);
-                if let Some(t) = counts.remove(&poll).filter(|t| t.total > 0) {
+                if let Some(t) = counts.remove(&poll).filter(|t| !t.is_zero()) {
                     own.pending.insert(seq, t);
                     self.dirty.insert(poll.clone());
                 }
@@ -469,6 +489,13 @@ impl Tallies {
 mod tests {
     use super::*;
 
+    fn added(choices: &[u32]) -> Change<'_> {
+        Change {
+            add: Some(Marks::choices(choices)),
+            sub: None,
+        }
+    }
+
     fn t(by_option: &[u64]) -> Tally {
         Tally {
             total: by_option.iter().sum(),
@@ -498,16 +525,11 @@ mod tests {
         let b1 = s.begin_batch();
         let b2 = s.begin_batch();
         // Batch 2 ends first: served at once, but not collected while batch 1 is in flight.
-        s.finish_batch(b2, Some(&[("p", Marks::choices(&[1]))]), ["p"], now);
+        s.finish_batch(b2, Some(&[("p", added(&[1]))]), ["p"], now);
         assert_eq!(s.read("p", now), Read::Fresh(t(&[5, 1])));
         assert_eq!(s.collected(), 0);
         assert!(s.updates_due().is_empty());
-        s.finish_batch(
-            b1,
-            Some(&[("p", Marks::choices(&[0])), ("p", Marks::choices(&[1]))]),
-            ["p"],
-            now,
-        );
+        s.finish_batch(b1, Some(&[("p", added(&[0])), ("p", added(&[1]))]), ["p"], now);
         assert_eq!(s.read("p", now), Read::Fresh(t(&[6, 2])));
         let due = s.updates_due();
         assert_eq!(
@@ -530,6 +552,40 @@ mod tests {
     }
 
     #[test]
+    fn revisions_take_away_what_they_replace_even_from_other_writers_ballots() {
+        let now = Instant::now();
+        let mut s = Tallies::new(TTL, SETTLE);
+        s.registered("p", 0, t(&[]));
+        let plan = s.plan(&["p".into()], now).remove(0);
+        // Three ballots for option 0, all written by other writers.
+        assert_eq!(s.fill(&plan, refreshed(&[3], Some((0, &[]))), now), t(&[3]));
+        let b = s.begin_batch();
+        // One of them is replaced by option 1, another is withdrawn.
+        let (zero, one) = ([0], [1]);
+        let replaced = Change {
+            add: Some(Marks::choices(&one)),
+            sub: Some(Marks::choices(&zero)),
+        };
+        let withdrawn = Change {
+            add: None,
+            sub: Some(Marks::choices(&zero)),
+        };
+        s.finish_batch(b, Some(&[("p", replaced), ("p", withdrawn)]), ["p"], now);
+        assert_eq!(s.read("p", now), Read::Fresh(t(&[1, 1])));
+        // Our counter takes what its ballots changed: below zero (modulo 2^64) where they took
+        // away more than they added.
+        let due = s.updates_due();
+        let minus = |n: u64| n.wrapping_neg();
+        assert_eq!(due.len(), 1);
+        assert_eq!(
+            (due[0].delta.total, due[0].delta.by_option.clone()),
+            (minus(1), vec![minus(2), 1])
+        );
+        s.updated("p", b, due[0].delta.clone());
+        assert_eq!(s.read("p", now), Read::Fresh(t(&[1, 1])));
+    }
+
+    #[test]
     fn unclear_batches_hold_collection_back_until_counted() {
         let now = Instant::now();
         let mut s = Tallies::new(TTL, SETTLE);
@@ -537,7 +593,7 @@ mod tests {
         let b1 = s.begin_batch();
         s.finish_batch(b1, None, ["p"], now);
         let b2 = s.begin_batch();
-        s.finish_batch(b2, Some(&[("p", Marks::choices(&[0]))]), ["p"], now);
+        s.finish_batch(b2, Some(&[("p", added(&[0]))]), ["p"], now);
         assert_eq!(s.collected(), 0);
         assert!(s.updates_due().is_empty());
         // A refresh counts the unclear batch in the database.
@@ -603,7 +659,7 @@ mod tests {
         s.registered("p", 0, t(&[]));
         let b = s.begin_batch();
         s.purged("p");
-        s.finish_batch(b, Some(&[("p", Marks::choices(&[0]))]), ["p"], now);
+        s.finish_batch(b, Some(&[("p", added(&[0]))]), ["p"], now);
         assert!(!s.is_registered("p"));
         assert!(s.updates_due().is_empty());
         assert_eq!(s.read("p", now), Read::Missing);
@@ -615,7 +671,7 @@ mod tests {
         let mut s = Tallies::new(Duration::ZERO, SETTLE);
         s.registered("p", 0, t(&[]));
         let b = s.begin_batch();
-        s.finish_batch(b, Some(&[("p", Marks::choices(&[0]))]), ["p"], now);
+        s.finish_batch(b, Some(&[("p", added(&[0]))]), ["p"], now);
         let plan = s.plan(&["p".into()], now).remove(0);
         assert_eq!(s.fill(&plan, refreshed(&[2], Some((0, &[]))), now), t(&[3]));
         assert_eq!(s.read("p", now), Read::Missing);
