@@ -2,6 +2,8 @@
 //! the ballot's receipt, the poll's `changes` setting, closed polls, every method's shape, and
 //! the results (JSON and live stream) following each change.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use api_tests::{Stack, eventually, expect_problem, names_field};
@@ -468,4 +470,214 @@ async fn concurrent_changes_of_one_ballot_apply_one_after_the_other() {
         (&json!(true), &json!(1)),
         "{a}"
     );
+}
+
+/// Invariant 2 of issue 12 through `kill -9`: three times, 150 voters each change their ballot
+/// once (replace it, withdraw it, or withdraw it and vote again) while the vote process is killed
+/// with SIGKILL in the middle (once a random few of their answers have come back). After each restart, every ballot is in one form
+/// only: the results equal what the ballots themselves show their voters (replaced marks, or 404
+/// once withdrawn), each acknowledged change is there, and the audit's recount equals the tally.
+#[tokio::test]
+async fn changes_cut_short_by_kill_9_count_in_one_form_only() {
+    const PER_ROUND: usize = 150;
+    const VOTERS: usize = 3 * PER_ROUND;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ((poll_socket, poll_port), (vote_socket, vote_port)) = (api_tests::listener(), api_tests::listener());
+    let mut env_poll = crate::vote::env_for(&dir.path().join("poll"), poll_port, vote_port);
+    let mut env_vote = crate::vote::env_for(&dir.path().join("vote"), poll_port, vote_port);
+    let db = format!("c{}", uuid::Uuid::new_v4().simple());
+    if api_tests::mongo_uri().is_some() {
+        env_poll.push(("POLLVOTE__STORAGE__DATABASE", format!("{db}_poll")));
+        env_vote.push(("POLLVOTE__STORAGE__DATABASE", format!("{db}_vote")));
+    }
+    let _poll = api_tests::Proc::start("poll", poll_socket, &env_poll, dir.path().join("poll.log")).await;
+    let mut vote = api_tests::Proc::start(
+        "vote",
+        vote_socket.try_clone().expect("dup"),
+        &env_vote,
+        dir.path().join("vote-0.log"),
+    )
+    .await;
+    let (poll_url, vote_url) = (
+        format!("http://127.0.0.1:{poll_port}"),
+        format!("http://127.0.0.1:{vote_port}"),
+    );
+    let http = reqwest::Client::new();
+    let created: Value = http
+        .post(format!("{poll_url}/api/polls"))
+        .json(&json!({"name": "changes", "options": ["a", "b", "c"], "dedupe": "voter"}))
+        .send()
+        .await
+        .expect("create")
+        .json()
+        .await
+        .expect("json");
+    let poll = created["id"].as_str().expect("id").to_owned();
+    // voter → (ballot id, receipt)
+    let mut held: Vec<(String, String)> = Vec::new();
+    for i in 0..VOTERS {
+        let res = http
+            .post(format!("{vote_url}/api/votes"))
+            .json(&json!({"poll_id": poll, "option": "a", "voter_id": format!("v{i}")}))
+            .send()
+            .await
+            .expect("vote");
+        assert_eq!(res.status(), 201);
+        let b: Value = res.json().await.expect("json");
+        held.push((
+            b["id"].as_str().expect("id").to_owned(),
+            b["receipt"].as_str().expect("receipt").to_owned(),
+        ));
+    }
+    let mut unanswered = 0;
+    for round in 0..3usize {
+        let voters: Vec<usize> = (round * PER_ROUND..(round + 1) * PER_ROUND).collect();
+        let answered = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = voters
+            .iter()
+            .map(|&i| {
+                let (http, vote_url, poll) = (http.clone(), vote_url.clone(), poll.clone());
+                let answered = answered.clone();
+                let (id, receipt) = held[i].clone();
+                tokio::spawn(async move {
+                    let url = format!("{vote_url}/api/votes/{id}");
+                    // What the voter was told, if anything: the change's answer.
+                    let told = match i % 3 {
+                        0 => {
+                            http.put(&url)
+                                .bearer_auth(&receipt)
+                                .json(&json!({"option": "b"}))
+                                .send()
+                                .await
+                        }
+                        _ => http.delete(&url).bearer_auth(&receipt).send().await,
+                    };
+                    let told = told.map(|r| r.status().as_u16()).ok();
+                    answered.fetch_add(1, Ordering::Relaxed);
+                    if i % 3 == 2 && told == Some(204) {
+                        let again = http
+                            .post(format!("{vote_url}/api/votes"))
+                            .header("idempotency-key", format!("again-{i}"))
+                            .json(&json!({"poll_id": poll, "option": "c", "voter_id": format!("v{i}")}))
+                            .send()
+                            .await;
+                        if let Ok(r) = again
+                            && r.status() == 201
+                        {
+                            let b: Value = r.json().await.expect("json");
+                            return (
+                                i,
+                                told,
+                                Some((
+                                    b["id"].as_str().expect("id").to_owned(),
+                                    b["receipt"].as_str().expect("r").to_owned(),
+                                )),
+                            );
+                        }
+                    }
+                    (i, told, None)
+                })
+            })
+            .collect();
+        let kill_after = 5 + crate::vote::random_below(PER_ROUND as u64 / 2) as usize;
+        while answered.load(Ordering::Relaxed) < kill_after {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        vote.kill9().await;
+        let mut outcomes = Vec::new();
+        for t in tasks {
+            outcomes.push(t.await.expect("join"));
+        }
+        vote = api_tests::Proc::start(
+            "vote",
+            vote_socket.try_clone().expect("dup"),
+            &env_vote,
+            dir.path().join(format!("vote-{}.log", round + 1)),
+        )
+        .await;
+        for (i, told, again) in outcomes {
+            if let Some(b) = again {
+                held[i] = b;
+            }
+            if told.is_none() {
+                unanswered += 1;
+            }
+        }
+        // What every ballot shows its voter, summed, is what the results say. A voter whose vote
+        // again went unanswered (it may be stored) sends it again with the same Idempotency-Key:
+        // the first answer, or the ballot stored now.
+        let mut expected = [0u64; 3];
+        for (i, (id, receipt)) in held.iter_mut().enumerate() {
+            let shown = http
+                .get(format!("{vote_url}/api/votes/{id}"))
+                .bearer_auth(&*receipt)
+                .send()
+                .await;
+            if i % 3 == 2 && shown.expect("get").status() == 404 {
+                let res = http
+                    .post(format!("{vote_url}/api/votes"))
+                    .header("idempotency-key", format!("again-{i}"))
+                    .json(&json!({"poll_id": poll, "option": "c", "voter_id": format!("v{i}")}))
+                    .send()
+                    .await
+                    .expect("vote");
+                assert_eq!(res.status(), 201, "voter {i} votes again");
+                let b: Value = res.json().await.expect("json");
+                *id = b["id"].as_str().expect("id").to_owned();
+                *receipt = b["receipt"].as_str().expect("receipt").to_owned();
+            }
+            let res = http
+                .get(format!("{vote_url}/api/votes/{id}"))
+                .bearer_auth(&*receipt)
+                .send()
+                .await
+                .expect("get");
+            match res.status().as_u16() {
+                200 => {
+                    let b: Value = res.json().await.expect("json");
+                    let option = b["options"][0].as_str().expect("one option");
+                    expected[usize::from(option.as_bytes()[0] - b'a')] += 1;
+                    if i % 3 == 0 {
+                        assert!(option == "a" || option == "b", "voter {i}: {b}");
+                    }
+                }
+                404 => assert!(i % 3 != 0, "voter {i}'s ballot was only ever replaced"),
+                other => panic!("voter {i}: {other}"),
+            }
+        }
+        let total: u64 = expected.iter().sum();
+        eventually(Duration::from_secs(10), Duration::from_millis(100), || async {
+            let p: Value = http
+                .get(format!("{poll_url}/api/polls/{poll}"))
+                .send()
+                .await
+                .map_err(|e| e.to_string())?
+                .json()
+                .await
+                .map_err(|e| e.to_string())?;
+            if counts(&p) == expected && p["votes"]["count"] == total {
+                Ok(())
+            } else {
+                Err(format!(
+                    "round {round}: the ballots show {expected:?}, the results {}",
+                    p["votes"]
+                ))
+            }
+        })
+        .await;
+        let audit: Value = http
+            .get(format!("{vote_url}/internal/polls/{poll}/audit"))
+            .send()
+            .await
+            .expect("audit")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(audit["consistent"], true, "round {round}: {audit}");
+        assert_eq!(audit["stored"]["total"], total, "{audit}");
+    }
+    eprintln!("{unanswered} of {} changes cut short by the kills", 3 * PER_ROUND);
+    if let Some(uri) = api_tests::mongo_uri() {
+        api_tests::drop_databases(uri, vec![format!("{db}_poll"), format!("{db}_vote")]);
+    }
 }

@@ -367,7 +367,7 @@ async fn the_poll_service_being_down_is_a_503_with_retry_after() {
 
 /// The environment of a service process started by a test; it serves on the listener it is
 /// handed (`Proc::spawn`), so no port is configured.
-fn env_for(data: &std::path::Path, poll_port: u16, vote_port: u16) -> Vec<(&'static str, String)> {
+pub(crate) fn env_for(data: &std::path::Path, poll_port: u16, vote_port: u16) -> Vec<(&'static str, String)> {
     let mut env = vec![
         ("DATA_DIR", data.display().to_string()),
         ("POLL_API", format!("http://127.0.0.1:{poll_port}")),
@@ -925,7 +925,7 @@ async fn replicas_on_one_database_count_once_and_agree() {
 }
 
 /// A number below `n`, at random (a fresh UUID's bits: the tests have no RNG of their own).
-fn random_below(n: u64) -> u64 {
+pub(crate) fn random_below(n: u64) -> u64 {
     uuid::Uuid::new_v4().as_u64_pair().0 % n
 }
 
