@@ -42,6 +42,10 @@ reads: --clients clients read one poll (results always, 300 ballots) with `GET /
 If-None-Match: every answer must be a full 200. mixed: the viral profile from one pool of --clients
 clients: 10 % ballots on one poll (dedupe none), 45 % `GET /api/polls/{id}` of that poll, 45 %
 `GET /api/polls?limit=20`; reads/s and ballots/s with the p99 of each; any non-200 read is an error.
+replacements: 400 ballots per client (at most 20,000; --smoke: 1,000) are cast on one poll (dedupe voter), then
+--clients clients replace them round robin (`PUT /api/votes/{id}` with each ballot's receipt, a
+new option every time); replacements/s against hot-poll's ballots/s; any non-200 is an error, and
+the audit must be consistent with exactly the cast ballots stored.
 
 viral: one poll with dedupe none takes --viral-ballots ballots as fast as --clients clients can send
 them, while --viral-watchers SSE subscribers and one reader (GET /api/polls/{id}, 20 per second)
@@ -104,7 +108,7 @@ struct Args {
     #[arg(long, value_name = "LIST", value_delimiter = ',', action = ArgAction::Set, default_value = "all",
         default_value_if("smoke", "true", "all,viral"),
         value_parser = ["all", "get-ceiling", "store-raw", "hot-poll", "hot-poll-open", "many-polls",
-            "duplicates", "reads", "mixed", "watchers", "viral"])]
+            "duplicates", "replacements", "reads", "mixed", "watchers", "viral"])]
     scenarios: Vec<String>,
     /// SSE subscribers of watchers
     #[arg(long, value_name = "N", default_value_t = 1000)]
@@ -224,6 +228,9 @@ impl Args {
 
 /// watchers: subscribers connecting at the same time (the rest wait for a permit).
 const OPENING: usize = 64;
+/// Ballots the `replacements` scenario casts first and then replaces, round robin (fewer with
+/// few clients: 400 per client).
+const REPLACED_BALLOTS: usize = 20_000;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ServiceInfo {
@@ -547,6 +554,26 @@ impl Bench {
         Ok(())
     }
 
+    /// `replacements`: ballots cast before the run replaced by their voters (`PUT /api/votes/{id}`
+    /// with the receipt), round robin, as fast as the clients go: against hot-poll's new ballots,
+    /// what a change costs.
+    async fn replacements(&mut self) -> Result<(), String> {
+        let name = "replacements";
+        let polls = scenarios::create_polls(self.poll.addr, 1, "bench replacements", 1, "voter").await?;
+        let n = if self.args.smoke {
+            1000
+        } else {
+            REPLACED_BALLOTS.min(self.args.clients.max(1) * 400)
+        };
+        eprintln!("== {name}: casting {n} ballots to replace");
+        let held = scenarios::cast_held(self.vote.addr, &polls[0], n, &format!("{}-{name}", self.run_id), 16).await?;
+        let w = Arc::new(scenarios::Replacements::new(self.vote.addr, held));
+        let mut s = self.measure(name, "vote", self.closed(), w, &[]).await?;
+        s.invariants = Some(scenarios::audit_replaced(self.vote.addr, &polls[0], n as u64).await?);
+        self.add(s);
+        Ok(())
+    }
+
     /// `reads`: every client reads one poll with a few hundred ballots (full answers).
     async fn reads(&mut self) -> Result<(), String> {
         let name = "reads";
@@ -827,6 +854,9 @@ impl Bench {
                     .push("duplicates: no 409 and no replay seen: the workload did not repeat ballots".into());
             }
             self.add(s);
+        }
+        if self.args.wants("replacements") {
+            self.replacements().await?;
         }
         if self.args.wants("reads") {
             self.reads().await?;

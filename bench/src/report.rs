@@ -86,6 +86,16 @@ fn targets(r: &Report) -> Vec<Target> {
             met: Some(rss <= 64 * 1024),
         });
     }
+    // Issue 12: a voter's change costs at most twice a new ballot.
+    if let (Some(rp), Some(h)) = (r.scenario("replacements"), hot) {
+        let ratio = rp.ok_per_s / h.ok_per_s.max(1e-9);
+        out.push(Target {
+            what: "replacements / hot-poll ballots",
+            goal: "≥ 50 %".into(),
+            measured: format!("{:.0} % ({:.0}/s)", ratio * 100.0, rp.ok_per_s),
+            met: Some(ratio >= 0.50),
+        });
+    }
     // Issue 15: reads of one poll at the speed of the HTTP stack.
     if let (Some(rd), Some(c)) = (r.scenario("reads"), r.scenario("get-ceiling-poll")) {
         let ratio = rd.ok_per_s / c.ok_per_s.max(1e-9);

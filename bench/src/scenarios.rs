@@ -333,6 +333,123 @@ impl Workload for Ballots {
     }
 }
 
+/// Replacements of ballots cast before the run (`PUT /api/votes/{id}` with each ballot's
+/// receipt, a `choice` poll of options a, b, c), round robin over the ballots: request `i` gives
+/// ballot `i mod n` the option after the one it gave it last time, so every request changes the
+/// ballot (never a no-op) and no two requests in flight touch one ballot unless the clients
+/// outnumber the ballots.
+pub struct Replacements {
+    addr: SocketAddr,
+    /// (ballot id, receipt)
+    held: Vec<(String, String)>,
+}
+
+impl Replacements {
+    pub fn new(addr: SocketAddr, held: Vec<(String, String)>) -> Self {
+        Self { addr, held }
+    }
+}
+
+impl Workload for Replacements {
+    fn build(&self, i: u64, buf: &mut Vec<u8>) -> Tag {
+        let n = self.held.len() as u64;
+        let (id, receipt) = &self.held[(i % n) as usize];
+        // Cast with option a (0); round r of replacements gives option (r + 1) mod 3.
+        let option = ((i / n + 1) % 3) as usize;
+        let body = format!(r#"{{"option":"{}"}}"#, OPTIONS[option]);
+        let auth = format!("Bearer {receipt}");
+        write_request(
+            buf,
+            "PUT",
+            self.addr,
+            &format!("/api/votes/{id}"),
+            &[("authorization", &auth)],
+            Some(body.as_bytes()),
+        );
+        Tag::default()
+    }
+    fn polls(&self) -> usize {
+        0
+    }
+    fn options(&self) -> usize {
+        0
+    }
+    fn conflicts_expected(&self) -> bool {
+        false
+    }
+    fn success(&self) -> u16 {
+        200
+    }
+}
+
+/// Casts `n` ballots for option a on `poll` (`dedupe: voter`) over `parallel` connections: each
+/// ballot's id and receipt, for [`Replacements`].
+pub async fn cast_held(
+    vote: SocketAddr,
+    poll: &str,
+    n: usize,
+    run: &str,
+    parallel: usize,
+) -> Result<Vec<(String, String)>, String> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..parallel.clamp(1, n.max(1)) {
+        let (next, poll, run) = (next.clone(), poll.to_owned(), run.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let mut conn = Conn::connect(vote).await.map_err(|e| e.to_string())?;
+            let mut held = Vec::new();
+            loop {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                if k >= n {
+                    return Ok::<_, String>(held);
+                }
+                let body =
+                    serde_json::json!({"poll_id": poll, "option": OPTIONS[0], "voter_id": format!("{run}-h{k}")});
+                let req = request("POST", vote, "/api/votes", &[], Some(body.to_string().as_bytes()));
+                let (status, v) = json_call(&mut conn, &req).await?;
+                match (status, v["id"].as_str(), v["receipt"].as_str()) {
+                    (201, Some(id), Some(receipt)) => held.push((id.to_owned(), receipt.to_owned())),
+                    _ => return Err(format!("casting a ballot to replace: {status} {v}")),
+                }
+            }
+        }));
+    }
+    let mut all = Vec::with_capacity(n);
+    for t in tasks {
+        all.extend(t.await.map_err(|e| e.to_string())??);
+    }
+    Ok(all)
+}
+
+/// The invariants after replacements of `ballots` ballots of `poll`: the vote service's audit is
+/// consistent (tally = recount of the stored ballots) and there are still exactly `ballots`.
+pub async fn audit_replaced(vote: SocketAddr, poll: &str, ballots: u64) -> Result<Invariants, String> {
+    let start = Instant::now();
+    let v = fetch_audits(vote, &[poll.to_owned()]).await?.remove(0);
+    let total = |t: &Value| t["total"].as_u64().unwrap_or(u64::MAX);
+    let (tallied, stored) = (total(&v["tally"]), total(&v["stored"]));
+    let consistent = v["consistent"] == Value::Bool(true);
+    let mut problems = Vec::new();
+    if !consistent || tallied != stored {
+        problems.push(format!("poll {poll}: tally {} != stored {}", v["tally"], v["stored"]));
+    }
+    if stored != ballots {
+        problems.push(format!(
+            "poll {poll}: {stored} ballots stored, {ballots} cast and only replaced"
+        ));
+    }
+    Ok(Invariants {
+        polls_checked: 1,
+        accepted: ballots,
+        stored,
+        tallied,
+        ok: problems.is_empty(),
+        consistent,
+        problems,
+        audit_s: start.elapsed().as_secs_f64(),
+    })
+}
+
 async fn json_call(conn: &mut Conn, req: &[u8]) -> Result<(u16, Value), String> {
     let res = conn.send(req).await.map_err(|e| e.to_string())?;
     let v = serde_json::from_slice(&res.body).unwrap_or(Value::Null);
