@@ -101,6 +101,7 @@ fn ballot(poll_id: &str, client: usize, n: u64) -> BallotRecord {
         // Every ballot the service stores has a receipt (and so, on the embedded store, an id row).
         receipt_hash: Some("0".repeat(64)),
         updated_at: None,
+        revision: 0,
     }
 }
 

@@ -45,6 +45,11 @@ pub struct BallotRecord {
     /// When its voter last replaced its marks (`PUT /api/votes/{id}`), if ever.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated_at: Option<DateTime<Utc>>,
+    /// How many changes of its identity's ballot (replacements, withdrawals, votes again) came
+    /// before this state of it, where a store keeps them apart (MongoDB); a change read at one
+    /// revision applies only if no other came first. Not stored in the ballot itself.
+    #[serde(skip)]
+    pub revision: u64,
 }
 
 /// What happened to a ballot handed to the store.
@@ -76,6 +81,7 @@ impl BallotRecord {
             created_at: Utc::now(),
             receipt_hash: None,
             updated_at: None,
+            revision: 0,
         }
     }
 

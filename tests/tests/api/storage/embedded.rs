@@ -7,7 +7,7 @@ use poll_service::store::contract::{poll_store_concurrency_contract, poll_store_
 use poll_service::store::embedded::EmbeddedPollStore;
 use vote_service::ballot::CastOutcome;
 use vote_service::store::BallotStore;
-use vote_service::store::contract::{ballot_store_contract, sample_ballot};
+use vote_service::store::contract::{ballot_store_contract, revision_contract, sample_ballot};
 use vote_service::store::embedded::EmbeddedBallotStore;
 
 #[tokio::test]
@@ -29,6 +29,13 @@ async fn embedded_ballot_store_meets_the_contract() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = EmbeddedBallotStore::open(&dir.path().join("vote.redb")).expect("open");
     ballot_store_contract(Arc::new(store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_revision_contract() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = EmbeddedBallotStore::open(&dir.path().join("vote.redb")).expect("open");
+    revision_contract(&[Arc::new(store)]).await;
 }
 
 #[tokio::test]

@@ -4,11 +4,11 @@
 //! - `<ballots>_counters`: one document per (poll, writer), `_id = "<poll_id>:<w>"`,
 //!   `{poll_id, w, seq, n, o: {"<option>": count}, at}`: the counts of every ballot of that poll
 //!   written by `w` in batches `s <= seq`, and of every revision of a ballot (a replacement, a
-//!   withdrawal, a vote again after one, see the `mongo` module docs) made by `w` in those
-//!   batches: what it took away and what it added. A writer's revisions may take away more than
-//!   its ballots added (it withdrew ballots another writer stored), so counts are kept modulo 2^64
-//!   (stored as the same 64 bits in an `Int64`; see [`Tally::remove_n`]); the sum of all counters
-//!   and tails is the exact tally. Only ever moved by one conditional single-document
+//!   withdrawal, a vote again after one: a document of its own, see the `mongo` module docs)
+//!   stored by `w` in those batches: what it took away and what it added. A writer's revisions may
+//!   take away more than its ballots added (it withdrew ballots another writer stored), so counts
+//!   are kept modulo 2^64 (stored as the same 64 bits in an `Int64`; see [`Tally::remove_n`]); the
+//!   sum of all counters and tails is the exact tally. Only ever moved by one conditional single-document
 //!   update (`{_id, seq: from}` → `$inc` the batch counts, `$set: {seq: to}`), so a retry after a
 //!   lost reply cannot count a batch twice, and a ballot is counted by its counter exactly when its
 //!   `s` is at most the counter's `seq`.
@@ -28,7 +28,6 @@ use super::tallies::{Plan, Refreshed};
 use shared::contract::Tally;
 use shared::mongo::{RetryPolicy, bad, ensure_collection, index, is_duplicate_key, req_str, to_i64, uint_of};
 
-use super::Entries;
 use shared::storage::{StoreError, StoreResult};
 
 use crate::ballot::Marked;
@@ -166,24 +165,24 @@ fn counts_doc(t: &Tally) -> Document {
     d
 }
 
-/// The `$group` key of the passes that count `entries`: what they add (`c`, `r`, `x`) and take
-/// away (`sc`, `sr`, `sx`), plus `extra` (name → field of the entry: `poll_id`, `w`, `s`).
-fn group_key(entries: Entries, extra: &[(&str, &str)]) -> Document {
+/// The `$group` key of the passes that count ballots and revisions: what they add (`c`, `r`,
+/// `x`), what they take away (`sc`, `sr`, `sx`) and how they change the number of ballots (`d`,
+/// revisions only), plus `extra` (name → field: `poll_id`, `w`, `s`).
+fn group_key(extra: &[(&str, &str)]) -> Document {
     let mut key: Document = extra
         .iter()
-        .map(|(name, field)| ((*name).to_owned(), Bson::String(entries.path(field))))
+        .map(|(name, field)| ((*name).to_owned(), Bson::String(format!("${field}"))))
         .collect();
-    match entries {
-        Entries::Ballots => {
-            key.insert("c", "$choices");
-            key.insert("r", "$ranking");
-            key.insert("x", "$scores");
-        }
-        Entries::Revisions => {
-            for f in ["c", "r", "x", "sc", "sr", "sx"] {
-                key.insert(f, format!("$revs.{f}"));
-            }
-        }
+    for (name, field) in [
+        ("c", "choices"),
+        ("r", "ranking"),
+        ("x", "scores"),
+        ("sc", "sc"),
+        ("sr", "sr"),
+        ("sx", "sx"),
+        ("d", "d"),
+    ] {
+        key.insert(name, format!("${field}"));
     }
     key
 }
@@ -211,80 +210,25 @@ fn count_group(t: &mut Tally, key: &Document, n: u64) -> StoreResult<()> {
     Ok(())
 }
 
-/// `filter` (on a ballot's `poll_id`, `w` and `s`; or an `$or` of such clauses) for revisions:
-/// on their `revs.w` and `revs.s`. Clauses for ballots without a writer are left out (every
-/// revision has one); `None` when nothing is left.
-fn for_revisions(filter: &Document) -> Option<Document> {
-    if let Ok(any) = filter.get_array("$or") {
-        let clauses: Vec<Bson> = any
-            .iter()
-            .filter_map(|c| c.as_document().and_then(for_revisions).map(Bson::Document))
-            .collect();
-        return (!clauses.is_empty()).then(|| doc! { "$or": clauses });
-    }
-    if filter.get("w") == Some(&Bson::Null) {
-        return None;
-    }
-    Some(
-        filter
-            .iter()
-            .map(|(k, v)| match k.as_str() {
-                "w" | "s" => (format!("revs.{k}"), v.clone()),
-                _ => (k.clone(), v.clone()),
-            })
-            .collect(),
-    )
-}
-
-/// Counts the entries that change tallies and match `filter` (see [`for_revisions`]): the
-/// ballots (their first marks, at their own `w` and `s`) and their revisions (at theirs),
-/// grouped by what they change and by `extra` (see [`group_key`]). One aggregation each.
+/// Counts the documents (ballots and revisions) matching `filter`, grouped by what they change
+/// and by `extra` (see [`group_key`]): each group's key and count.
 pub(super) async fn count_groups(
     ballots: &Collection<Document>,
     retry: &RetryPolicy,
     filter: &Document,
     extra: &[(&str, &str)],
 ) -> StoreResult<Vec<(Document, u64)>> {
-    Ok(count_entries(ballots, retry, filter, extra)
+    let pipeline = vec![
+        doc! { "$match": filter.clone() },
+        doc! { "$group": { "_id": group_key(extra), "n": { "$sum": 1 } } },
+    ];
+    collect(ballots, retry, pipeline)
         .await?
         .into_iter()
-        .map(|(key, n, _)| (key, n))
-        .collect())
-}
-
-/// [`count_groups`], each group with whether it counts revisions (else ballots).
-async fn count_entries(
-    ballots: &Collection<Document>,
-    retry: &RetryPolicy,
-    filter: &Document,
-    extra: &[(&str, &str)],
-) -> StoreResult<Vec<(Document, u64, bool)>> {
-    let first = vec![
-        doc! { "$match": filter.clone() },
-        doc! { "$group": { "_id": group_key(Entries::Ballots, extra), "n": { "$sum": 1 } } },
-    ];
-    let revised = for_revisions(filter).map(|f| {
-        vec![
-            doc! { "$match": f.clone() },
-            doc! { "$unwind": "$revs" },
-            doc! { "$match": f },
-            doc! { "$group": { "_id": group_key(Entries::Revisions, extra), "n": { "$sum": 1 } } },
-        ]
-    });
-    let (a, b) = futures_util::future::try_join(collect(ballots, retry, first), async {
-        match revised {
-            Some(p) => collect(ballots, retry, p).await,
-            None => Ok(Vec::new()),
-        }
-    })
-    .await?;
-    let ballots = a.into_iter().map(|g| (g, false));
-    ballots
-        .chain(b.into_iter().map(|g| (g, true)))
-        .map(|(g, revision)| {
+        .map(|g| {
             let key = g.get_document("_id").map_err(|_| bad("tally group"))?.clone();
             let n = g.get("n").and_then(uint_of).ok_or_else(|| bad("tally count"))?;
-            Ok((key, n, revision))
+            Ok((key, n))
         })
         .collect()
 }
@@ -456,38 +400,20 @@ impl Counters {
         for (key, n) in count_groups(&self.ballots, &self.retry, &filter, &[]).await? {
             count_group(&mut t, &key, n)?;
         }
-        // The last batch, from the indexes' ends (not `$max`, which some servers lack). A
-        // revision's comes from the highest `revs.s` of the newest document, which may be another
-        // writer's revision of it: at worst a later batch than `w` wrote, which is harmless where
-        // it is used (adopting a dead writer, which writes no more batches).
-        let revisions = for_revisions(&filter).unwrap_or_default();
-        let (newest, newest_revised) = futures_util::future::try_join(
-            self.retry.run(|| {
+        // The last batch, from the index's end (not `$max`, which some servers lack).
+        let newest = self
+            .retry
+            .run(|| {
                 self.ballots
                     .find_one(filter.clone())
                     .sort(doc! { "poll_id": -1, "w": -1, "s": -1 })
                     .projection(doc! { "s": 1 })
-            }),
-            self.retry.run(|| {
-                self.ballots
-                    .find_one(revisions.clone())
-                    .sort(doc! { "poll_id": -1, "revs.w": -1, "revs.s": -1 })
-                    .projection(doc! { "revs.s": 1 })
-            }),
-        )
-        .await?;
-        let revised_last = newest_revised.and_then(|d| {
-            d.get_array("revs")
-                .ok()?
-                .iter()
-                .filter_map(|r| r.as_document()?.get("s").and_then(uint_of))
-                .max()
-        });
+            })
+            .await?;
         let last = newest
             .and_then(|d| d.get("s").and_then(uint_of))
-            .into_iter()
-            .chain(revised_last)
-            .fold(after, u64::max);
+            .unwrap_or(after)
+            .max(after);
         Ok((t, last))
     }
 
@@ -621,8 +547,9 @@ impl Counters {
         let filter = doc! { "poll_id": poll };
         let mut batches: HashMap<i64, BTreeMap<u64, Tally>> = HashMap::new();
         let mut ballots = 0;
-        for (key, n, revision) in count_entries(&self.ballots, slow, &filter, &[("w", "w"), ("s", "s")]).await? {
-            if !revision {
+        for (key, n) in count_groups(&self.ballots, slow, &filter, &[("w", "w"), ("s", "s")]).await? {
+            // Ballots, not their revisions (which carry `d`).
+            if !key.contains_key("d") {
                 ballots += n;
             }
             let Ok(w) = writer_of(&key, "w") else { continue }; // without a writer: always in the tail

@@ -39,23 +39,23 @@
 //!   the ballots (after a failover); `recount` reads the ballots one by one (one streamed cursor) as the
 //!   ground truth the tally must equal.
 //!
-//! # Replaced and withdrawn ballots: revisions inside the ballot's document
+//! # Replaced and withdrawn ballots: revisions are documents of their own
 //!
-//! A ballot's document stays its identity for good. Its top-level marks, `w` and `s` are its
-//! first contribution to the tally and never change. A voter's change is a *revision*, appended
-//! to the document's `revs` array by one conditional single-document update (`{_id, v: n}` →
-//! `$push` the revision, `$set: {v: n + 1, cur, gone, …}`), so it is atomic with the ballot's new
-//! state: a crash at any instant leaves it applied or not, never half. A revision
-//! `{w, s, t, c/r/x, sc/sr/sx}` holds what it adds (`c`, `r`, `x`: the new marks; none for a
-//! withdrawal) and what it takes away (`sc`, `sr`, `sx`: the marks it replaced; none for a vote
-//! cast again after a withdrawal), and the writer and batch that made it, exactly like a new
-//! ballot: the counters count revisions by their own `(w, s)` with the same rule (counter when
-//! `s <= seq`, else the tail, index `{poll_id, revs.w, revs.s}`), taking away what they take away.
-//! Concurrent changes of one ballot serialise on `v`: one wins per version, the others read the
-//! ballot again and apply theirs to the marks it has then. A withdrawn ballot keeps its document
-//! (`gone: true`, the ballot id no longer found); a vote cast again by the same identity is a
-//! revision of it that adds the new marks under a new ballot id and receipt. `t` is a random
-//! token, so a retried update whose first reply was lost recognises its own revision.
+//! A stored document is never changed (only a replay's receipt is). A voter's change is a
+//! *revision*: a new document `_id = "<poll_id>:<key>#<v>"` (`v` = 1, 2, …, ten digits, so that a
+//! ballot's documents are adjacent and in order in the `_id` index), holding the whole ballot as
+//! it is after the change (ballot id, receipt hash, marks; `gone: true` and no marks for a
+//! withdrawal), what it takes away (`sc`, `sr`, `sx`: the marks it replaces; none for a vote cast
+//! again after a withdrawal) and `d`, what it does to the number of ballots (0, -1, +1). It is
+//! inserted through the same group-commit writer as ballots, with the batch's `w` and `s`, so the
+//! counters and tails count it exactly like a ballot (adding its marks, taking away `sc`/`sr`/
+//! `sx`), and a crash cannot split a change: its one document is stored or not. The latest
+//! document of a ballot (its highest `_id`) is the ballot now. Concurrent changes of one ballot
+//! race for the same `v`, whose `_id` lets one in (11000 for the others, which read the ballot
+//! again and apply their change to what it holds then). A withdrawn ballot's identity may vote
+//! again: a revision that adds the new ballot, with its new id and receipt. The audit's recount
+//! reads each ballot's latest document (the `_id` index, in order), not the deltas, so it checks
+//! the counters' arithmetic.
 //!
 //! # Shard key (MongoDB sharded clusters, Cosmos DB partition keys)
 //!
@@ -87,7 +87,7 @@ use shared::contract::Tally;
 use shared::internal::BallotLine;
 use shared::mongo::{
     Decision, RetryPolicy, bad, classify, database, ensure_collection, fmt_time, index, opt_bson, opt_str, req_str,
-    req_time, uint_of,
+    req_time, to_i64, uint_of,
 };
 use shared::storage::{StoreError, StoreResult};
 use tokio::sync::{mpsc, oneshot};
@@ -97,7 +97,7 @@ mod tallies;
 mod writer;
 use counters::Counters;
 use tallies::{Read, Tallies};
-use writer::{InsertJob, Job, ReviseJob, Writer, applier, lease_keeper};
+use writer::{InsertJob, Writer, applier, lease_keeper};
 
 use super::{BallotStore, Repair, Revised, Revision};
 use crate::ballot::{BallotRecord, CastOutcome, Marked};
@@ -155,64 +155,70 @@ pub fn ballot_to_doc(b: &BallotRecord) -> Document {
     d
 }
 
-/// The fields of a ballot document that say what it marks now (the projection of the passes
-/// that count ballots): its first marks, and its current ones once revised (`cur`, `gone`).
-const MARK_FIELDS: [&str; 5] = ["choices", "ranking", "scores", "cur", "gone"];
+/// The fields of a ballot document that say what it marks (the projection of the passes that
+/// count ballots).
+const MARK_FIELDS: [&str; 3] = ["choices", "ranking", "scores"];
 
-/// What counts in a tally: a ballot's first marks, or a revision of a ballot.
-#[derive(Debug, Clone, Copy)]
-enum Entries {
-    Ballots,
-    Revisions,
+/// The `_id` of revision `v` of the ballot whose `_id` is `base`.
+fn revision_id(base: &str, v: u64) -> String {
+    format!("{base}#{v:010}")
 }
 
-impl Entries {
-    /// The aggregation path of an entry's `field` (`poll_id`, `w`, `s`).
-    fn path(self, field: &str) -> String {
-        match (self, field) {
-            (Self::Revisions, "w" | "s") => format!("$revs.{field}"),
-            _ => format!("${field}"),
-        }
-    }
+/// The documents of the ballot whose `_id` is `base` (itself and its revisions): the `_id` range
+/// `[base, base + "$")`. (The range alone: SecantusDB plans a `poll_id` equality beside it on
+/// another index, or, hinted, walks far more of the `_id` index than the range: 100–250 ms
+/// instead of 1 ms. On a sharded cluster this lookup is therefore not targeted by `poll_id`.)
+fn documents_of(base: &str) -> Document {
+    doc! { "_id": { "$gte": base, "$lt": format!("{base}$") } }
 }
 
-/// The marks as a revision or a `cur` field stores them (`c`, `r`, `x`).
-fn marks_doc(m: &Marked, prefix: &str) -> Document {
-    let list = |v: &[u32]| v.iter().map(|&c| i64::from(c)).collect::<Vec<_>>();
-    let mut d = doc! { format!("{prefix}c"): list(&m.choices) };
-    if let Some(r) = &m.ranking {
-        d.insert(format!("{prefix}r"), list(r));
-    }
-    if let Some(x) = &m.scores {
-        d.insert(format!("{prefix}x"), list(x));
-    }
-    d
-}
-
-/// Whether a ballot document is withdrawn.
+/// Whether a ballot's latest document withdraws it.
 fn is_gone(d: &Document) -> bool {
     d.get_bool("gone").unwrap_or(false)
 }
 
-/// A ballot document's revision number (0: never revised).
+/// A ballot document's revision number (0: the ballot as first cast).
 fn version_of(d: &Document) -> u64 {
     d.get("v").and_then(uint_of).unwrap_or(0)
 }
 
-/// What a ballot document marks now: its `cur` once revised, else its first marks.
-fn current_marks(d: &Document) -> StoreResult<Marked> {
-    match d.get_document("cur") {
-        Ok(cur) => {
-            let mut m = Document::new();
-            for (from, to) in [("c", "choices"), ("r", "ranking"), ("x", "scores")] {
-                if let Some(v) = cur.get(from) {
-                    m.insert(to, v.clone());
-                }
-            }
-            marks_of(&m)
-        }
-        Err(_) => marks_of(d),
+/// Revision `v` of ballot `b` (as it is after the change: see the module docs): it takes away
+/// `sub`, adds `b`'s marks unless it withdraws the ballot, and changes the number of ballots by
+/// `d`.
+///
+/// `t`, a random token, tells the change that stored it: an insert retried after a lost reply
+/// meets its own document (11000) and recognises it.
+fn revision_doc(b: &BallotRecord, v: u64, sub: Option<&Marked>, withdraws: bool) -> Document {
+    let list = |v: &[u32]| v.iter().map(|&c| i64::from(c)).collect::<Vec<_>>();
+    let mut d = ballot_to_doc(b);
+    d.insert("_id", revision_id(&ballot_id(&b.poll_id, &b.key), v));
+    d.insert("v", to_i64(v));
+    d.insert("t", rand::random::<i64>());
+    let delta = match (sub, withdraws) {
+        (None, _) => 1,
+        (Some(_), false) => 0,
+        (Some(_), true) => -1,
+    };
+    d.insert("d", delta);
+    if let Some(at) = b.updated_at {
+        d.insert("updated_at", fmt_time(at));
     }
+    if withdraws {
+        for field in MARK_FIELDS {
+            d.remove(field);
+        }
+        d.insert("gone", true);
+    }
+    if let Some(m) = sub {
+        d.insert("sc", list(&m.choices));
+        if let Some(r) = &m.ranking {
+            d.insert("sr", list(r));
+        }
+        if let Some(x) = &m.scores {
+            d.insert("sx", list(x));
+        }
+    }
+    d
 }
 
 fn list_of(d: &Document, field: &str) -> StoreResult<Option<Vec<u32>>> {
@@ -245,9 +251,9 @@ fn mark_projection(extra: &[&str]) -> Document {
         .collect()
 }
 
-/// The ballot a document holds now (whether it is withdrawn is [`is_gone`]).
+/// The ballot a document (a ballot's or a revision's, not a withdrawal's) holds.
 fn doc_to_ballot(d: &Document) -> StoreResult<BallotRecord> {
-    let m = current_marks(d)?;
+    let m = marks_of(d)?;
     Ok(BallotRecord {
         id: req_str(d, "ballot_id")?,
         poll_id: req_str(d, "poll_id")?,
@@ -264,6 +270,7 @@ fn doc_to_ballot(d: &Document) -> StoreResult<BallotRecord> {
             None | Some(mongodb::bson::Bson::Null) => None,
             Some(_) => Some(req_time(d, "updated_at")?),
         },
+        revision: version_of(d),
     })
 }
 
@@ -278,7 +285,9 @@ pub struct MongoBallotStore {
     /// What the writer, the applier, the lease keeper and the tally reads share.
     shared: Writer,
     /// The group-commit writer's queue (see [`writer`]).
-    inserts: mpsc::Sender<Job>,
+    inserts: mpsc::Sender<InsertJob>,
+    /// Lookups of ballots by id, answered in batches (see [`lookups`]).
+    lookups: mpsc::Sender<Lookup>,
     /// Held while a read refreshes tallies nothing was kept for.
     inline: Arc<tokio::sync::Mutex<()>>,
     /// Stops the store's background tasks when the store is dropped.
@@ -331,15 +340,10 @@ impl MongoBallotStore {
         // A voter checking a receipt names only the ballot id (on a sharded cluster this one read
         // goes to every shard).
         let ballot_id = index("ballot_id", doc! { "ballot_id": 1 });
-        // Revisions by writer and batch, as ballots are by `poll_writer_seq` (a multikey index).
-        let poll_revision_seq = index(
-            "poll_revision_writer_seq",
-            doc! { "poll_id": 1, "revs.w": 1, "revs.s": 1 },
-        );
         ensure_collection(
             &db,
             BALLOTS_COLLECTION,
-            vec![poll_voter, poll_writer_seq, ballot_id, poll_revision_seq],
+            vec![poll_voter, poll_writer_seq, ballot_id],
             &retry,
         )
         .await?;
@@ -361,6 +365,8 @@ impl MongoBallotStore {
         let stop = tokio_util::sync::CancellationToken::new();
         let (inserts, queue) = mpsc::channel(INSERT_QUEUE);
         tokio::spawn(writer::writer(shared.clone(), queue, tuning.batches_in_flight.max(1)));
+        let (lookups, asked) = mpsc::channel(INSERT_QUEUE);
+        tokio::spawn(lookups_task(ballots.clone(), retry.clone(), asked));
         tokio::spawn(applier(shared.clone(), stop.clone()));
         tokio::spawn(lease_keeper(shared.clone(), stop.clone()));
         if !existed {
@@ -385,29 +391,33 @@ impl MongoBallotStore {
             retry,
             shared,
             inserts,
+            lookups,
             inline: Arc::new(tokio::sync::Mutex::new(())),
             _stop: stop.drop_guard(),
         })
     }
 
-    /// Inserts one ballot document through the writer: `true` when stored now, `false` when its
-    /// `_id` already existed. Returns once the insert is acknowledged with the store's write
-    /// concern (durable).
-    async fn insert(&self, doc: Document, ballot: &BallotRecord) -> StoreResult<bool> {
+    /// Inserts one document (a ballot, or a revision of one) through the writer: `true` when
+    /// stored now, `false` when its `_id` already existed. It adds `add` to its poll's tally and
+    /// takes away `sub`. Returns once the insert is acknowledged with the store's write concern
+    /// (durable).
+    async fn insert(
+        &self,
+        doc: Document,
+        poll_id: &str,
+        (add, sub): (Option<Marked>, Option<Marked>),
+    ) -> StoreResult<bool> {
         let (reply, answer) = oneshot::channel();
         let job = InsertJob {
             doc,
-            poll_id: ballot.poll_id.clone(),
-            marks: Marked {
-                choices: ballot.choices.clone(),
-                ranking: ballot.ranking.clone(),
-                scores: ballot.scores.clone(),
-            },
+            poll_id: poll_id.to_owned(),
+            add,
+            sub,
             reply,
             span: shared::metrics::caller_span(),
         };
         self.inserts
-            .send(Job::Insert(job))
+            .send(job)
             .await
             .map_err(|_| StoreError::internal("the ballot writer has stopped"))?;
         answer
@@ -415,38 +425,38 @@ impl MongoBallotStore {
             .map_err(|_| StoreError::internal("the ballot writer dropped a ballot"))?
     }
 
-    /// Appends a revision to the ballot document `id` through the writer, if the document is
-    /// still at version `from`: `true` when applied, `false` when another change came first.
-    /// It takes away `sub` and adds `add` (see the module docs) and sets `set` besides.
-    async fn submit_revision(
-        &self,
-        (id, poll_id): (String, &str),
-        from: u64,
-        (add, sub): (Option<Marked>, Option<Marked>),
-        set: Document,
-    ) -> StoreResult<bool> {
-        let (reply, answer) = oneshot::channel();
-        let job = ReviseJob {
-            id,
-            poll_id: poll_id.to_owned(),
-            from,
-            add,
-            sub,
-            set,
-            reply,
-            span: shared::metrics::caller_span(),
-        };
-        self.inserts
-            .send(Job::Revise(job))
+    /// The latest document of the ballot `(poll_id, key)`: the ballot as it is now (see the
+    /// module docs), if it was ever cast.
+    async fn latest(&self, poll_id: &str, key: &str) -> StoreResult<Option<Document>> {
+        let filter = documents_of(&ballot_id(poll_id, key));
+        self.retry
+            .run(|| self.ballots.find_one(filter.clone()).sort(doc! { "_id": -1 }))
             .await
-            .map_err(|_| StoreError::internal("the ballot writer has stopped"))?;
-        answer
-            .await
-            .map_err(|_| StoreError::internal("the ballot writer dropped a revision"))?
     }
 
-    async fn find_doc(&self, id: &str) -> StoreResult<Option<Document>> {
-        self.retry.run(|| self.ballots.find_one(doc! { "_id": id })).await
+    /// One cursor over the poll's documents in `_id` order (a ballot's revisions right after it),
+    /// with `projection`; its first batch bounded by [`RECOUNT_BATCH_DEADLINE`].
+    async fn in_order(
+        &self,
+        poll_id: &str,
+        projection: Document,
+        batch: u32,
+    ) -> StoreResult<mongodb::Cursor<Document>> {
+        let first_batch = RetryPolicy {
+            deadline: RECOUNT_BATCH_DEADLINE,
+            ..self.retry.clone()
+        };
+        // The poll's `_id` range alone (see [`documents_of`]).
+        let filter = doc! { "_id": { "$gte": format!("{poll_id}:"), "$lt": format!("{poll_id};") } };
+        first_batch
+            .run(|| {
+                self.ballots
+                    .find(filter.clone())
+                    .sort(doc! { "_id": 1 })
+                    .projection(projection.clone())
+                    .batch_size(batch)
+            })
+            .await
     }
 
     /// Folds the uncounted ballots of dead writers (whose lease ran out) into their counters;
@@ -456,44 +466,69 @@ impl MongoBallotStore {
         self.shared.counters.adopt_dead().await
     }
 
-    /// Counts the stored ballots of one poll with one cursor whose every batch (not the whole
-    /// pass) is bounded, by [`RECOUNT_BATCH_DEADLINE`], so a million ballots are read in full.
-    /// (Chunks by `_id` range with a limit are not used: some servers scan the rest of the range
-    /// for each.)
+    /// Counts the ballots of one poll as they are now (each one's latest document, unless it
+    /// withdraws it) with one cursor in `_id` order whose every batch (not the whole pass) is
+    /// bounded, by [`RECOUNT_BATCH_DEADLINE`], so a million ballots are read in full.
     async fn recount_streamed(&self, poll_id: &str) -> StoreResult<Tally> {
-        let filter = doc! { "poll_id": poll_id };
-        let failed = |e: MongoError| pass_failed(&self.retry, e, "a recount");
-        let first_batch = RetryPolicy {
-            deadline: RECOUNT_BATCH_DEADLINE,
-            ..self.retry.clone()
-        };
-        let mut cursor = first_batch
-            .run(|| {
-                self.ballots
-                    .find(filter.clone())
-                    .projection(mark_projection(&[]))
-                    .batch_size(10_000)
-            })
+        let mut cursor = self
+            .in_order(poll_id, mark_projection(&["key", "gone"]), 10_000)
             .await?;
         let mut tally = Tally::default();
+        let mut latest = Latest::default();
         loop {
-            match tokio::time::timeout(RECOUNT_BATCH_DEADLINE, cursor.advance()).await {
-                Ok(Ok(true)) => {
-                    let d: Document = cursor.deserialize_current().map_err(failed)?;
-                    if !is_gone(&d) {
-                        tally.add(current_marks(&d)?.marks());
-                    }
-                }
-                Ok(Ok(false)) => return Ok(tally),
-                Ok(Err(e)) => return Err(failed(e)),
-                Err(_) => {
-                    return Err(StoreError::unavailable(format!(
-                        "a batch of the recount took longer than {} s",
-                        RECOUNT_BATCH_DEADLINE.as_secs()
-                    )));
-                }
+            let next = next_document(&self.retry, &mut cursor, "a recount").await?;
+            let done = next.is_none();
+            if let Some(d) = latest.push(next)? {
+                tally.add(marks_of(&d)?.marks());
+            }
+            if done {
+                return Ok(tally);
             }
         }
+    }
+}
+
+/// The next document of a pass over many (a recount, an export), its batch bounded by
+/// [`RECOUNT_BATCH_DEADLINE`]; `None` at the end.
+async fn next_document(
+    retry: &RetryPolicy,
+    cursor: &mut mongodb::Cursor<Document>,
+    pass: &str,
+) -> StoreResult<Option<Document>> {
+    match tokio::time::timeout(RECOUNT_BATCH_DEADLINE, cursor.advance()).await {
+        Ok(Ok(true)) => cursor
+            .deserialize_current()
+            .map(Some)
+            .map_err(|e| pass_failed(retry, e, pass)),
+        Ok(Ok(false)) => Ok(None),
+        Ok(Err(e)) => Err(pass_failed(retry, e, pass)),
+        Err(_) => Err(StoreError::unavailable(format!(
+            "a batch of {pass} took longer than {} s",
+            RECOUNT_BATCH_DEADLINE.as_secs()
+        ))),
+    }
+}
+
+/// Follows a poll's documents in `_id` order and hands out each ballot's latest document, unless
+/// it withdraws the ballot.
+#[derive(Default)]
+struct Latest {
+    pending: Option<Document>,
+}
+
+impl Latest {
+    /// Takes the next document (`None`: the end); returns the previous ballot's latest document
+    /// once it is known to be its latest.
+    fn push(&mut self, next: Option<Document>) -> StoreResult<Option<Document>> {
+        let same_ballot = match (&self.pending, &next) {
+            (Some(p), Some(n)) => p.get_str("key").ok() == Some(req_str(n, "key")?.as_str()),
+            _ => false,
+        };
+        let done = if same_ballot { None } else { self.pending.take() };
+        if next.is_some() {
+            self.pending = next;
+        }
+        Ok(done.filter(|d| !is_gone(d)))
     }
 }
 
@@ -502,29 +537,22 @@ impl BallotStore for MongoBallotStore {
     async fn cast(&self, ballot: BallotRecord) -> StoreResult<CastOutcome> {
         let id = ballot_id(&ballot.poll_id, &ballot.key);
         let doc = ballot_to_doc(&ballot);
+        let adds = (Some(ballot.marked()), None);
         // A duplicate whose original vanished (purged meanwhile), or a withdrawn ballot another
         // change of got first, is tried again, a few times.
         for _ in 0..5 {
-            let inserted = self.insert(doc.clone(), &ballot).await?;
-            if inserted {
+            if self.insert(doc.clone(), &ballot.poll_id, adds.clone()).await? {
                 return Ok(CastOutcome::Accepted(ballot));
             }
-            let Some(stored) = self.find_doc(&id).await? else {
+            let Some(stored) = self.latest(&ballot.poll_id, &ballot.key).await? else {
                 continue;
             };
             if is_gone(&stored) {
-                // Withdrawn: this ballot takes its place, as a revision of its document.
-                let mut set = ballot_to_doc(&ballot);
-                for field in ["_id", "poll_id", "key", "choices", "ranking", "scores"] {
-                    set.remove(field);
-                }
-                set.insert("updated_at", mongodb::bson::Bson::Null);
-                let change = (Some(ballot.marked()), None);
-                if self
-                    .submit_revision((id.clone(), &ballot.poll_id), version_of(&stored), change, set)
-                    .await?
-                {
-                    return Ok(CastOutcome::Accepted(ballot));
+                // Withdrawn: this ballot takes its place, as the next revision.
+                let v = version_of(&stored) + 1;
+                let revision = revision_doc(&ballot, v, None, false);
+                if self.insert(revision, &ballot.poll_id, adds.clone()).await? {
+                    return Ok(CastOutcome::Accepted(BallotRecord { revision: v, ..ballot }));
                 }
                 continue;
             }
@@ -581,44 +609,51 @@ impl BallotStore for MongoBallotStore {
         Ok(out.into_iter().map(|t| t.unwrap_or_default().clamped()).collect())
     }
 
-    /// One aggregation for the page: ballots of the voters found by identity (`_id` lookups are
-    /// cheap on every server, FerretDB's SQLite backend included, which scans a collection for
-    /// any other filter) and, for the polls whose ballots are not keyed by voter, by the
-    /// `{poll_id, voter}` index; grouped by poll, so at most one document per poll comes back
-    /// however many ballots a voter has on a `none` dedupe poll. Every branch names its polls,
+    /// One aggregation for the page: the documents of the voters' ballots of these polls (index
+    /// `{poll_id, voter}`; a revision keeps its ballot's voter), counted per poll by what they do
+    /// to the number of ballots (`d`: a ballot as first cast has none and adds one, a withdrawal
+    /// takes one away, a vote again adds one), so at most four groups per poll come back however
+    /// many ballots a voter has on a `none` poll. Ballots keyed by their voter (`ip`, `voter`
+    /// dedupe) count when one of them is not withdrawn; on `none` polls (`keyed_by_voter: false`),
+    /// as on the embedded store, a voter who cast a ballot has voted. Every branch names its polls,
     /// so a sharded collection routes it to their shards only.
     async fn voted(&self, polls: &[(String, bool)], voters: &[String]) -> StoreResult<Vec<bool>> {
         if polls.is_empty() || voters.is_empty() {
             return Ok(vec![false; polls.len()]);
         }
-        let ids: Vec<String> = polls
-            .iter()
-            .flat_map(|(poll_id, _)| voters.iter().map(move |v| ballot_id(poll_id, v)))
-            .collect();
-        let unkeyed: Vec<&str> = polls
-            .iter()
-            .filter(|(_, keyed_by_voter)| !keyed_by_voter)
-            .map(|(poll_id, _)| poll_id.as_str())
-            .collect();
         let all: Vec<&str> = polls.iter().map(|(poll_id, _)| poll_id.as_str()).collect();
-        // (A withdrawn ballot keyed by its voter is no vote; on `none` polls, as on the embedded
-        // store, a voter who cast a ballot has voted.)
-        let mut any_of = vec![
-            doc! { "poll_id": { "$in": &all }, "_id": { "$in": &ids }, "voter": { "$in": voters }, "gone": { "$ne": true } },
+        let pipeline = vec![
+            doc! { "$match": { "poll_id": { "$in": &all }, "voter": { "$in": voters } } },
+            doc! { "$group": { "_id": { "p": "$poll_id", "d": "$d" }, "n": { "$sum": 1 } } },
         ];
-        if !unkeyed.is_empty() {
-            any_of.push(doc! { "poll_id": { "$in": &unkeyed }, "voter": { "$in": voters } });
-        }
-        let filter = match any_of.len() {
-            1 => any_of.remove(0),
-            _ => doc! { "$or": any_of },
-        };
-        let pipeline = vec![doc! { "$match": filter }, doc! { "$group": { "_id": "$poll_id" } }];
         let found = counters::collect(&self.ballots, &self.retry, pipeline).await?;
-        let found: std::collections::HashSet<&str> = found.iter().filter_map(|d| d.get_str("_id").ok()).collect();
+        // Per poll: (ballots cast, withdrawn, cast again).
+        let mut counts: std::collections::HashMap<&str, (u64, u64, u64)> = std::collections::HashMap::new();
+        for g in &found {
+            let key = g.get_document("_id").map_err(|_| bad("voted group"))?;
+            let Ok(poll) = key.get_str("p") else { continue };
+            let n = g.get("n").and_then(uint_of).unwrap_or(0);
+            let c = counts.entry(poll).or_default();
+            match key
+                .get("d")
+                .and_then(|d| d.as_i32().map(i64::from).or_else(|| d.as_i64()))
+            {
+                None => c.0 += n,
+                Some(-1) => c.1 += n,
+                Some(1) => c.2 += n,
+                Some(_) => {}
+            }
+        }
         Ok(polls
             .iter()
-            .map(|(poll_id, _)| found.contains(poll_id.as_str()))
+            .map(|(poll_id, keyed_by_voter)| {
+                let (cast, withdrawn, again) = counts.get(poll_id.as_str()).copied().unwrap_or_default();
+                if *keyed_by_voter {
+                    cast + again > withdrawn
+                } else {
+                    cast + again > 0
+                }
+            })
             .collect())
     }
 
@@ -634,10 +669,16 @@ impl BallotStore for MongoBallotStore {
         Ok(out)
     }
 
-    /// One single-document update, matched on the ballot's `_id` and ballot id (a retry of it sets
-    /// the same hash again).
+    /// One single-document update of the ballot's latest document, matched on its `_id` and
+    /// ballot id (a retry of it sets the same hash again).
     async fn reissue_receipt(&self, ballot: &BallotRecord, receipt_hash: &str) -> StoreResult<bool> {
-        let filter = doc! { "_id": ballot_id(&ballot.poll_id, &ballot.key), "ballot_id": &ballot.id };
+        let Some(latest) = self.latest(&ballot.poll_id, &ballot.key).await? else {
+            return Ok(false);
+        };
+        if is_gone(&latest) {
+            return Ok(false);
+        }
+        let filter = doc! { "_id": req_str(&latest, "_id")?, "ballot_id": &ballot.id };
         let res = self
             .retry
             .run(|| {
@@ -648,33 +689,43 @@ impl BallotStore for MongoBallotStore {
         Ok(res.matched_count == 1)
     }
 
-    /// Reads the ballot, then appends the revision through the writer at the version read; when
-    /// another change of it came first, reads it again and applies this one to what it holds then.
+    /// Inserts the next revision through the writer, first for the ballot as the caller read it
+    /// (`ballot.revision`, its marks), then, when another change of it took that revision number
+    /// first, for the ballot as it is then (read again).
     async fn revise(&self, ballot: &BallotRecord, change: Revision) -> StoreResult<Revised> {
-        let id = ballot_id(&ballot.poll_id, &ballot.key);
+        let base = ballot_id(&ballot.poll_id, &ballot.key);
+        let mut read = Some(ballot.clone());
         // 64 voters' devices changing one ballot at once take 64 rounds at worst.
         for _ in 0..MAX_REVISION_ROUNDS {
-            let Some(d) = self.find_doc(&id).await? else {
-                return Ok(Revised::Gone);
+            let stored = match read.take() {
+                Some(b) => b,
+                None => match self.latest(&ballot.poll_id, &ballot.key).await? {
+                    Some(d) if !is_gone(&d) && d.get_str("ballot_id").ok() == Some(ballot.id.as_str()) => {
+                        doc_to_ballot(&d)?
+                    }
+                    _ => return Ok(Revised::Gone),
+                },
             };
-            if is_gone(&d) || d.get_str("ballot_id").ok() != Some(ballot.id.as_str()) {
-                return Ok(Revised::Gone);
+            let was = stored.marked();
+            let v = stored.revision + 1;
+            let (revision, add, done) = match &change {
+                Revision::Replace(m) => {
+                    let mut now = stored.replaced(m.clone(), Utc::now());
+                    now.revision = v;
+                    let revision = revision_doc(&now, v, Some(&was), false);
+                    (revision, Some(m.clone()), Revised::Replaced(Box::new(now)))
+                }
+                Revision::Withdraw => (revision_doc(&stored, v, Some(&was), true), None, Revised::Withdrawn),
+            };
+            let token = revision.get("t").cloned();
+            if self.insert(revision, &ballot.poll_id, (add, Some(was))).await? {
+                return Ok(done);
             }
-            let stored = doc_to_ballot(&d)?;
-            let at = Utc::now();
-            let (add, set, done) = match &change {
-                Revision::Replace(m) => (
-                    Some(m.clone()),
-                    doc! { "updated_at": fmt_time(at) },
-                    Revised::Replaced(Box::new(stored.clone().replaced(m.clone(), at))),
-                ),
-                Revision::Withdraw => (None, Document::new(), Revised::Withdrawn),
-            };
-            let change = (add, Some(stored.marked()));
-            if self
-                .submit_revision((id.clone(), &ballot.poll_id), version_of(&d), change, set)
-                .await?
-            {
+            // Revision `v` exists: another change's, or this one's (an insert retried after a
+            // lost reply).
+            let id = revision_id(&base, v);
+            let existing = self.retry.run(|| self.ballots.find_one(doc! { "_id": &id })).await?;
+            if existing.is_some_and(|d| d.get("t") == token.as_ref()) {
                 return Ok(done);
             }
         }
@@ -684,58 +735,65 @@ impl BallotStore for MongoBallotStore {
         )))
     }
 
+    /// The ballot with this id as it is now, unless withdrawn.
     async fn ballot(&self, ballot_id: &str) -> StoreResult<Option<BallotRecord>> {
-        let found = self
-            .retry
-            .run(|| self.ballots.find_one(doc! { "ballot_id": ballot_id }))
-            .await?;
-        found.as_ref().filter(|d| !is_gone(d)).map(doc_to_ballot).transpose()
+        // The newest document carrying the id: a ballot's documents carry its id from its cast (or
+        // vote again) to its withdrawal, which carries it too; so it is the ballot's latest
+        // document, or its withdrawal.
+        let (reply, answer) = oneshot::channel();
+        let lookup = Lookup {
+            ballot_id: ballot_id.to_owned(),
+            reply,
+        };
+        self.lookups
+            .send(lookup)
+            .await
+            .map_err(|_| StoreError::internal("the ballot lookups have stopped"))?;
+        let newest = answer
+            .await
+            .map_err(|_| StoreError::internal("the ballot lookups dropped a lookup"))??;
+        newest.filter(|d| !is_gone(d)).as_ref().map(doc_to_ballot).transpose()
     }
 
-    /// One cursor over the poll's ballots (only the exported fields), read batch by batch as the
-    /// stream is consumed, each batch bounded by [`RECOUNT_BATCH_DEADLINE`] like a recount's.
+    /// One cursor over the poll's documents in `_id` order (only the exported fields), read batch
+    /// by batch as the stream is consumed, each batch bounded by [`RECOUNT_BATCH_DEADLINE`] like a
+    /// recount's; each ballot's latest document makes its line.
     async fn ballots(&self, poll_id: &str) -> StoreResult<super::BallotStream> {
-        let first_batch = RetryPolicy {
-            deadline: RECOUNT_BATCH_DEADLINE,
-            ..self.retry.clone()
-        };
-        let cursor = first_batch
-            .run(|| {
-                self.ballots
-                    .find(doc! { "poll_id": poll_id, "gone": { "$ne": true } })
-                    .projection(mark_projection(&["ballot_id", "created_at"]))
-                    .batch_size(EXPORT_BATCH)
-            })
-            .await?;
+        let projection = mark_projection(&["ballot_id", "created_at", "key", "gone"]);
+        let cursor = self.in_order(poll_id, projection, EXPORT_BATCH).await?;
         let retry = self.retry.clone();
-        Ok(Box::pin(futures_util::stream::unfold(Some(cursor), move |cursor| {
+        let line = |d: Document| -> StoreResult<BallotLine> {
+            let m = marks_of(&d)?;
+            Ok(BallotLine {
+                id: req_str(&d, "ballot_id")?,
+                created_at: req_time(&d, "created_at")?,
+                choices: m.choices,
+                ranking: m.ranking,
+                scores: m.scores,
+            })
+        };
+        let state = Some((cursor, Latest::default()));
+        Ok(Box::pin(futures_util::stream::unfold(state, move |state| {
             let retry = retry.clone();
             async move {
-                let mut cursor = cursor?;
-                let item = match tokio::time::timeout(RECOUNT_BATCH_DEADLINE, cursor.advance()).await {
-                    Ok(Ok(true)) => cursor
-                        .deserialize_current()
-                        .map_err(|e| pass_failed(&retry, e, "an export"))
-                        .and_then(|d| {
-                            let m = current_marks(&d)?;
-                            Ok(BallotLine {
-                                id: req_str(&d, "ballot_id")?,
-                                created_at: req_time(&d, "created_at")?,
-                                choices: m.choices,
-                                ranking: m.ranking,
-                                scores: m.scores,
-                            })
-                        }),
-                    Ok(Ok(false)) => return None,
-                    Ok(Err(e)) => Err(pass_failed(&retry, e, "an export")),
-                    Err(_) => Err(StoreError::unavailable(format!(
-                        "a batch of the export took longer than {} s",
-                        RECOUNT_BATCH_DEADLINE.as_secs()
-                    ))),
-                };
-                // An error ends the stream.
-                let next = item.is_ok().then_some(cursor);
-                Some((item, next))
+                let (mut cursor, mut latest) = state?;
+                loop {
+                    let next = match next_document(&retry, &mut cursor, "an export").await {
+                        Ok(next) => next,
+                        // An error ends the stream.
+                        Err(e) => return Some((Err(e), None)),
+                    };
+                    let done = next.is_none();
+                    match latest.push(next) {
+                        Ok(Some(d)) => {
+                            let state = (!done).then_some((cursor, latest));
+                            return Some((line(d), state));
+                        }
+                        Ok(None) if done => return None,
+                        Ok(None) => {}
+                        Err(e) => return Some((Err(e), None)),
+                    }
+                }
             }
         })))
     }
@@ -768,6 +826,77 @@ impl BallotStore for MongoBallotStore {
         Ok(reports)
     }
 }
+
+/// A ballot looked up by its id (`GET`, `PUT`, `DELETE /api/votes/{id}`): the newest document
+/// carrying the id.
+struct Lookup {
+    ballot_id: String,
+    reply: oneshot::Sender<StoreResult<Option<Document>>>,
+}
+
+/// Answers lookups of ballots by id in batches, as the writer stores ballots: it takes the first
+/// waiting lookup, then every other one already waiting (up to [`MAX_LOOKUPS`]), and reads all
+/// their documents with one `find` (`ballot_id: {$in: …}`, index `ballot_id`), a few batches in
+/// flight at once. On a server where a command costs far more than a document (SecantusDB), this
+/// is what lets a voter's change cost about what a new ballot does. Runs until the store is
+/// dropped.
+async fn lookups_task(ballots: Collection<Document>, retry: RetryPolicy, mut asked: mpsc::Receiver<Lookup>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(LOOKUPS_IN_FLIGHT));
+    while let Some(first) = asked.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_LOOKUPS {
+            match asked.try_recv() {
+                Ok(l) => batch.push(l),
+                Err(_) => break,
+            }
+        }
+        let (ballots, retry) = (ballots.clone(), retry.clone());
+        tokio::spawn(async move {
+            let ids: Vec<&str> = batch.iter().map(|l| l.ballot_id.as_str()).collect();
+            let filter = doc! { "ballot_id": { "$in": &ids } };
+            let found: StoreResult<Vec<Document>> = retry
+                .run(|| async {
+                    use futures_util::TryStreamExt as _;
+                    ballots.find(filter.clone()).await?.try_collect().await
+                })
+                .await;
+            drop(slot);
+            match found {
+                Ok(docs) => {
+                    // The newest (highest `_id`) document of each id.
+                    let mut newest: std::collections::HashMap<String, Document> = std::collections::HashMap::new();
+                    for d in docs {
+                        let (Ok(id), Ok(at)) = (d.get_str("ballot_id"), d.get_str("_id")) else {
+                            continue;
+                        };
+                        let newer = newest
+                            .get(id)
+                            .is_none_or(|n| n.get_str("_id").is_ok_and(|was| was < at));
+                        if newer {
+                            newest.insert(id.to_owned(), d);
+                        }
+                    }
+                    for l in batch {
+                        let _ = l.reply.send(Ok(newest.get(&l.ballot_id).cloned()));
+                    }
+                }
+                Err(e) => {
+                    for l in batch {
+                        let _ = l.reply.send(Err(e.clone()));
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Most ballot ids looked up by one `find`.
+const MAX_LOOKUPS: usize = 256;
+/// Lookup batches in flight at once.
+const LOOKUPS_IN_FLIGHT: usize = 4;
 
 /// Repairs every poll touched since `since` (all polls with ballots when `None`).
 async fn repair_all(counters: &Counters, since: Option<DateTime<Utc>>) -> StoreResult<Vec<Repair>> {

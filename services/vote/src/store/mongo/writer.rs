@@ -1,5 +1,5 @@
 //! The ballot store's group-commit writer (one unordered `insertMany` per batch of concurrent
-//! ballots, and the batch's revisions of ballots alongside; several batches in flight), the applier that moves this writer's counters, and the
+//! ballots, several batches in flight), the applier that moves this writer's counters, and the
 //! lease keeper.
 
 use mongodb::error::ErrorKind;
@@ -8,62 +8,13 @@ use shared::mongo::{DUPLICATE_KEY, DUPLICATE_KEY_LEGACY, Decision, Failure, THRO
 use super::tallies::Change;
 use super::*;
 
-/// What the writer sends in its next batch.
-pub(super) enum Job {
-    Insert(InsertJob),
-    Revise(ReviseJob),
-}
-
-impl Job {
-    fn span(&self) -> &tracing::Span {
-        match self {
-            Self::Insert(j) => &j.span,
-            Self::Revise(j) => &j.span,
-        }
-    }
-
-    fn poll_id(&self) -> &str {
-        match self {
-            Self::Insert(j) => &j.poll_id,
-            Self::Revise(j) => &j.poll_id,
-        }
-    }
-
-    fn fail(self, e: StoreError) {
-        let _ = match self {
-            Self::Insert(j) => j.reply.send(Err(e)),
-            Self::Revise(j) => j.reply.send(Err(e)),
-        };
-    }
-}
-
-/// A revision of a stored ballot (see the `mongo` module docs): appended to the document `id`
-/// if it is at version `from`; the reply says whether it was.
-pub(super) struct ReviseJob {
-    pub(super) id: String,
-    pub(super) poll_id: String,
-    pub(super) from: u64,
-    pub(super) add: Option<Marked>,
-    pub(super) sub: Option<Marked>,
-    /// Fields of the ballot to set besides its version and marks.
-    pub(super) set: Document,
-    pub(super) reply: oneshot::Sender<StoreResult<bool>>,
-    pub(super) span: tracing::Span,
-}
-
-impl ReviseJob {
-    fn change(&self) -> Change<'_> {
-        Change {
-            add: self.add.as_ref().map(Marked::marks),
-            sub: self.sub.as_ref().map(Marked::marks),
-        }
-    }
-}
-
+/// A document to insert: a new ballot (it adds its marks) or a revision of one (see the `mongo`
+/// module docs: it takes away the marks it replaces, and adds its own unless it withdraws).
 pub(super) struct InsertJob {
     pub(super) doc: Document,
     pub(super) poll_id: String,
-    pub(super) marks: Marked,
+    pub(super) add: Option<Marked>,
+    pub(super) sub: Option<Marked>,
     pub(super) reply: oneshot::Sender<StoreResult<bool>>,
     /// The caller's span: its batch's span is a child of (or linked to) it.
     pub(super) span: tracing::Span,
@@ -167,11 +118,7 @@ impl Writer {
 /// with the writer id (`s`, `w`); its stored ballots are added to this process's own counts
 /// before any caller is answered (so a replica reads its own writes at once), and the applier is
 /// woken to fold them into the counters.
-///
-/// A batch's revisions go out alongside its `insertMany`, each a conditional update of its
-/// ballot's document (see the `mongo` module docs), with the batch's `w` and `s`, and count in the
-/// batch like its ballots; one whose outcome is unknown makes the batch unclear.
-pub(super) async fn writer(w: Writer, mut queue: mpsc::Receiver<Job>, in_flight: usize) {
+pub(super) async fn writer(w: Writer, mut queue: mpsc::Receiver<InsertJob>, in_flight: usize) {
     let slots = Arc::new(tokio::sync::Semaphore::new(in_flight));
     while let Some(first) = queue.recv().await {
         let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -190,25 +137,18 @@ pub(super) async fn writer(w: Writer, mut queue: mpsc::Receiver<Job>, in_flight:
             "mongodb",
             "insertMany",
             BALLOTS_COLLECTION,
-            &batch.iter().map(Job::span).collect::<Vec<_>>(),
+            &batch.iter().map(|j| &j.span).collect::<Vec<_>>(),
         );
         let work = async move {
             if let Err(e) = w.prepare(&batch).await {
                 for job in batch {
-                    job.fail(e.clone());
+                    let _ = job.reply.send(Err(e.clone()));
                 }
                 drop(slot);
                 return;
             }
             let seq = lock(&w.tallies).begin_batch();
-            let (mut inserts, mut revisions) = (Vec::new(), Vec::new());
-            for job in batch {
-                match job {
-                    Job::Insert(j) => inserts.push(j),
-                    Job::Revise(j) => revisions.push(j),
-                }
-            }
-            let docs: Vec<Document> = inserts
+            let docs: Vec<Document> = batch
                 .iter_mut()
                 .map(|j| {
                     let mut d = std::mem::take(&mut j.doc);
@@ -217,48 +157,25 @@ pub(super) async fn writer(w: Writer, mut queue: mpsc::Receiver<Job>, in_flight:
                     d
                 })
                 .collect();
-            let counters = &w.counters;
-            let ((outcomes, inserts_clear), revised) = futures_util::future::join(
-                async {
-                    if docs.is_empty() {
-                        (Vec::new(), true)
-                    } else {
-                        insert_batch(&counters.ballots, &counters.retry, docs).await
-                    }
-                },
-                futures_util::future::join_all(revisions.iter().map(|j| revise(counters, seq, j))),
-            )
-            .await;
-            let clear = inserts_clear && revised.iter().all(Result::is_ok);
+            let (outcomes, clear) = insert_batch(&w.counters.ballots, &w.counters.retry, docs).await;
             {
-                let stored = inserts
+                let stored: Vec<(&str, Change<'_>)> = batch
                     .iter()
                     .zip(&outcomes)
                     .filter(|(_, o)| matches!(o, Ok(true)))
                     .map(|(j, _)| {
                         let change = Change {
-                            add: Some(j.marks.marks()),
-                            sub: None,
+                            add: j.add.as_ref().map(Marked::marks),
+                            sub: j.sub.as_ref().map(Marked::marks),
                         };
                         (j.poll_id.as_str(), change)
-                    });
-                let applied = revisions
-                    .iter()
-                    .zip(&revised)
-                    .filter(|(_, o)| matches!(o, Ok(true)))
-                    .map(|(j, _)| (j.poll_id.as_str(), j.change()));
-                let stored: Vec<(&str, Change<'_>)> = stored.chain(applied).collect();
-                let polls = inserts
-                    .iter()
-                    .map(|j| j.poll_id.as_str())
-                    .chain(revisions.iter().map(|j| j.poll_id.as_str()));
+                    })
+                    .collect();
+                let polls = batch.iter().map(|j| j.poll_id.as_str());
                 lock(&w.tallies).finish_batch(seq, clear.then_some(stored.as_slice()), polls, Instant::now());
             }
             w.applier.notify_one();
-            for (job, outcome) in inserts.into_iter().zip(outcomes) {
-                let _ = job.reply.send(outcome);
-            }
-            for (job, outcome) in revisions.into_iter().zip(revised) {
+            for (job, outcome) in batch.into_iter().zip(outcomes) {
                 let _ = job.reply.send(outcome);
             }
             drop(slot);
@@ -269,7 +186,7 @@ pub(super) async fn writer(w: Writer, mut queue: mpsc::Receiver<Job>, in_flight:
 
 impl Writer {
     /// Checks the lease and registers this writer's counters of the batch's new polls.
-    pub(super) async fn prepare(&self, batch: &[Job]) -> StoreResult<()> {
+    pub(super) async fn prepare(&self, batch: &[InsertJob]) -> StoreResult<()> {
         if !self.lease.held() {
             return Err(StoreError::unavailable(
                 "this vote process could not renew its writer lease (the database is unreachable)",
@@ -277,7 +194,11 @@ impl Writer {
         }
         let mut new: Vec<&str> = {
             let t = lock(&self.tallies);
-            batch.iter().map(Job::poll_id).filter(|p| !t.is_registered(p)).collect()
+            batch
+                .iter()
+                .map(|j| j.poll_id.as_str())
+                .filter(|p| !t.is_registered(p))
+                .collect()
         };
         new.sort_unstable();
         new.dedup();
@@ -440,45 +361,6 @@ pub(super) async fn lease_keeper(w: Writer, stop: tokio_util::sync::Cancellation
 }
 
 /// What the server said about one document of an `insertMany`.
-/// Appends the revision `job` to its ballot's document as batch `seq` of this writer: `true`
-/// when applied, `false` when the document was no longer at the job's version (another change
-/// came first). A retry after a lost reply finds its own revision by its token.
-async fn revise(c: &Counters, seq: u64, job: &ReviseJob) -> StoreResult<bool> {
-    let token = rand::random::<i64>();
-    let mut rev = doc! { "w": c.me, "s": to_i64(seq), "t": token };
-    if let Some(add) = &job.add {
-        rev.extend(marks_doc(add, ""));
-    }
-    if let Some(sub) = &job.sub {
-        rev.extend(marks_doc(sub, "s"));
-    }
-    let mut set = job.set.clone();
-    set.insert("v", to_i64(job.from + 1));
-    set.insert("gone", job.add.is_none());
-    set.insert(
-        "cur",
-        job.add
-            .as_ref()
-            .map_or(mongodb::bson::Bson::Null, |m| marks_doc(m, "").into()),
-    );
-    let filter = match job.from {
-        0 => doc! { "_id": &job.id, "v": { "$exists": false } },
-        from => doc! { "_id": &job.id, "v": to_i64(from) },
-    };
-    let update = doc! { "$push": { "revs": rev }, "$set": set };
-    let r = c
-        .retry
-        .run(|| c.ballots.update_one(filter.clone(), update.clone()))
-        .await?;
-    if r.matched_count == 1 {
-        return Ok(true);
-    }
-    // Not at that version: another change came first, or this one did, and its reply was lost.
-    let at = format!("revs.{}.t", job.from);
-    let mine = doc! { "_id": &job.id, at.clone(): token };
-    Ok(c.retry.run(|| c.ballots.find_one(mine.clone())).await?.is_some())
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum DocOutcome {
     Stored,
