@@ -106,7 +106,7 @@ impl<'de> Deserialize<'de> for Scores {
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Scores, A::Error> {
                 let mut out = Vec::new();
-                while let Some((k, v)) = map.next_entry::<String, i64>()? {
+                while let Some((k, Score(v))) = map.next_entry::<String, Score>()? {
                     if out.len() >= MAX_OPTIONS {
                         return Err(serde::de::Error::custom(format!("at most {MAX_OPTIONS} scores")));
                     }
@@ -116,6 +116,37 @@ impl<'de> Deserialize<'de> for Scores {
             }
         }
         d.deserialize_map(Visitor)
+    }
+}
+
+/// A score as JSON gives it: any whole number (`6.0` is 6, as JSON Schema's `integer` says); the
+/// poll's range is checked with the ballot's other rules (422).
+struct Score(i64);
+
+impl<'de> Deserialize<'de> for Score {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Score;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a whole number")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Score, E> {
+                Ok(Score(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Score, E> {
+                Ok(Score(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+            #[allow(clippy::cast_possible_truncation)]
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Score, E> {
+                if v.fract() == 0.0 && v.abs() < 9.0e15 {
+                    Ok(Score(v as i64))
+                } else {
+                    Err(E::custom(format!("expected a whole number, got {v}")))
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
     }
 }
 

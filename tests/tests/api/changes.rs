@@ -392,7 +392,8 @@ async fn ranked_and_score_ballots_are_replaced_in_their_own_shape() {
     let p = expect_problem(replace(&s, id, Some(receipt), json!({"scores": {"red": 6}})).await, 422).await;
     assert_eq!(p["type"], "urn:pollvote:problem:score-out-of-range");
     assert!(names_field(&p, "scores.red"), "{p}");
-    let res = replace(&s, id, Some(receipt), json!({"scores": {"green": 4}})).await;
+    // `4.0` is a whole number, as JSON Schema's `integer` says.
+    let res = replace(&s, id, Some(receipt), json!({"scores": {"green": 4.0}})).await;
     assert_eq!(res.status(), 200);
     let votes = shows(&s, &scored, &[0, 1, 0], 1).await["votes"].clone();
     let sums: Vec<u64> = votes["by_option"]
