@@ -286,7 +286,7 @@ pub struct MongoBallotStore {
     shared: Writer,
     /// The group-commit writer's queue (see [`writer`]).
     inserts: mpsc::Sender<InsertJob>,
-    /// Lookups of ballots by id, answered in batches (see [`lookups`]).
+    /// Lookups of ballots by id, answered in batches (see [`lookups_task`]).
     lookups: mpsc::Sender<Lookup>,
     /// Held while a read refreshes tallies nothing was kept for.
     inline: Arc<tokio::sync::Mutex<()>>,
@@ -478,7 +478,7 @@ impl MongoBallotStore {
         loop {
             let next = next_document(&self.retry, &mut cursor, "a recount").await?;
             let done = next.is_none();
-            if let Some(d) = latest.push(next)? {
+            if let Some(d) = latest.push(next) {
                 tally.add(marks_of(&d)?.marks());
             }
             if done {
@@ -518,17 +518,17 @@ struct Latest {
 
 impl Latest {
     /// Takes the next document (`None`: the end); returns the previous ballot's latest document
-    /// once it is known to be its latest.
-    fn push(&mut self, next: Option<Document>) -> StoreResult<Option<Document>> {
+    /// once it is known to be its latest. (A document without a `key` is a ballot of its own.)
+    fn push(&mut self, next: Option<Document>) -> Option<Document> {
         let same_ballot = match (&self.pending, &next) {
-            (Some(p), Some(n)) => p.get_str("key").ok() == Some(req_str(n, "key")?.as_str()),
+            (Some(p), Some(n)) => p.get_str("key").is_ok_and(|k| n.get_str("key").ok() == Some(k)),
             _ => false,
         };
         let done = if same_ballot { None } else { self.pending.take() };
         if next.is_some() {
             self.pending = next;
         }
-        Ok(done.filter(|d| !is_gone(d)))
+        done.filter(|d| !is_gone(d))
     }
 }
 
@@ -785,13 +785,12 @@ impl BallotStore for MongoBallotStore {
                     };
                     let done = next.is_none();
                     match latest.push(next) {
-                        Ok(Some(d)) => {
+                        Some(d) => {
                             let state = (!done).then_some((cursor, latest));
                             return Some((line(d), state));
                         }
-                        Ok(None) if done => return None,
-                        Ok(None) => {}
-                        Err(e) => return Some((Err(e), None)),
+                        None if done => return None,
+                        None => {}
                     }
                 }
             }
@@ -936,3 +935,32 @@ const UPDATES_AT_ONCE: usize = 16;
 /// The applier's rounds start at most this often; the tail a refresh aggregates is about this
 /// much of the writers' ballots.
 const APPLY_EVERY: Duration = Duration::from_millis(50);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_walk_in_id_order_yields_each_ballots_latest_document_unless_withdrawn() {
+        let doc = |id: &str, key: &str, gone: bool| doc! { "_id": id, "key": key, "gone": gone };
+        let walk = [
+            doc("p:a", "a", false),
+            doc("p:a#0000000001", "a", false),
+            doc("p:b", "b", false),
+            doc("p:b#0000000001", "b", true),
+            doc("p:c", "c", false),
+            doc("p:d", "d", false),
+            doc("p:d#0000000001", "d", true),
+            doc("p:d#0000000002", "d", false),
+        ];
+        let mut latest = Latest::default();
+        let mut out = Vec::new();
+        for d in walk.into_iter().map(Some).chain([None]) {
+            out.extend(latest.push(d).map(|d| d.get_str("_id").expect("_id").to_owned()));
+        }
+        assert_eq!(out, ["p:a#0000000001", "p:c", "p:d#0000000002"]);
+        // Revision ids sort after their ballot's and in their own order.
+        assert!(revision_id("p:a", 2) > revision_id("p:a", 1) && revision_id("p:a", 1).as_str() > "p:a");
+        assert!(revision_id("p:a", 10) > revision_id("p:a", 9));
+    }
+}
