@@ -268,6 +268,22 @@ async fn a_voter_replaces_and_withdraws_their_ballot_with_its_receipt_and_may_vo
     assert_eq!(audit["consistent"], true, "{audit}");
 }
 
+/// Replaces the ballot's marks by option blue until the answer is `status` (the vote service
+/// caches polls: a change of the poll reaches it within its cache's lifetime).
+async fn until_replacing_answers(s: &Stack, ballot: &str, receipt: &str, status: u16) {
+    eventually(Duration::from_secs(5), Duration::from_millis(100), || async {
+        match replace(s, ballot, Some(receipt), json!({"option": "blue"}))
+            .await
+            .status()
+            .as_u16()
+        {
+            got if got == status => Ok(()),
+            other => Err(format!("a replacement answered {other}, not {status}")),
+        }
+    })
+    .await;
+}
+
 /// `changes: locked` keeps ballots as cast; a poll changed to `allowed` lets them change; a closed
 /// poll's ballots are final.
 #[tokio::test]
@@ -304,17 +320,7 @@ async fn locked_and_closed_polls_keep_their_ballots() {
     let res = patch(json!({"changes": "allowed"})).await.expect("patch");
     assert_eq!(res.status(), 200);
     // The vote service learns of it when its cached poll expires.
-    eventually(Duration::from_secs(5), Duration::from_millis(100), || async {
-        match replace(&s, ballot, Some(receipt), json!({"option": "blue"}))
-            .await
-            .status()
-            .as_u16()
-        {
-            200 => Ok(()),
-            other => Err(format!("a replacement on an unlocked poll answered {other}")),
-        }
-    })
-    .await;
+    until_replacing_answers(&s, ballot, receipt, 200).await;
     shows(&s, &poll, &[0, 0, 1], 1).await;
 
     let res = s
@@ -326,17 +332,7 @@ async fn locked_and_closed_polls_keep_their_ballots() {
         .expect("close");
     assert_eq!(res.status(), 200);
     // (Until the vote service's cached poll expires, the probe replaces the marks by themselves.)
-    eventually(Duration::from_secs(5), Duration::from_millis(100), || async {
-        match replace(&s, ballot, Some(receipt), json!({"option": "blue"}))
-            .await
-            .status()
-            .as_u16()
-        {
-            409 => Ok(()),
-            other => Err(format!("a replacement on a closed poll answered {other}")),
-        }
-    })
-    .await;
+    until_replacing_answers(&s, ballot, receipt, 409).await;
     let p = expect_problem(withdraw(&s, ballot, Some(receipt)).await, 409).await;
     assert_eq!(p["type"], "urn:pollvote:problem:poll-closed");
     assert_eq!(counts(&shows(&s, &poll, &[0, 0, 1], 1).await), vec![0, 0, 1], "final");
