@@ -34,18 +34,33 @@ async fn withdraw(s: &Stack, ballot: &str, receipt: Option<&str>) -> reqwest::Re
         .expect("delete")
 }
 
-/// Casts `body` as voter `voter` (`dedupe: voter` polls): the 201 answer's body.
-async fn cast_as(s: &Stack, voter: &str, body: Value) -> Value {
-    let res = s
-        .http
+/// Sends ballot `body` as voter `voter` (`X-Voter-Id`).
+async fn post_as(s: &Stack, voter: &str, body: Value) -> reqwest::Response {
+    s.http
         .post(format!("{}/api/votes", s.vote))
         .header("x-voter-id", voter)
         .json(&body)
         .send()
         .await
-        .expect("vote");
+        .expect("vote")
+}
+
+/// Casts `body` as voter `voter` (`dedupe: voter` polls): the 201 answer's body.
+async fn cast_as(s: &Stack, voter: &str, body: Value) -> Value {
+    let res = post_as(s, voter, body).await;
     assert_eq!(res.status(), 201, "{}", res.text().await.unwrap_or_default());
     res.json().await.expect("json")
+}
+
+/// The vote service at `vote`'s audit of `poll` (its tally against the recount of its ballots).
+async fn audit_of(http: &reqwest::Client, vote: &str, poll: &str) -> Value {
+    http.get(format!("{vote}/internal/polls/{poll}/audit"))
+        .send()
+        .await
+        .expect("audit")
+        .json()
+        .await
+        .expect("json")
 }
 
 /// Waits (a few snapshot intervals at most) until the poll's JSON shows `expected` per option and
@@ -215,14 +230,7 @@ async fn a_voter_replaces_and_withdraws_their_ballot_with_its_receipt_and_may_vo
     );
     assert_eq!(counts(&s.get_poll(&poll).await), vec![0, 2, 1], "nothing changed");
     // One ballot per voter still: a new one is refused.
-    let res = s
-        .http
-        .post(format!("{}/api/votes", s.vote))
-        .header("x-voter-id", "alice")
-        .json(&json!({"poll_id": poll, "option": "red"}))
-        .send()
-        .await
-        .expect("vote");
+    let res = post_as(&s, "alice", json!({"poll_id": poll, "option": "red"})).await;
     assert_eq!(
         expect_problem(res, 409).await["type"],
         "urn:pollvote:problem:already-voted"
@@ -256,15 +264,7 @@ async fn a_voter_replaces_and_withdraws_their_ballot_with_its_receipt_and_may_vo
         404,
         "the old receipt opens nothing"
     );
-    let audit: Value = s
-        .http
-        .get(format!("{}/internal/polls/{poll}/audit", s.vote))
-        .send()
-        .await
-        .expect("audit")
-        .json()
-        .await
-        .expect("json");
+    let audit = audit_of(&s.http, &s.vote, &poll).await;
     assert_eq!(audit["consistent"], true, "{audit}");
 }
 
@@ -425,11 +425,7 @@ async fn concurrent_changes_of_one_ballot_apply_one_after_the_other() {
     for res in answers {
         assert_eq!(res.status(), 200);
     }
-    let audit = |s: &Stack| {
-        let req = s.http.get(format!("{}/internal/polls/{poll}/audit", s.vote));
-        async move { req.send().await.expect("audit").json::<Value>().await.expect("json") }
-    };
-    let a = audit(&s).await;
+    let a = audit_of(&s.http, &s.vote, &poll).await;
     assert_eq!(
         (&a["consistent"], &a["tally"]["total"]),
         (&json!(true), &json!(1)),
@@ -450,18 +446,12 @@ async fn concurrent_changes_of_one_ballot_apply_one_after_the_other() {
     let mut statuses = [w1.status().as_u16(), w2.status().as_u16()];
     statuses.sort_unstable();
     assert_eq!(statuses, [204, 404], "one withdrawal applies");
-    let again = |option: &'static str| {
-        s.http
-            .post(format!("{}/api/votes", s.vote))
-            .header("x-voter-id", "carol")
-            .json(&json!({"poll_id": poll, "option": option}))
-            .send()
-    };
+    let again = |option: &'static str| post_as(&s, "carol", json!({"poll_id": poll, "option": option}));
     let (a, b) = tokio::join!(again("green"), again("blue"));
-    let mut statuses = [a.expect("vote").status().as_u16(), b.expect("vote").status().as_u16()];
+    let mut statuses = [a.status().as_u16(), b.status().as_u16()];
     statuses.sort_unstable();
     assert_eq!(statuses, [201, 409], "one new ballot per voter");
-    let a = audit(&s).await;
+    let a = audit_of(&s.http, &s.vote, &poll).await;
     assert_eq!(
         (&a["consistent"], &a["stored"]["total"]),
         (&json!(true), &json!(1)),
@@ -662,14 +652,7 @@ async fn changes_cut_short_by_kill_9_count_in_one_form_only() {
             }
         })
         .await;
-        let audit: Value = http
-            .get(format!("{vote_url}/internal/polls/{poll}/audit"))
-            .send()
-            .await
-            .expect("audit")
-            .json()
-            .await
-            .expect("json");
+        let audit = audit_of(&http, &vote_url, &poll).await;
         assert_eq!(audit["consistent"], true, "round {round}: {audit}");
         assert_eq!(audit["stored"]["total"], total, "{audit}");
     }

@@ -243,17 +243,14 @@ fn apply_batch(db: &Database, batch: &[Job]) -> StoreResult<Vec<Result<Applied, 
                     ..
                 } => {
                     let row = (poll_id.as_str(), key.as_str());
-                    let stored = ballots
-                        .get(row)?
-                        .map(|v| serde_json::from_slice::<BallotRecord>(v.value()));
-                    let b = match stored {
-                        Some(Ok(b)) if b.id == *id => b,
-                        Some(Err(e)) => {
-                            outcomes.push(Err(e.into()));
+                    let b = match stored_as(&ballots, row, id)? {
+                        Ok(Some(b)) => b,
+                        Ok(None) => {
+                            outcomes.push(Ok(Applied::Revised(Revised::Gone)));
                             continue;
                         }
-                        _ => {
-                            outcomes.push(Ok(Applied::Revised(Revised::Gone)));
+                        Err(e) => {
+                            outcomes.push(Err(e));
                             continue;
                         }
                     };
@@ -284,19 +281,16 @@ fn apply_batch(db: &Database, batch: &[Job]) -> StoreResult<Vec<Result<Applied, 
                     ..
                 } => {
                     let key = (poll_id.as_str(), key.as_str());
-                    let stored = ballots
-                        .get(key)?
-                        .map(|v| serde_json::from_slice::<BallotRecord>(v.value()));
-                    outcomes.push(match stored {
-                        Some(Ok(mut b)) if b.id == *id => {
+                    outcomes.push(match stored_as(&ballots, key, id)? {
+                        Ok(Some(mut b)) => {
                             b.receipt_hash = Some(receipt_hash.clone());
                             let doc = serde_json::to_vec(&b)?;
                             ballots.insert(key, doc.as_slice())?;
                             ids.insert(id.as_str(), key)?;
                             Ok(Applied::Reissued(true))
                         }
-                        Some(Err(e)) => Err(e.into()),
-                        _ => Ok(Applied::Reissued(false)),
+                        Ok(None) => Ok(Applied::Reissued(false)),
+                        Err(e) => Err(e),
                     });
                     continue;
                 }
@@ -338,6 +332,21 @@ fn apply_batch(db: &Database, batch: &[Job]) -> StoreResult<Vec<Result<Applied, 
     }
     tx.commit()?;
     Ok(outcomes)
+}
+
+/// The ballot stored at `row` if it is still ballot `id` (`None`: no ballot there, or another
+/// one). The inner error (its row does not parse) concerns one job; the outer one the batch.
+fn stored_as(
+    ballots: &impl ReadableTable<(&'static str, &'static str), &'static [u8]>,
+    row: (&str, &str),
+    id: &str,
+) -> StoreResult<StoreResult<Option<BallotRecord>>> {
+    let Some(v) = ballots.get(row)? else {
+        return Ok(Ok(None));
+    };
+    Ok(serde_json::from_slice::<BallotRecord>(v.value())
+        .map(|b| (b.id == id).then_some(b))
+        .map_err(StoreError::from))
 }
 
 fn poll_range(poll_id: &str) -> std::ops::Range<(&str, &str)> {

@@ -537,11 +537,13 @@ impl BallotStore for MongoBallotStore {
     async fn cast(&self, ballot: BallotRecord) -> StoreResult<CastOutcome> {
         let id = ballot_id(&ballot.poll_id, &ballot.key);
         let doc = ballot_to_doc(&ballot);
-        let adds = (Some(ballot.marked()), None);
         // A duplicate whose original vanished (purged meanwhile), or a withdrawn ballot another
         // change of got first, is tried again, a few times.
         for _ in 0..5 {
-            if self.insert(doc.clone(), &ballot.poll_id, adds.clone()).await? {
+            if self
+                .insert(doc.clone(), &ballot.poll_id, (Some(ballot.marked()), None))
+                .await?
+            {
                 return Ok(CastOutcome::Accepted(ballot));
             }
             let Some(stored) = self.latest(&ballot.poll_id, &ballot.key).await? else {
@@ -551,7 +553,10 @@ impl BallotStore for MongoBallotStore {
                 // Withdrawn: this ballot takes its place, as the next revision.
                 let v = version_of(&stored) + 1;
                 let revision = revision_doc(&ballot, v, None, false);
-                if self.insert(revision, &ballot.poll_id, adds.clone()).await? {
+                if self
+                    .insert(revision, &ballot.poll_id, (Some(ballot.marked()), None))
+                    .await?
+                {
                     return Ok(CastOutcome::Accepted(BallotRecord { revision: v, ..ballot }));
                 }
                 continue;
