@@ -489,7 +489,12 @@ async fn changes_cut_short_by_kill_9_count_in_one_form_only() {
         format!("http://127.0.0.1:{poll_port}"),
         format!("http://127.0.0.1:{vote_port}"),
     );
-    let http = reqwest::Client::new();
+    // A bound on every request, so that a request nobody answers fails the test instead of
+    // hanging it.
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
     let created: Value = http
         .post(format!("{poll_url}/api/polls"))
         .json(&json!({"name": "changes", "options": ["a", "b", "c"], "dedupe": "voter"}))
@@ -571,10 +576,8 @@ async fn changes_cut_short_by_kill_9_count_in_one_form_only() {
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
         vote.kill9().await;
-        let mut outcomes = Vec::new();
-        for t in tasks {
-            outcomes.push(t.await.expect("join"));
-        }
+        // The restart comes before waiting for the voters: the listening socket outlives the
+        // process, so a change sent after the kill waits in its backlog for the next process.
         vote = api_tests::Proc::start(
             "vote",
             vote_socket.try_clone().expect("dup"),
@@ -582,6 +585,10 @@ async fn changes_cut_short_by_kill_9_count_in_one_form_only() {
             dir.path().join(format!("vote-{}.log", round + 1)),
         )
         .await;
+        let mut outcomes = Vec::new();
+        for t in tasks {
+            outcomes.push(t.await.expect("join"));
+        }
         for (i, told, again) in outcomes {
             if let Some(b) = again {
                 held[i] = b;
