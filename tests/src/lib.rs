@@ -191,20 +191,14 @@ impl Stack {
             .expect("vote service starts");
         let poll_task = tokio::spawn(poll.run_until_stopped());
         let vote_task = tokio::spawn(vote.run_until_stopped());
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .expect("client");
+        let http = http_client();
         for base in [&config.services.poll_url, &config.services.vote_url] {
             wait_ready(&http, base, Duration::from_secs(30)).await;
         }
         Self {
             poll: config.services.poll_url.clone(),
             vote: config.services.vote_url.clone(),
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .expect("client"),
+            http,
             poll_shutdown,
             vote_shutdown,
             poll_task: Some(poll_task),
@@ -339,6 +333,15 @@ pub fn drop_databases(uri: String, names: Vec<String>) {
 }
 
 /// Waits until `base/readyz` answers 200 (with MongoDB, the store connects in the background).
+/// An HTTP client whose every request is bounded (30 s): a request nobody answers fails the test
+/// instead of hanging it.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
 pub async fn wait_ready(http: &reqwest::Client, base: &str, within: Duration) {
     eventually(within, Duration::from_millis(25), || async {
         match http.get(format!("{base}/readyz")).send().await {

@@ -459,6 +459,21 @@ async fn concurrent_changes_of_one_ballot_apply_one_after_the_other() {
     );
 }
 
+/// Voter `v{i}` of the kill -9 test votes `c` again after withdrawing, always with the same
+/// Idempotency-Key (a retry gets the first answer).
+async fn vote_again(
+    http: &reqwest::Client,
+    vote_url: &str,
+    poll: &str,
+    i: usize,
+) -> reqwest::Result<reqwest::Response> {
+    http.post(format!("{vote_url}/api/votes"))
+        .header("idempotency-key", format!("again-{i}"))
+        .json(&json!({"poll_id": poll, "option": "c", "voter_id": format!("v{i}")}))
+        .send()
+        .await
+}
+
 /// Invariant 2 of issue 12 through `kill -9`: three times, 150 voters each change their ballot
 /// once (replace it, withdraw it, or withdraw it and vote again) while the vote process is killed
 /// with SIGKILL in the middle (once a random few of their answers have come back). After each restart, every ballot is in one form
@@ -489,12 +504,7 @@ async fn changes_cut_short_by_kill_9_count_in_one_form_only() {
         format!("http://127.0.0.1:{poll_port}"),
         format!("http://127.0.0.1:{vote_port}"),
     );
-    // A bound on every request, so that a request nobody answers fails the test instead of
-    // hanging it.
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("client");
+    let http = api_tests::http_client();
     let created: Value = http
         .post(format!("{poll_url}/api/polls"))
         .json(&json!({"name": "changes", "options": ["a", "b", "c"], "dedupe": "voter"}))
@@ -546,26 +556,20 @@ async fn changes_cut_short_by_kill_9_count_in_one_form_only() {
                     };
                     let told = told.map(|r| r.status().as_u16()).ok();
                     answered.fetch_add(1, Ordering::Relaxed);
-                    if i % 3 == 2 && told == Some(204) {
-                        let again = http
-                            .post(format!("{vote_url}/api/votes"))
-                            .header("idempotency-key", format!("again-{i}"))
-                            .json(&json!({"poll_id": poll, "option": "c", "voter_id": format!("v{i}")}))
-                            .send()
-                            .await;
-                        if let Ok(r) = again
-                            && r.status() == 201
-                        {
-                            let b: Value = r.json().await.expect("json");
-                            return (
-                                i,
-                                told,
-                                Some((
-                                    b["id"].as_str().expect("id").to_owned(),
-                                    b["receipt"].as_str().expect("r").to_owned(),
-                                )),
-                            );
-                        }
+                    if i % 3 == 2
+                        && told == Some(204)
+                        && let Ok(r) = vote_again(&http, &vote_url, &poll, i).await
+                        && r.status() == 201
+                    {
+                        let b: Value = r.json().await.expect("json");
+                        return (
+                            i,
+                            told,
+                            Some((
+                                b["id"].as_str().expect("id").to_owned(),
+                                b["receipt"].as_str().expect("r").to_owned(),
+                            )),
+                        );
                     }
                     (i, told, None)
                 })
@@ -608,13 +612,7 @@ async fn changes_cut_short_by_kill_9_count_in_one_form_only() {
                 .send()
                 .await;
             if i % 3 == 2 && shown.expect("get").status() == 404 {
-                let res = http
-                    .post(format!("{vote_url}/api/votes"))
-                    .header("idempotency-key", format!("again-{i}"))
-                    .json(&json!({"poll_id": poll, "option": "c", "voter_id": format!("v{i}")}))
-                    .send()
-                    .await
-                    .expect("vote");
+                let res = vote_again(&http, &vote_url, &poll, i).await.expect("vote");
                 assert_eq!(res.status(), 201, "voter {i} votes again");
                 let b: Value = res.json().await.expect("json");
                 *id = b["id"].as_str().expect("id").to_owned();

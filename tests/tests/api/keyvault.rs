@@ -880,10 +880,7 @@ impl Run {
         Self {
             dir: tempfile::tempdir().expect("tempdir"),
             logs: Vec::new(),
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .expect("client"),
+            http: api_tests::http_client(),
             poll_url: poll_url.to_owned(),
         }
     }

@@ -738,10 +738,7 @@ async fn replicas_on_one_database_count_once_and_agree() {
     }
     let vote_urls: Vec<String> = votes.iter().map(|v| v.url.clone()).collect();
     let poll_urls: Vec<String> = polls.iter().map(|p| p.url.clone()).collect();
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("client");
+    let http = api_tests::http_client();
     let create = |dedupe: &'static str| {
         let http = http.clone();
         let url = format!("{}/api/polls", poll_urls[0]);
@@ -1019,10 +1016,7 @@ async fn replicas_killed_mid_batch_24_times_store_each_acknowledged_ballot_once(
         v.wait_ready(Duration::from_secs(30)).await;
     }
     let vote_urls: Vec<String> = votes.iter().map(|v| v.url.clone()).collect();
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("client");
+    let http = api_tests::http_client();
     let res = http
         .post(format!("{}/api/polls", poll.url))
         .json(&json!({"name": "kill -9 mid-batch", "options": ["a", "b", "c"], "dedupe": "none"}))
